@@ -1,0 +1,277 @@
+"""params.yaml -> typed, validated configuration.
+
+One section per pipeline stage. Unknown keys, wrong types and out-of-range values are errors that
+name the key path and what is allowed. ``-S key.path=value`` overrides work as in ``dvc exp run -S``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from regflow.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Shape3 = Annotated[list[PositiveInt], Field(min_length=2, max_length=3)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LocalDataset(Section):
+    """A user's own dataset in DeepReg's folder layout."""
+
+    path: str
+    pairing: Literal["paired", "unpaired", "grouped"]
+    format: Literal["nifti", "h5"] = "nifti"
+    label_names: list[str] | None = None
+
+
+class DataConfig(Section):
+    """Which dataset and where its files live (relative to the repository root)."""
+
+    dataset: str = "msd-hippocampus"
+    raw_dir: str = "data/raw"
+    processed_dir: str = "data/processed"
+    local: dict[str, LocalDataset] = Field(default_factory=dict)
+
+
+class PreprocessConfig(Section):
+    """Resampling, crop/pad, normalisation and splits."""
+
+    shape: Shape3 = Field(default_factory=lambda: [48, 64, 48])
+    spacing: list[Annotated[float, Field(gt=0)]] | None = None
+    normalise: Literal["minmax", "percentile", "none"] = "minmax"
+    percentiles: Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=2,
+                                                                             max_length=2)] = (
+        Field(default_factory=lambda: [0.5, 99.5])
+    )
+    one_hot: bool = False
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    folds: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> PreprocessConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.percentiles[0] >= self.percentiles[1]:
+            raise ValueError("percentiles must be [low, high] with low < high")
+        return self
+
+
+class AffineAugment(Section):
+    """Random affine augmentation (TorchIO RandomAffine)."""
+
+    enabled: bool = True
+    scales: NonNegativeFloat = 0.05
+    degrees: NonNegativeFloat = 5.0
+    translation: NonNegativeFloat = 2.0
+
+
+class ElasticAugment(Section):
+    """Smooth random elastic deformation (TorchIO RandomElasticDeformation)."""
+
+    enabled: bool = True
+    control_points: Annotated[int, Field(ge=5)] = 7
+    max_displacement: NonNegativeFloat = 3.0
+
+
+class IntensityAugment(Section):
+    """Random gamma / noise on images only."""
+
+    enabled: bool = True
+    log_gamma: NonNegativeFloat = 0.2
+    noise_std: NonNegativeFloat = 0.0
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation; never applied to validation or test data."""
+
+    enabled: bool = True
+    affine: AffineAugment = Field(default_factory=AffineAugment)
+    elastic: ElasticAugment = Field(default_factory=ElasticAugment)
+    intensity: IntensityAugment = Field(default_factory=IntensityAugment)
+
+
+class PatchConfig(Section):
+    """Optional patch sampling through a tio.Queue for volumes too large for memory."""
+
+    size: Shape3 | None = None
+    samples_per_volume: PositiveInt = 4
+    queue_length: PositiveInt = 16
+
+
+class LoaderConfig(Section):
+    """Pair sampling and batching."""
+
+    batch_size: PositiveInt = 2
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    sample_label: Literal["stack", "sample", "all"] = "stack"
+    intra_group_prob: Annotated[float, Field(ge=0, le=1)] = 1.0
+    intra_group_option: Literal["forward", "backward", "unconstrained"] = "forward"
+    eval_pairs: PositiveInt = 40
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    patch: PatchConfig = Field(default_factory=PatchConfig)
+
+
+class BackboneConfig(Section):
+    """Network backbone."""
+
+    name: Literal["local", "global", "unet"] = "local"
+    channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
+
+
+class ModelConfig(Section):
+    """RegistrationModel: method + backbone."""
+
+    method: Literal["ddf", "dvf", "affine", "conditional"] = "ddf"
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    integration_steps: Annotated[int, Field(ge=0, le=20)] = 7
+
+
+class LossTerm(Section):
+    """One weighted loss term; weight 0 disables exactly this term."""
+
+    weight: NonNegativeFloat = 1.0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossConfig(Section):
+    """Loss map: group -> term name -> {weight, options}."""
+
+    image: dict[Literal["ssd", "lncc", "gncc", "gmi"], LossTerm] = Field(default_factory=dict)
+    label: dict[Literal["dice", "jaccard", "cross_entropy"], LossTerm] = Field(
+        default_factory=dict
+    )
+    regularization: dict[Literal["bending_energy", "gradient_norm"], LossTerm] = Field(
+        default_factory=dict
+    )
+
+
+class OptimizerConfig(Section):
+    """Adam with an optional schedule and gradient clipping."""
+
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    clip_grad_norm: NonNegativeFloat = 0.0
+
+
+class TrainConfig(Section):
+    """Training run."""
+
+    name: str = "hippocampus"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    steps: PositiveInt = 1000
+    val_every: PositiveInt = 100
+    checkpoint_every: PositiveInt = 50
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+    amp: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Config(Section):
+    """The whole params.yaml."""
+
+    seed: Annotated[int, Field(ge=0)] = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``key.path=value`` into its key path and YAML-parsed value.
+
+    Raises:
+        ConfigError: when there is no ``=`` or the key is empty.
+    """
+    key, sep, raw_value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    return key.strip().split("."), yaml.safe_load(raw_value) if raw_value else None
+
+
+def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set ``tree[k1][k2]...[kn] = value``, creating intermediate maps as needed."""
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message
+
+
+def validate_config(tree: dict[str, Any], source: str = "params.yaml") -> Config:
+    """Validate a plain dict into a :class:`Config`.
+
+    Raises:
+        ConfigError: one line naming the source, the first bad key path and what is allowed.
+    """
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()
+                ) -> Config:
+    """Read params.yaml (missing file -> all defaults), apply overrides, validate.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings, as ``dvc exp run -S`` takes them.
+
+    Raises:
+        ConfigError: unreadable YAML, bad override, unknown key or bad value.
+    """
+    path = Path(path)
+    tree: dict[str, Any] = {}
+    if path.exists():
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    elif path.name != "params.yaml":
+        raise ConfigError(f"{path}: no such config file")
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    return validate_config(tree, source=str(path))
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """Flatten the config into ``{"a.b.c": value}`` (for MLflow params)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key, child in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            flat[prefix] = node
+
+    walk("", config.model_dump())
+    return flat

@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints them as one line and exits with code 2."""
+
+
+class RegflowError(Exception):
+    """A problem with the user's input (file, config, request) rather than a bug in regflow."""
+
+
+class ConfigError(RegflowError):
+    """params.yaml or an override names an unknown key or holds a bad value."""
+
+
+class DataError(RegflowError):
+    """A dataset file is missing, corrupt, fails its checksum or does not match its partner."""
