@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from regflow import __version__
-from regflow.config import Config, load_config
+from regflow.config import Config, load_config, load_training_config
 from regflow.errors import RegflowError
 
 MIRROR_ENV = "REGFLOW_DATA_MIRROR"
@@ -32,18 +32,26 @@ class RegflowGroup(click.Group):
             ctx.exit(2)
 
 
-def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``-c/--config`` and ``-S key=value`` and pass the loaded :class:`Config` as ``config``."""
+def config_options(loader: Callable[..., Config] = load_config
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add ``-c/--config`` and ``-S key=value``; pass the loaded :class:`Config` as ``config``.
 
-    @click.option("-c", "--config", "config_path", default="params.yaml", show_default=True,
-                  type=click.Path(dir_okay=False), help="params.yaml to read.")
-    @click.option("-S", "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                  help="Override a params key (repeatable), as `dvc exp run -S` does.")
-    @functools.wraps(command)
-    def wrapper(config_path: str, overrides: tuple[str, ...], **kwargs: Any) -> Any:
-        return command(config=load_config(config_path, overrides), **kwargs)
+    Args:
+        loader: how to load it (``load_training_config`` merges tuned best params).
+    """
 
-    return wrapper
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @click.option("-c", "--config", "config_path", default="params.yaml", show_default=True,
+                      type=click.Path(dir_okay=False), help="params.yaml to read.")
+        @click.option("-S", "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                      help="Override a params key (repeatable), as `dvc exp run -S` does.")
+        @functools.wraps(command)
+        def wrapper(config_path: str, overrides: tuple[str, ...], **kwargs: Any) -> Any:
+            return command(config=loader(config_path, overrides), **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 @click.group(cls=RegflowGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,13 +69,27 @@ def datasets() -> None:
         click.echo(describe_dataset(entry))
 
 
-@cli.command()
+class FetchCommand(click.Command):
+    """``fetch``, whose help ends with the catalogue read from the code (so it never goes stale)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from regflow.data.sources import CATALOGUE, describe_dataset
+
+        with formatter.section("Datasets ([licence] [real|simulated] [access] description)"):
+            formatter.write_dl([(name, describe_dataset(entry).removeprefix(name).strip())
+                                for name, entry in CATALOGUE.items()])
+        super().format_epilog(ctx, formatter)
+
+
+@cli.command(cls=FetchCommand)
 @click.argument("dataset", required=False)
-@config_options
+@config_options()
 def fetch(config: Config, dataset: str | None) -> None:
     """Download (or copy from $REGFLOW_DATA_MIRROR) and verify DATASET into data/raw/.
 
-    DATASET defaults to data.dataset in params.yaml. Run `regflow datasets` for the catalogue.
+    DATASET defaults to data.dataset in params.yaml, or names a data.local entry (your own folder
+    in DeepReg layout). Every file is checked against SHA-256 checksums; data/raw/DATASET is
+    written only when all of them match, with a SHA256SUMS listing every file.
     """
     from regflow.data.sources import fetch_dataset
 
@@ -78,7 +100,7 @@ def fetch(config: Config, dataset: str | None) -> None:
 
 @cli.command()
 @click.argument("dataset", required=False)
-@config_options
+@config_options()
 def preprocess(config: Config, dataset: str | None) -> None:
     """Resample, crop/pad and normalise DATASET into data/processed/ with a manifest."""
     from regflow.data.preprocess import preprocess_dataset
@@ -86,6 +108,80 @@ def preprocess(config: Config, dataset: str | None) -> None:
     name = dataset or config.data.dataset
     manifest = preprocess_dataset(name, config)
     click.echo(f"{name}: manifest written to {Path(manifest)}")
+
+
+@cli.command()
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from models/<name>/last.pt when it was made under the same config.")
+@config_options(load_training_config)
+def train(config: Config, resume: bool) -> None:
+    """Train a RegistrationModel on the processed dataset (merging tuned best params)."""
+    from regflow.pipeline import model_dir, train_stage
+
+    if not resume:
+        (model_dir(config) / "last.pt").unlink(missing_ok=True)
+        (model_dir(config) / "run.json").unlink(missing_ok=True)
+    result = train_stage(config)
+    click.echo(f"trained {result.steps} steps; best validation score {result.best_score:.4f}; "
+               f"MLflow run {result.run_id}; checkpoint {result.best_checkpoint}")
+
+
+@cli.command()
+@config_options(load_training_config)
+def evaluate(config: Config) -> None:
+    """Evaluate the trained model and no registration on the test split (metrics/, plots/)."""
+    from regflow.pipeline import evaluate_stage
+
+    headline = evaluate_stage(config)
+    if headline.get("simulated_data"):
+        click.echo("NOTE: this dataset is SIMULATED; these numbers are not clinical accuracy.")
+    for key, value in headline.items():
+        click.echo(f"{key:>20}: {value:.4f}")
+
+
+@cli.command()
+@click.option("--image", required=True, type=click.Path(dir_okay=False),
+              help="Image or label to warp (.nii/.nii.gz).")
+@click.option("--ddf", required=True, type=click.Path(dir_okay=False),
+              help="Displacement field: NIfTI (*S, ndim) or .npy/.npz (ndim, *S), voxels.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .nii.gz.")
+@click.option("--nearest", is_flag=True, help="Nearest-neighbour interpolation (labels).")
+def warp(image: str, ddf: str, out: str, nearest: bool) -> None:
+    """Warp IMAGE with a DDF: warped[x] = image[x + ddf[x]] (DeepReg's deepreg_warp)."""
+    from regflow.predict import warp_file
+
+    warp_file(Path(image), Path(ddf), Path(out), nearest=nearest)
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.option("--model", "model_spec", required=True,
+              help="Checkpoint path, or an MLflow URI such as models:/regflow@champion.")
+@click.option("--fixed", type=click.Path(dir_okay=False), help="Fixed image (.nii/.nii.gz).")
+@click.option("--moving", type=click.Path(dir_okay=False), help="Moving image.")
+@click.option("--moving-label", type=click.Path(dir_okay=False), help="Moving label (optional).")
+@click.option("--fixed-label", type=click.Path(dir_okay=False),
+              help="Fixed label (optional; with --moving-label writes metrics.csv).")
+@click.option("--split", type=click.Choice(["train", "val", "test"]),
+              help="Instead of one pair: every evaluation pair of this split of the dataset.")
+@click.option("--learn2reg", is_flag=True, help="Also write disp_FFFF_MMMM.npz (float16).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@config_options()
+def predict(config: Config, model_spec: str, fixed: str | None, moving: str | None,
+            moving_label: str | None, fixed_label: str | None, split: str | None,
+            learn2reg: bool, out: str) -> None:
+    """Register a raw pair (any size/spacing) or a dataset split with a trained model."""
+    from regflow.predict import predict_files, predict_split
+
+    if split:
+        written = predict_split(model_spec, config, split, Path(out), learn2reg)
+    elif fixed and moving:
+        written = predict_files(model_spec, Path(fixed), Path(moving), Path(out),
+                                Path(moving_label) if moving_label else None,
+                                Path(fixed_label) if fixed_label else None, learn2reg)
+    else:
+        raise RegflowError("predict: give --fixed and --moving, or --split")
+    click.echo(f"wrote {len(written)} files to {out}")
 
 
 def main() -> None:

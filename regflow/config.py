@@ -1,7 +1,8 @@
 """params.yaml -> typed, validated configuration.
 
 One section per pipeline stage. Unknown keys, wrong types and out-of-range values are errors that
-name the key path and what is allowed. ``-S key.path=value`` overrides work as in ``dvc exp run -S``.
+name the key path and what is allowed. ``-S key.path=value`` overrides work as in
+``dvc exp run -S``.
 """
 
 from __future__ import annotations
@@ -178,6 +179,60 @@ class TrainConfig(Section):
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
     amp: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    best_params: str | None = "models/tuning/best_params.yaml"
+
+
+class EvaluateConfig(Section):
+    """Evaluation of the trained model (and of no registration) on a split."""
+
+    split: Literal["val", "test"] = "test"
+    checkpoint: Literal["best", "last"] = "best"
+    hd95: bool = True
+    save_volumes: bool = True
+
+
+class SearchParameter(Section):
+    """One Optuna search dimension, addressed by its params key path."""
+
+    type: Literal["float", "int", "categorical"] = "float"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_range(self) -> SearchParameter:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical parameters need choices")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError("numeric parameters need low < high")
+        elif self.log and self.low <= 0:
+            raise ValueError("log-uniform parameters need low > 0")
+        return self
+
+
+class TuneConfig(Section):
+    """Optuna study over loss/regulariser weights (and anything else with a params key)."""
+
+    enabled: bool = True
+    trials: Annotated[int, Field(ge=0)] = 4
+    steps: PositiveInt = 100
+    val_every: PositiveInt = 50
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    multi_objective: bool = False
+    max_folding_pct: NonNegativeFloat = 1.0
+    study_name: str = "regflow"
+    storage: str | None = None
+    heartbeat_s: Annotated[int, Field(ge=1)] = 10
+    search_space: dict[str, SearchParameter] = Field(default_factory=dict)
+
+
+class RegistryConfig(Section):
+    """Model Registry: name, aliases and the promotion gate."""
+
+    model_name: str = "regflow"
+    max_folding_pct: NonNegativeFloat = 1.0
 
 
 class Config(Section):
@@ -188,6 +243,9 @@ class Config(Section):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -234,13 +292,14 @@ def validate_config(tree: dict[str, Any], source: str = "params.yaml") -> Config
         raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
 
 
-def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()
-                ) -> Config:
-    """Read params.yaml (missing file -> all defaults), apply overrides, validate.
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
+                presets: dict[str, Any] | None = None) -> Config:
+    """Read params.yaml (missing file -> all defaults), apply presets and overrides, validate.
 
     Args:
         path: the YAML file.
         overrides: ``key.path=value`` strings, as ``dvc exp run -S`` takes them.
+        presets: ``{"key.path": value}`` applied before the overrides (tuned parameters).
 
     Raises:
         ConfigError: unreadable YAML, bad override, unknown key or bad value.
@@ -256,10 +315,31 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     elif path.name != "params.yaml":
         raise ConfigError(f"{path}: no such config file")
+    for key_path, value in (presets or {}).items():
+        apply_override(tree, key_path.split("."), value)
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(tree, keys, value)
     return validate_config(tree, source=str(path))
+
+
+def load_training_config(path: str | Path = "params.yaml",
+                         overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Like :func:`load_config`, with the tuned ``train.best_params`` file merged in.
+
+    Precedence: params.yaml < best params (``{"train.loss...weight": value}``) < overrides.
+    """
+    config = load_config(path, overrides)
+    best_path = config.train.best_params
+    if not best_path or not Path(best_path).exists():
+        return config
+    try:
+        best = yaml.safe_load(Path(best_path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{best_path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(best, dict):
+        raise ConfigError(f"{best_path}: expected a mapping of params key -> value")
+    return load_config(path, overrides, presets=best)
 
 
 def flatten(config: Config) -> dict[str, Any]:

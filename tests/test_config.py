@@ -1,6 +1,6 @@
 import pytest
 
-from regflow.config import flatten, load_config
+from regflow.config import flatten, load_config, load_training_config
 from regflow.errors import ConfigError
 
 
@@ -36,3 +36,13 @@ def test_out_of_range_value(tmp_path):
 def test_missing_named_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "other.yaml")
+
+
+def test_training_config_merges_best_params_below_overrides(tmp_path):
+    best = tmp_path / "best.yaml"
+    best.write_text("train.loss.image.lncc.weight: 0.25\ntrain.optimizer.lr: 0.002\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"train:\n  best_params: {best}\n")
+    config = load_training_config(params, ["train.optimizer.lr=0.005"])
+    assert config.train.loss.image["lncc"].weight == 0.25
+    assert config.train.optimizer.lr == 0.005

@@ -1,0 +1,347 @@
+"""The training loop: plain PyTorch, checkpoint + resume, validation, early stopping, MLflow.
+
+A run is resumable: ``models/<name>/last.pt`` carries the weights, optimiser, scheduler, step and
+MLflow run id, so a restarted ``regflow train`` continues the same run from that step (losing at
+most ``train.checkpoint_every`` steps). A checkpoint made under a different config is not resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from regflow import tracking, viz
+from regflow.config import Config
+from regflow.data.loader import build_dataloader, read_manifest
+from regflow.evaluation import as_device, evaluate_pairs, summarise
+from regflow.losses import build_loss
+from regflow.models import RegistrationModel, select_device
+
+ValidationCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished training left behind."""
+
+    run_id: str
+    steps: int
+    best_score: float
+    best_checkpoint: Path
+    last_checkpoint: Path
+    stopped_early: bool
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def label_names_of(manifest: dict[str, Any]) -> list[str]:
+    """Names of the label channels (``label_<i>`` where the manifest has none)."""
+    names = manifest.get("label_names")
+    if names:
+        return list(names)
+    values = manifest.get("label_values") or []
+    return [f"label_{value}" for value in values]
+
+
+def model_label_channels(config: Config, manifest: dict[str, Any]) -> int:
+    """How many label channels a batch carries: all of them when stacked, else one."""
+    if config.loader.sample_label != "stack" or not manifest.get("label_format"):
+        return 1
+    return max(1, len(label_names_of(manifest)))
+
+
+def config_digest(config: Config) -> str:
+    """A short hash of everything that defines a training run (not evaluation or registry)."""
+    relevant = config.model_dump(include={"seed", "data", "preprocess", "loader", "train"})
+    relevant["data"].pop("local", None)
+    text = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def preprocessing_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What predict/serving need to prepare raw inputs as training saw them."""
+    return {key: manifest.get(key) for key in (
+        "dataset", "shape", "spacing", "label_format", "label_values", "label_names",
+        "preprocessing", "simulated")}
+
+
+def build_optimizer(model: torch.nn.Module, config: Config
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam and the learning-rate schedule of ``train.optimizer``."""
+    settings = config.train.optimizer
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
+                                 weight_decay=settings.weight_decay)
+    steps = config.train.steps
+    if settings.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps,
+                                                               eta_min=settings.lr * 0.01)
+    elif settings.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, steps // 3),
+                                                    gamma=0.3)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return optimizer, scheduler
+
+
+def endless_batches(loader: torch.utils.data.DataLoader, first_epoch: int
+                    ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (epoch, batch) forever; every pass over the loader is a new random pairing.
+
+    The loader's EpochSampler (the queue's subject sampler in patch mode) counts the epochs;
+    resume sets it to the epoch after the checkpoint's.
+    """
+    sampler = getattr(loader.dataset, "subject_sampler", None) or loader.sampler
+    sampler.epoch = first_epoch
+    while True:
+        epoch = sampler.epoch
+        for batch in loader:
+            yield epoch, batch
+
+
+class Trainer:
+    """One training run of a RegistrationModel on a processed dataset.
+
+    Args:
+        config: the validated params.
+        manifest_path: data/processed/<dataset>/manifest.json.
+        out_dir: where best.pt / last.pt go (models/<train.name>).
+        on_validation: called with (step, validation metrics) after each validation (Optuna
+            uses it to report and prune; it may raise optuna.TrialPruned).
+        log_pictures: log overlay and deformation-grid pictures at every validation.
+    """
+
+    def __init__(self, config: Config, manifest_path: Path, out_dir: Path,
+                 on_validation: ValidationCallback | None = None, log_pictures: bool = True):
+        self.config = config
+        self.manifest_path = Path(manifest_path)
+        self.manifest = read_manifest(self.manifest_path)
+        self.out_dir = Path(out_dir)
+        self.on_validation = on_validation
+        self.log_pictures = log_pictures
+        self.device = select_device(config.train.device)
+        self.label_names = label_names_of(self.manifest)
+        self.spacing = self.manifest.get("spacing") or [1.0] * len(self.manifest["shape"])
+        self.digest = config_digest(config)
+        seed_everything(config.seed)
+        self.model = RegistrationModel.from_config(
+            config.train.model, ndim=len(self.manifest["shape"]),
+            label_channels=model_label_channels(config, self.manifest)).to(self.device)
+        self.loss = build_loss(config.train.loss)
+        self.optimizer, self.scheduler = build_optimizer(self.model, config)
+        self.use_amp = config.train.amp and self.device.type == "cuda"
+        self.step = 0
+        self.epoch = 0
+        self.best_score = -math.inf
+        self.bad_validations = 0
+        self.run_id: str | None = None
+
+    @property
+    def last_path(self) -> Path:
+        """The checkpoint that resume reads."""
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        """The checkpoint with the best validation Dice (or lowest loss without labels)."""
+        return self.out_dir / "best.pt"
+
+    @property
+    def run_record_path(self) -> Path:
+        """run.json: the MLflow run id of this model folder (evaluate and register log to it)."""
+        return self.out_dir / "run.json"
+
+    def write_run_record(self) -> None:
+        """Record the run id as soon as the run starts, so a crash before any checkpoint
+        still resumes into the same MLflow run."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self.run_record_path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps({"run_id": self.run_id, "config_digest": self.digest}))
+        temporary.replace(self.run_record_path)
+
+    def resume_if_possible(self) -> bool:
+        """Load last.pt when it was written under the same config; True when resumed.
+
+        Without a usable checkpoint, a run.json of the same config still names the run to
+        continue (its steps start again from zero).
+        """
+        if self.run_record_path.exists():
+            record = json.loads(self.run_record_path.read_text())
+            if record.get("config_digest") == self.digest:
+                self.run_id = record.get("run_id")
+        if not self.last_path.exists():
+            return False
+        model, extra = RegistrationModel.load(self.last_path, map_location=self.device)
+        state = extra.get("training", {})
+        if state.get("config_digest") != self.digest:
+            return False
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = state["step"], state["epoch"] + 1
+        self.best_score, self.bad_validations = state["best_score"], state["bad_validations"]
+        self.run_id = state["run_id"]
+        seed_everything(self.config.seed + self.step)
+        return True
+
+    def save(self, path: Path) -> None:
+        """Write a self-describing checkpoint with everything resume needs."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save(path, extra={
+            "preprocessing": preprocessing_record(self.manifest),
+            "training": {
+                "config_digest": self.digest, "step": self.step, "epoch": self.epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "best_score": self.best_score, "bad_validations": self.bad_validations,
+                "run_id": self.run_id,
+            },
+        })
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimisation step; returns the total and every weighted term as floats."""
+        batch = as_device(batch, self.device)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            outputs = self.model(batch["moving_image"], batch["fixed_image"],
+                                 batch.get("moving_label"))
+        outputs = {key: value.float() for key, value in outputs.items()}
+        total, terms = self.loss(batch["fixed_image"], outputs.get("warped"),
+                                 fixed_label=batch.get("fixed_label"),
+                                 warped_label=outputs.get("warped_label"),
+                                 ddf=outputs.get("ddf"))
+        total.backward()
+        if self.config.train.optimizer.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                           self.config.train.optimizer.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"total": total.item(), **{name: value.item() for name, value in terms.items()}}
+
+    def validate(self) -> dict[str, float]:
+        """Dice per label and folding on the validation pairs; logs pictures of the first."""
+        loader = build_dataloader(self.manifest_path, "val", self.config, train=False)
+        pictures: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
+
+        def keep_first(batch: dict[str, Any], outputs: dict[str, torch.Tensor],
+                       index: int) -> None:
+            if not pictures and index == 0:
+                pictures.append((batch, outputs))
+
+        rows = evaluate_pairs(self.model, loader, self.device, self.spacing, self.label_names,
+                              on_pair=keep_first)
+        summary = summarise(rows)
+        if self.log_pictures and pictures:
+            self.log_validation_pictures(*pictures[0])
+        return summary
+
+    def log_validation_pictures(self, batch: dict[str, Any],
+                                outputs: dict[str, torch.Tensor]) -> None:
+        """Overlay (fixed / moving / warped / checkerboard) and deformation grid to MLflow."""
+        prefix = f"validation/step_{self.step:06d}"
+        label = batch.get("fixed_label")
+        moving_label = batch.get("moving_label")
+        warped_label = outputs.get("warped_label")
+        warped = outputs.get("warped", batch["moving_image"])
+        figure = viz.overlay_figure(
+            batch["fixed_image"][0, 0], batch["moving_image"][0, 0], warped[0, 0],
+            fixed_label=None if label is None else label[0, 0],
+            warped_label=None if warped_label is None else warped_label[0, 0],
+            moving_label=None if moving_label is None else moving_label[0, 0])
+        tracking.log_figure(figure, f"{prefix}_overlay.png")
+        if "ddf" in outputs:
+            tracking.log_figure(viz.deformation_grid_figure(outputs["ddf"][0]),
+                                f"{prefix}_grid.png")
+
+    def score(self, summary: dict[str, float]) -> float:
+        """Higher is better: mean Dice when labels exist, else minus the folding percentage."""
+        if "dice_mean" in summary:
+            return summary["dice_mean"]
+        return -summary.get("folding_pct", 0.0)
+
+    def after_validation(self, summary: dict[str, float]) -> bool:
+        """Log, checkpoint the best, update early stopping; True when training should stop."""
+        mlflow.log_metrics({f"val/{key}": value for key, value in summary.items()
+                            if math.isfinite(value)}, step=self.step)
+        current = self.score(summary)
+        if current > self.best_score:
+            self.best_score, self.bad_validations = current, 0
+            self.save(self.best_path)
+        else:
+            self.bad_validations += 1
+        if self.on_validation is not None:
+            self.on_validation(self.step, summary)
+        patience = self.config.train.early_stopping_patience
+        return patience > 0 and self.bad_validations >= patience
+
+    def fit(self, run_name: str | None = None, nested: bool = False,
+            tags: dict[str, str] | None = None) -> TrainResult:
+        """Train to ``train.steps`` (or early stop), resuming from last.pt when possible.
+
+        Args:
+            run_name: MLflow run name (default ``train.name``).
+            nested: start the run nested under the active run (Optuna trials).
+            tags: extra MLflow tags for the run.
+        """
+        settings = self.config.train
+        resumed = self.resume_if_possible()
+        experiment = f"regflow-{self.manifest.get('dataset', self.config.data.dataset)}"
+        loader = build_dataloader(self.manifest_path, "train", self.config, train=True)
+        stopped_early = False
+        with tracking.start_or_resume_run(experiment, run_id=self.run_id,
+                                          run_name=run_name or settings.name,
+                                          nested=nested) as run:
+            self.run_id = run.info.run_id
+            if not resumed:
+                tracking.log_config(self.config)
+                tracking.log_dataset_input(self.manifest_path, self.manifest.get("dataset", ""),
+                                           "training")
+                mlflow.set_tags({**tracking.run_tags(), **(tags or {})})
+            else:
+                mlflow.set_tag("regflow.resumed_from_step", str(self.step))
+            self.write_run_record()
+            batches = endless_batches(loader, self.epoch)
+            progress = tqdm(total=settings.steps, initial=self.step, desc="train",
+                            dynamic_ncols=True, disable=None)
+            while self.step < settings.steps:
+                self.epoch, batch = next(batches)
+                started = time.perf_counter()
+                values = self.train_step(batch)
+                self.step += 1
+                metrics = {f"train/{name}": value for name, value in values.items()}
+                metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                metrics["train/step_time_s"] = time.perf_counter() - started
+                mlflow.log_metrics(metrics, step=self.step)
+                progress.update(1)
+                progress.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
+                if self.step % settings.val_every == 0 or self.step == settings.steps:
+                    stopped_early = self.after_validation(self.validate())
+                if self.step % settings.checkpoint_every == 0 or stopped_early:
+                    self.save(self.last_path)
+                if stopped_early:
+                    break
+            progress.close()
+            self.save(self.last_path)
+            if not self.best_path.exists():
+                self.save(self.best_path)
+            mlflow.log_artifact(str(self.best_path), artifact_path="checkpoints")
+            mlflow.log_metric("train/steps_done", self.step)
+        return TrainResult(self.run_id, self.step, self.best_score, self.best_path,
+                           self.last_path, stopped_early)
