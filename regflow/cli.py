@@ -184,6 +184,49 @@ def predict(config: Config, model_spec: str, fixed: str | None, moving: str | No
     click.echo(f"wrote {len(written)} files to {out}")
 
 
+@cli.command()
+@click.option("--storage", help="Optuna RDB URL (overrides tune.storage), e.g. "
+              "postgresql://user:pass@host/db to share the study between machines.")
+@config_options()
+def tune(config: Config, storage: str | None) -> None:
+    """Optuna study over tune.search_space; best params -> models/tuning/best_params.yaml."""
+    from regflow.pipeline import manifest_path
+    from regflow.tuning import tune_stage
+
+    best = tune_stage(config, manifest_path(config), storage_url=storage)
+    click.echo(f"best params: {best}" if best else "tuning disabled or no feasible trial")
+
+
+@cli.command()
+@config_options(load_training_config)
+def register(config: Config) -> None:
+    """Log the trained model as a pyfunc, register it and gate the @champion alias."""
+    from regflow.registry import register_stage
+
+    decision = register_stage(config)
+    state = "is now @champion" if decision["champion"] else "is @challenger only"
+    click.echo(f"{decision['model_name']} version {decision['version']} {state}: "
+               f"{decision['reason']}")
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--fixed", required=True, type=click.Path(dir_okay=False), help="Fixed image.")
+@click.option("--moving", required=True, type=click.Path(dir_okay=False), help="Moving image.")
+@click.option("--moving-label", type=click.Path(dir_okay=False), help="Moving label (optional).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait.")
+def request(url: str, fixed: str, moving: str, moving_label: str | None, out: str,
+            timeout: float) -> None:
+    """Send a pair to a running `mlflow models serve` (URL) and write the answer as NIfTI."""
+    from regflow.client import request_registration
+
+    written = request_registration(url, Path(fixed), Path(moving),
+                                   Path(moving_label) if moving_label else None, Path(out),
+                                   timeout)
+    click.echo(f"wrote {', '.join(str(path) for path in written)}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="regflow")

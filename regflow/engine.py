@@ -307,13 +307,12 @@ class Trainer:
         stopped_early = False
         with tracking.start_or_resume_run(experiment, run_id=self.run_id,
                                           run_name=run_name or settings.name,
-                                          nested=nested) as run:
+                                          nested=nested, tags=tags) as run:
             self.run_id = run.info.run_id
             if not resumed:
                 tracking.log_config(self.config)
                 tracking.log_dataset_input(self.manifest_path, self.manifest.get("dataset", ""),
                                            "training")
-                mlflow.set_tags({**tracking.run_tags(), **(tags or {})})
             else:
                 mlflow.set_tag("regflow.resumed_from_step", str(self.step))
             self.write_run_record()

@@ -190,7 +190,7 @@ def evaluate_stage(config: Config, metrics_dir: Path = Path("metrics"),
     label_names = label_names_of(manifest)
     spacing = manifest.get("spacing") or [1.0] * len(manifest["shape"])
     loader = build_dataloader(manifest_file, config.evaluate.split, config, train=False)
-    volumes_dir = out_dir / "eval"
+    volumes_dir = Path("eval") / config.train.name
     writer = VolumeWriter(volumes_dir) if config.evaluate.save_volumes else None
     rows = evaluate_pairs(model, loader, device, spacing, label_names,
                           with_hd95=config.evaluate.hd95, baseline=True, on_pair=writer)
@@ -204,12 +204,12 @@ def evaluate_stage(config: Config, metrics_dir: Path = Path("metrics"),
     dice_table = dice_plot_rows(rows, label_names)
     write_csv(plots_dir / "dice_per_label.csv", dice_table)
     save_dice_png(dice_table, plots_dir / "dice_per_label.png")
-    log_evaluation(config, out_dir, headline, metrics_dir, plots_dir)
+    log_evaluation(config, out_dir, headline, metrics_dir, plots_dir, volumes_dir)
     return headline
 
 
 def log_evaluation(config: Config, out_dir: Path, headline: dict[str, float],
-                   metrics_dir: Path, plots_dir: Path) -> None:
+                   metrics_dir: Path, plots_dir: Path, volumes_dir: Path) -> None:
     """Log the evaluation into the training run (models/<name>/run.json) and write the curves."""
     record = out_dir / "run.json"
     run_id = json.loads(record.read_text())["run_id"] if record.exists() else None
@@ -223,5 +223,5 @@ def log_evaluation(config: Config, out_dir: Path, headline: dict[str, float],
                             if np.isfinite(value)})
         mlflow.log_artifacts(str(metrics_dir), artifact_path="evaluation/metrics")
         mlflow.log_artifacts(str(plots_dir), artifact_path="evaluation/plots")
-        if (out_dir / "eval").is_dir():
-            mlflow.log_artifacts(str(out_dir / "eval"), artifact_path="evaluation/volumes")
+        if volumes_dir.is_dir():
+            mlflow.log_artifacts(str(volumes_dir), artifact_path="evaluation/volumes")

@@ -215,8 +215,7 @@ def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("mod
                                       run_name=f"tune-{settings.study_name}") as parent:
         if parent_id is None:
             study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
-            mlflow.set_tags({"optuna.study": settings.study_name, "optuna.storage": url,
-                             **tracking.run_tags()})
+            mlflow.set_tags({"optuna.study": settings.study_name, "optuna.storage": url})
             tracking.log_config(config)
         remaining = settings.trials - finished_trials(study)
         if remaining > 0:

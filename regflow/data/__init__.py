@@ -1,0 +1,1 @@
+"""Datasets: catalogue, fetch and verification, preprocessing and loading."""

@@ -1,0 +1,453 @@
+"""Raw dataset folder -> data/processed/<dataset>/: resample, crop/pad, normalise, split, manifest.
+
+Raw layouts (msd, DeepReg paired/unpaired/grouped, NIfTI or DeepReg HDF5) are described and read
+in :mod:`regflow.data.layouts`. Per volume: resample to ``preprocess.spacing`` (linear for
+images, nearest for labels), normalise intensities, centre crop/pad to ``preprocess.shape``;
+every step updates the affine so that world coordinates stay put.
+
+Splits: source splits are kept; a missing test or val split is carved out of train (seeded); a
+layout without splits is split at random by case, or by group for grouped data so that a group
+never crosses splits. See :mod:`regflow.data.splits`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import affine_transform
+from tqdm import tqdm
+
+from regflow.config import Config, PreprocessConfig
+from regflow.data.integrity import sha256_file
+from regflow.data.io import write_nifti
+from regflow.data.layouts import ROLES, RawCase, VolumeRef, discover_cases, folder_of, label_role
+from regflow.data.splits import assign_folds, assign_splits
+from regflow.errors import DataError
+
+MANIFEST_JSON = "manifest.json"
+MANIFEST_CSV = "manifest.csv"
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """How labels are stored after preprocessing.
+
+    ``source`` is "integer" (3-D maps) or "channels" (4-D channels-last binary); ``values`` are
+    the foreground values of integer maps in channel order; ``one_hot`` turns integer maps into
+    channels on output.
+    """
+
+    source: str
+    values: tuple[int, ...] | None
+    names: tuple[str, ...]
+    one_hot: bool = False
+
+    @property
+    def output_format(self) -> str:
+        """``"channels"`` or ``"integer"``, as written in the manifest."""
+        return "channels" if self.source == "channels" or self.one_hot else "integer"
+
+
+def voxel_spacing(affine: np.ndarray, ndim: int = 3) -> np.ndarray:
+    """Voxel size in mm along the first ``ndim`` array axes: the norms of the affine's columns."""
+    return np.linalg.norm(np.asarray(affine)[:3, :ndim], axis=0)
+
+
+def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], order: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a volume to a new voxel size, keeping the grid centre fixed in world space.
+
+    Args:
+        array: (*S) or (*S, C) volume, ``len(S) == len(spacing)``; channels are resampled apart.
+        affine: (4, 4) voxel-to-world matrix (mm).
+        spacing: target voxel size per spatial axis (mm).
+        order: spline order: 1 (linear) for images, 0 (nearest) for labels.
+
+    Returns:
+        ``(resampled, new_affine)``: spatial size ``round(S * source_spacing / spacing)`` (half up,
+        at least 1) and the affine with columns scaled to ``spacing`` and the origin moved so that
+        the centre voxel's world coordinate is unchanged.
+    """
+    ndim = len(spacing)
+    step = np.asarray(spacing, dtype=np.float64) / voxel_spacing(affine, ndim)
+    in_shape = np.asarray(array.shape[:ndim])
+    out_shape = np.maximum(1, np.floor(in_shape / step + 0.5)).astype(int)
+    offset = (in_shape - 1) / 2 - step * (out_shape - 1) / 2
+    channels = array if array.ndim > ndim else array[..., None]
+    resampled = np.stack(
+        [affine_transform(channels[..., c], step, offset, output_shape=tuple(out_shape),
+                          order=order, mode="nearest") for c in range(channels.shape[-1])],
+        axis=-1,
+    )
+    new_affine = np.array(affine, dtype=np.float64)
+    new_affine[:3, :ndim] = new_affine[:3, :ndim] * step
+    new_affine[:3, 3] = affine[:3, 3] + affine[:3, :ndim] @ offset
+    return (resampled if array.ndim > ndim else resampled[..., 0]), new_affine
+
+
+def crop_or_pad(array: np.ndarray, affine: np.ndarray, shape: Sequence[int], fill: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-crop and/or pad the spatial axes to ``shape``; world coordinates stay put.
+
+    Args:
+        array: (*S) or (*S, C) volume with ``len(S) == len(shape)``.
+        affine: (4, 4) voxel-to-world matrix (mm).
+        shape: target spatial size (voxels).
+        fill: value of padded voxels.
+
+    Returns:
+        ``(array, new_affine)`` with output voxel ``j`` = input voxel ``j + start`` where
+        ``start = (S - shape) // 2`` (negative where padding), and the affine translated by
+        ``start`` voxels so that ``new_affine @ j == affine @ (j + start)``.
+    """
+    ndim = len(shape)
+    start = np.array([(size - target) // 2 for size, target in zip(array.shape, shape,
+                                                                    strict=False)])
+    output = np.full(tuple(shape) + array.shape[ndim:], fill, dtype=array.dtype)
+    source, target = [], []
+    for first, size, wanted in zip(start, array.shape, shape, strict=False):
+        length = min(size, wanted)
+        source.append(slice(max(first, 0), max(first, 0) + length))
+        target.append(slice(max(-first, 0), max(-first, 0) + length))
+    output[tuple(target)] = array[tuple(source)]
+    new_affine = np.array(affine, dtype=np.float64)
+    new_affine[:3, 3] = affine[:3, 3] + affine[:3, :ndim] @ start
+    return output, new_affine
+
+
+def normalise(image: np.ndarray, method: str, percentiles: Sequence[float] = (0.5, 99.5)
+              ) -> np.ndarray:
+    """Intensity normalisation to float32.
+
+    Args:
+        image: any-shape intensity array.
+        method: "minmax" (scale to [0, 1]), "percentile" (clip to the ``percentiles`` then scale to
+            [0, 1]) or "none" (cast only).
+        percentiles: [low, high] in percent, for "percentile".
+
+    Returns:
+        float32 array of the same shape; a constant image becomes all zeros.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if method == "none":
+        return image
+    if method == "percentile":
+        low, high = np.percentile(image, percentiles)
+        image = np.clip(image, low, high)
+    else:
+        low, high = image.min(), image.max()
+    if high <= low:
+        return np.zeros_like(image)
+    return ((image - low) / (high - low)).astype(np.float32)
+
+
+def process_image(image: np.ndarray, affine: np.ndarray, params: PreprocessConfig
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Resample (linear), normalise, then crop/pad (filling with the image minimum).
+
+    Returns:
+        ``(image, affine)``: float32 array of exactly ``params.shape`` and its (4, 4) affine.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if params.spacing is not None:
+        image, affine = resample(image, affine, params.spacing, order=1)
+    image = normalise(image, params.normalise, params.percentiles)
+    return crop_or_pad(image, affine, params.shape, fill=float(image.min()))
+
+
+def encode_label(label: np.ndarray, spec: LabelSpec, where: str) -> np.ndarray:
+    """Turn a raw label into its stored uint8 form.
+
+    Args:
+        label: (*S) integer map, or (*S, L) channels-last map (binarised at 0.5).
+        spec: the dataset's :class:`LabelSpec`.
+        where: case (and role) named in errors.
+
+    Returns:
+        (*S) uint8 map, or (*S, L) uint8 binary channels when the source has channels or
+        ``spec.one_hot``.
+
+    Raises:
+        DataError: non-integer values, or values outside ``spec.values``.
+    """
+    if spec.source == "channels":
+        return (label > 0.5).astype(np.uint8)
+    rounded = np.rint(label)
+    if not np.array_equal(rounded, label):
+        raise DataError(f"{where}: label map holds non-integer values")
+    unexpected = sorted(set(np.unique(rounded).astype(int).tolist()) - {0, *spec.values})
+    if unexpected:
+        raise DataError(f"{where}: label values {unexpected} not among {list(spec.values)}")
+    if spec.one_hot:
+        return np.stack([rounded == value for value in spec.values], axis=-1).astype(np.uint8)
+    return rounded.astype(np.uint8)
+
+
+def process_label(label: np.ndarray, affine: np.ndarray, params: PreprocessConfig,
+                  spec: LabelSpec, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Encode (:func:`encode_label`), resample (nearest), crop/pad with 0.
+
+    Returns:
+        ``(label, affine)``: uint8 (*shape) or (*shape, L) array and its (4, 4) affine.
+    """
+    label = encode_label(label, spec, where)
+    if params.spacing is not None:
+        label, affine = resample(label, affine, params.spacing, order=0)
+    return crop_or_pad(label, affine, params.shape, fill=0)
+
+
+def preprocess_dataset(name: str, config: Config) -> Path:
+    """Preprocess catalogue (or ``data.local``) dataset ``name`` from raw_dir into processed_dir.
+
+    Returns:
+        Path of the written ``manifest.json``.
+
+    Raises:
+        ConfigError: unknown dataset name.
+        DataError: raw data missing (run ``regflow fetch``) or a bad file.
+    """
+    from regflow.data.sources import get_dataset
+
+    entry = get_dataset(name, config)
+    return preprocess_folder(
+        Path(config.data.raw_dir) / name, Path(config.data.processed_dir) / name,
+        layout=entry.layout, pairing=entry.pairing, file_format=entry.file_format,
+        preprocess_config=config.preprocess, seed=config.seed, label_names=entry.label_names,
+        simulated=entry.simulated, dataset_name=name, subdir=entry.subdir,
+    )
+
+
+def preprocess_folder(raw_root: str | Path, out_root: str | Path, *, layout: str, pairing: str,
+                      file_format: str = "nifti", preprocess_config: PreprocessConfig,
+                      seed: int, label_names: Sequence[str] | None = None,
+                      simulated: bool = False, dataset_name: str | None = None,
+                      subdir: str | None = None) -> Path:
+    """Preprocess one raw dataset folder into ``out_root`` with ``manifest.json``/``.csv``.
+
+    Everything is written into a temporary folder beside ``out_root`` and renamed into place at
+    the end, replacing an older output; on any error nothing is left behind.
+
+    Args:
+        raw_root: the raw dataset folder (layouts in this module's docstring).
+        out_root: the processed dataset folder to (re)create.
+        layout: "msd" | "deepreg-paired" | "deepreg-unpaired" | "deepreg-grouped".
+        pairing: "paired" | "unpaired" | "grouped".
+        file_format: "nifti" | "h5".
+        preprocess_config: shape, spacing, normalisation, split fractions, folds, one_hot.
+        seed: seeds the split and fold assignment.
+        label_names: names of the foreground labels in channel order (msd: default from
+            dataset.json).
+        simulated: recorded in the manifest (simulated data must never pass as clinical).
+        dataset_name: recorded in the manifest; defaults to ``out_root``'s name.
+        subdir: the msd folder inside ``raw_root`` holding dataset.json (found when omitted).
+
+    Returns:
+        Path of ``out_root/manifest.json``.
+
+    Raises:
+        DataError: missing/corrupt files, mismatched shapes or cases (one line naming them).
+        ConfigError: more folds than train/val units.
+    """
+    raw_root, out_root = Path(raw_root), Path(out_root)
+    params = preprocess_config
+    if not raw_root.is_dir():
+        raise DataError(f"{raw_root}: raw dataset folder not found (run `regflow fetch` first)")
+    cases, msd_labels = discover_cases(raw_root, layout, pairing, file_format, subdir)
+    spec = _label_spec(cases, pairing, params, msd_labels, label_names)
+    splits, folds = _assign(cases, pairing, params, seed)
+
+    out_root.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_root.with_name(f".{out_root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        rows, spacings = [], []
+        for case in tqdm(cases, desc=f"preprocess {dataset_name or out_root.name}", unit="case"):
+            row, case_spacings = _process_case(case, pairing, params, spec, staging)
+            row.update(split=splits[case.case_id], fold=folds.get(case.case_id))
+            rows.append(row)
+            spacings.extend(case_spacings)
+        manifest = _manifest(dataset_name or out_root.name, pairing, params, seed, simulated,
+                             spec, spacings, rows)
+        _write_manifest(staging, manifest)
+        _swap_in(staging, out_root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_root / MANIFEST_JSON
+
+
+def _label_spec(cases: list[RawCase], pairing: str, params: PreprocessConfig,
+                msd_labels: dict[int, str] | None, label_names: Sequence[str] | None
+                ) -> LabelSpec | None:
+    refs = [case.volumes[role] for case in cases for role in ROLES[pairing]
+            if "label" in role and role in case.volumes]
+    if not refs:
+        return None
+    ndim = len(params.shape)
+    shapes = [squeezed_shape(ref.shape(), ndim) for ref in refs]
+    if msd_labels is None and any(len(shape) > ndim for shape in shapes):
+        values = None
+        count = max(shape[-1] if len(shape) > ndim else 1 for shape in shapes)
+    else:
+        if msd_labels:
+            values = tuple(sorted(value for value in msd_labels if value != 0))
+        elif label_names:
+            values = tuple(range(1, len(label_names) + 1))
+        else:
+            values = _scan_label_values(refs)
+        count = len(values)
+    names = tuple(label_names or ([msd_labels[v] for v in values] if msd_labels else
+                                  [f"label_{i + 1}" for i in range(count)]))
+    if len(names) != count:
+        raise DataError(f"{refs[0].path.parent}: {count} labels but {len(names)} label names "
+                        f"{list(names)}")
+    source = "integer" if values is not None else "channels"
+    return LabelSpec(source, values, names, one_hot=params.one_hot and source == "integer")
+
+
+def _scan_label_values(refs: list[VolumeRef]) -> tuple[int, ...]:
+    found: set[int] = set()
+    for ref in refs:
+        label, _ = ref.read()
+        found.update(np.unique(np.rint(label)).astype(int).tolist())
+    return tuple(sorted(found - {0}))
+
+
+def _assign(cases: list[RawCase], pairing: str, params: PreprocessConfig, seed: int
+            ) -> tuple[dict[str, str], dict[str, int]]:
+    unit_of = {case.case_id: case.group if pairing == "grouped" else case.case_id
+               for case in cases}
+    source: dict[str, str] = {}
+    for case in cases:
+        unit = unit_of[case.case_id]
+        if case.split is not None and source.setdefault(unit, case.split) != case.split:
+            raise DataError(f"group {unit} appears in both {source[unit]} and {case.split}")
+    rng = np.random.default_rng(seed)
+    unit_split = assign_splits(sorted(set(unit_of.values())), source or None,
+                               params.val_fraction, params.test_fraction, rng)
+    unit_fold: dict[str, int] = {}
+    if params.folds:
+        unit_fold = assign_folds([u for u, s in unit_split.items() if s != "test"],
+                                 params.folds, rng)
+    splits = {case_id: unit_split[unit] for case_id, unit in unit_of.items()}
+    folds = {case_id: unit_fold[unit] for case_id, unit in unit_of.items() if unit in unit_fold}
+    return splits, folds
+
+
+def _process_case(case: RawCase, pairing: str, params: PreprocessConfig,
+                  spec: LabelSpec | None, staging: Path) -> tuple[dict[str, Any], list]:
+    ndim = len(params.shape)
+    row: dict[str, Any] = {"case_id": case.case_id, "split": None, "fold": None}
+    if pairing != "paired":
+        row["group"] = case.group
+    paths: dict[str, str | None] = {role: None for role in ROLES[pairing]}
+    spacings, label_counts = [], set()
+    for image_role in (role for role in ROLES[pairing] if role.endswith("image")):
+        where = case.case_id if pairing != "paired" else f"{case.case_id} ({image_role})"
+        image, affine = case.volumes[image_role].read()
+        image = _squeeze_to(image, ndim, where)
+        spacings.append(voxel_spacing(affine, ndim))
+        processed, new_affine = process_image(image, affine, params)
+        paths[image_role] = _write(staging, image_role, case.case_id, processed, new_affine)
+        if spec is None:
+            continue
+        label, label_affine = case.volumes[label_role(image_role)].read()
+        label = _conform_label(label, image.shape, spec, where)
+        label, label_affine = process_label(label, label_affine, params, spec, where)
+        label_counts.add(label.shape[-1] if label.ndim > ndim else 1)
+        if len(label_counts) > 1:
+            raise DataError(f"{case.case_id}: fixed and moving labels hold different numbers "
+                            f"of labels")
+        paths[label_role(image_role)] = _write(staging, label_role(image_role), case.case_id,
+                                               label, label_affine)
+    row.update(paths)
+    row.update({f"{role}_sha256": sha256_file(staging / path) if path else None
+                for role, path in paths.items()})
+    return row, spacings
+
+
+def _conform_label(label: np.ndarray, image_shape: tuple[int, ...], spec: LabelSpec,
+                   where: str) -> np.ndarray:
+    """Check a raw label against its image; a lone-label map of a channels dataset -> 1 channel.
+
+    DeepReg datasets may store a case holding one label as a 3-D map beside 4-D cases.
+    """
+    label = label.reshape(squeezed_shape(label.shape, len(image_shape)))
+    if spec.source == "channels" and label.ndim == len(image_shape):
+        label = label[..., None]
+    channels = spec.source == "channels" and label.ndim == len(image_shape) + 1
+    if label.shape[:len(image_shape)] != image_shape or (label.ndim != len(image_shape)
+                                                         and not channels):
+        raise DataError(f"{where}: image shape {list(image_shape)} and label shape "
+                        f"{list(label.shape)} differ")
+    return label
+
+
+def squeezed_shape(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """``shape`` without trailing axes of size 1 beyond the first ``ndim`` (NIfTI pads 2-D
+    images and 3-D maps with them)."""
+    while len(shape) > ndim and shape[-1] == 1:
+        shape = shape[:-1]
+    return tuple(shape)
+
+
+def _squeeze_to(image: np.ndarray, ndim: int, where: str) -> np.ndarray:
+    image = image.reshape(squeezed_shape(image.shape, ndim))
+    if image.ndim != ndim:
+        raise DataError(f"{where}: image has shape {list(image.shape)}, expected a {ndim}-D "
+                        f"volume")
+    return image
+
+
+def _write(staging: Path, role: str, case_id: str, array: np.ndarray, affine: np.ndarray) -> str:
+    relative = f"{folder_of(role)}/{case_id}.nii.gz"
+    (staging / folder_of(role)).mkdir(parents=True, exist_ok=True)
+    write_nifti(staging / relative, array, affine)
+    return relative
+
+
+def _manifest(name: str, pairing: str, params: PreprocessConfig, seed: int, simulated: bool,
+              spec: LabelSpec | None, spacings: list[np.ndarray], rows: list[dict[str, Any]]
+              ) -> dict[str, Any]:
+    stacked = np.round(np.stack(spacings), 6)
+    common = params.spacing or (stacked[0].tolist() if np.all(stacked == stacked[0]) else None)
+    return {
+        "dataset": name,
+        "pairing": pairing,
+        "shape": list(params.shape),
+        "spacing": common,
+        "simulated": simulated,
+        "label_format": spec.output_format if spec else None,
+        "label_values": list(spec.values) if spec and spec.output_format == "integer" else None,
+        "label_names": list(spec.names) if spec else None,
+        "preprocessing": params.model_dump() | {
+            "seed": seed,
+            "source_spacing": {"min": stacked.min(axis=0).tolist(),
+                               "max": stacked.max(axis=0).tolist()},
+        },
+        "cases": rows,
+    }
+
+
+def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
+    (staging / MANIFEST_JSON).write_text(json.dumps(manifest, indent=1) + "\n")
+    with open(staging / MANIFEST_CSV, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(manifest["cases"][0]))
+        writer.writeheader()
+        writer.writerows({key: "" if value is None else value for key, value in row.items()}
+                         for row in manifest["cases"])
+
+
+def _swap_in(staging: Path, out_root: Path) -> None:
+    retired = out_root.with_name(f".{out_root.name}.old-{os.getpid()}")
+    if out_root.exists():
+        os.replace(out_root, retired)
+    os.replace(staging, out_root)
+    shutil.rmtree(retired, ignore_errors=True)

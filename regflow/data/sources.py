@@ -1,0 +1,483 @@
+"""The dataset catalogue and ``fetch``: download or mirror-copy, verify, and install into data/raw/.
+
+Every fetch builds the dataset in a hidden temporary folder beside the target
+(``data/raw/.<name>.*.tmp``), verifies it, writes ``SHA256SUMS`` (every file, ``sha256sum -c``
+compatible) and a completion marker, and only then renames it to ``data/raw/<name>``. Any failure
+removes the temporary folder, so ``data/raw/<name>`` is either complete and verified or absent.
+Downloads in progress live in ``data/raw/.downloads/`` so that an interrupted fetch resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tqdm import tqdm
+
+from regflow import __version__
+from regflow.config import Config, LocalDataset
+from regflow.data.archive import safe_extract
+from regflow.data.download import download
+from regflow.data.integrity import (
+    SUMS_NAME,
+    copy_verified,
+    format_sums,
+    hash_tree,
+    parse_sums,
+    read_sums,
+    sha256_file,
+    verify_files,
+    write_text_atomic,
+)
+from regflow.errors import ConfigError, DataError, RegflowError
+
+Kind = Literal["archive", "files", "local"]
+Layout = Literal["msd", "deepreg-paired", "deepreg-unpaired", "deepreg-grouped"]
+Pairing = Literal["paired", "unpaired", "grouped"]
+
+CHECKSUM_DIR = Path(__file__).parent / "checksums"
+MARKER_NAME = ".regflow-complete.json"
+DOWNLOADS_DIR = ".downloads"
+# A commit of DeepReg's main branch holding data/test/nifti/paired/; the shipped per-file
+# checksums (checksums/deepreg-paired-prostate.sha256) pin the bytes whatever the URL serves.
+DEEPREG_COMMIT = "01dfab753b035ebdf9798a88f4056afb03471d7e"
+DEEPREG_PAIRED_URL = (
+    f"https://raw.githubusercontent.com/DeepRegNet/DeepReg/{DEEPREG_COMMIT}/data/test/nifti/paired"
+)
+DEEPREG_DEMO_DATA = "https://github.com/ucl-candi/datasets_deepreg_demo/archive"
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset: where it comes from, how it is laid out, and the terms it comes under.
+
+    Attributes:
+        name: catalogue key and folder name under data/raw/.
+        kind: "archive" (one archive to download and extract), "files" (one URL per file) or
+            "local" (a folder on this machine, from ``data.local`` in params.yaml).
+        layout: folder layout after fetch (see the data contracts).
+        pairing: how images pair up for registration.
+        description: one sentence; says "simulated" for simulated data.
+        licence: the data licence (or the terms to check, where no licence is stated).
+        citation: what to cite when using the data.
+        file_format: "nifti" or "h5".
+        label_names: foreground label names in label-value/channel order, or None.
+        simulated: True when the images are simulated rather than acquired from patients.
+        needs_network: True when the offline mirror does not carry it.
+        urls: the archive URL (kind "archive") or one URL per file (kind "files").
+        sha256: the expected SHA-256 per URL; None where no digest is known offline (the
+            per-file list in ``checksums`` then does the verifying).
+        files: kind "files": where each URL's file lands, relative to ``data/raw/<name>/``.
+        subdir: the folder inside ``data/raw/<name>/`` that holds the data (MSD task folder).
+        mirror_name: the dataset's folder in the offline mirror, upstream layout inside.
+        checksums: the shipped per-file list, a file name under regflow/data/checksums/ (or an
+            absolute path), paths relative to ``data/raw/<name>/<subdir>/``; or None.
+        local_path: kind "local": the user's folder.
+    """
+
+    name: str
+    kind: Kind
+    layout: Layout
+    pairing: Pairing
+    description: str
+    licence: str
+    citation: str
+    file_format: Literal["nifti", "h5"] = "nifti"
+    label_names: list[str] | None = None
+    simulated: bool = False
+    needs_network: bool = False
+    urls: tuple[str, ...] = ()
+    sha256: tuple[str | None, ...] = ()
+    files: tuple[str, ...] = ()
+    subdir: str | None = None
+    mirror_name: str | None = None
+    checksums: str | None = None
+    local_path: str | None = None
+
+
+def pinned_checksums(entry: DatasetEntry) -> dict[str, str]:
+    """The shipped per-file checksums of ``entry`` (``{path under subdir: sha256}``), or {}."""
+    if entry.checksums is None:
+        return {}
+    return read_sums(CHECKSUM_DIR / entry.checksums)
+
+
+def _deepreg_paired_prostate() -> DatasetEntry:
+    sums = read_sums(CHECKSUM_DIR / "deepreg-paired-prostate.sha256")
+    files = tuple(sorted(sums))
+    return DatasetEntry(
+        name="deepreg-paired-prostate",
+        kind="files",
+        layout="deepreg-paired",
+        pairing="paired",
+        description="SIMULATED paired MR->TRUS prostate volumes with 3 corresponding labels "
+                    "(DeepReg's test data, 25 train + 2 test pairs): simulated, not clinical",
+        licence="Apache-2.0",
+        citation="Fu et al., DeepReg: a deep learning toolkit for medical image registration, "
+                 "JOSS 5(55), 2648 (2020)",
+        label_names=["gland", "region-1", "region-2"],
+        simulated=True,
+        urls=tuple(f"{DEEPREG_PAIRED_URL}/{rel}" for rel in files),
+        sha256=tuple(sums[rel] for rel in files),
+        files=files,
+        mirror_name="deepreg_paired_prostate",
+        checksums="deepreg-paired-prostate.sha256",
+    )
+
+
+LEARN2REG_2020 = ("Dalca, Hu, Vercauteren, Heinrich, Hansen, Modat et al., Learn2Reg - The "
+                  "Challenge (2020), Zenodo, doi:10.5281/zenodo.3715652")
+
+CATALOGUE: dict[str, DatasetEntry] = {entry.name: entry for entry in (
+    DatasetEntry(
+        name="msd-hippocampus",
+        kind="archive",
+        layout="msd",
+        pairing="unpaired",
+        description="MSD Task04 hippocampus: 260 labelled T1 MRI crops, 1 mm (Learn2Reg 2020 "
+                    "Task 4); default",
+        licence="CC BY-SA 4.0",
+        citation="Antonelli et al., The Medical Segmentation Decathlon, Nature Communications 13, "
+                 "4128 (2022); Simpson et al., arXiv:1902.09063 (2019)",
+        label_names=["anterior", "posterior"],
+        urls=("https://msd-for-monai.s3-us-west-2.amazonaws.com/Task04_Hippocampus.tar",),
+        sha256=(None,),
+        subdir="Task04_Hippocampus",
+        mirror_name="Task04_Hippocampus",
+        checksums="msd-hippocampus.sha256",
+    ),
+    _deepreg_paired_prostate(),
+    DatasetEntry(
+        name="learn2reg-lung-ct",
+        kind="archive",
+        layout="deepreg-paired",
+        pairing="paired",
+        description="Learn2Reg 2020 Task 2 inspiration/expiration lung CT + lung masks "
+                    "(DeepReg paired_ct_lung demo); upstream layout: arrange it as DeepReg "
+                    "paired, then use data.local",
+        licence="CC BY 4.0 (Zenodo record 3835682; check upstream)",
+        citation="Hering, Murphy and van Ginneken, Learn2Reg Challenge: CT Lung Registration - "
+                 "Training Data (2020), Zenodo, doi:10.5281/zenodo.3835682",
+        label_names=["lung"],
+        needs_network=True,
+        urls=("https://zenodo.org/record/3835682/files/training.zip",),
+        sha256=(None,),
+        mirror_name="learn2reg_lung_ct",
+    ),
+    DatasetEntry(
+        name="learn2reg-abdomen-ct",
+        kind="archive",
+        layout="deepreg-unpaired",
+        pairing="unpaired",
+        description="Learn2Reg 2020 Task 3 inter-patient abdominal CT, 13 organ labels "
+                    "(DeepReg unpaired_ct_abdomen demo); upstream layout: split it, then use "
+                    "data.local",
+        licence="Learn2Reg 2020 Task 3 terms (BTCV data, research use; check upstream)",
+        citation=LEARN2REG_2020,
+        label_names=["spleen", "right kidney", "left kidney", "gall bladder", "esophagus",
+                     "liver", "stomach", "aorta", "inferior vena cava",
+                     "portal and splenic vein", "pancreas", "left adrenal gland",
+                     "right adrenal gland"],
+        needs_network=True,
+        urls=(f"{DEEPREG_DEMO_DATA}/abdct.zip",),
+        sha256=(None,),
+        mirror_name="deepreg_abdct",
+    ),
+    DatasetEntry(
+        name="myops-grouped-mr-heart",
+        kind="archive",
+        layout="deepreg-grouped",
+        pairing="grouped",
+        description="MyoPS 2020 multi-sequence cardiac MR, one group per subject (DeepReg "
+                    "grouped_mr_heart demo); upstream layout: group it, then use data.local",
+        licence="MyoPS 2020 challenge terms (research use; check upstream)",
+        citation="Zhuang, Multivariate mixture model for myocardial segmentation combining "
+                 "multi-source images, IEEE TPAMI 41(12), 2933-2946 (2019)",
+        needs_network=True,
+        urls=(f"{DEEPREG_DEMO_DATA}/myops.zip",),
+        sha256=(None,),
+        mirror_name="deepreg_myops",
+    ),
+)}
+
+
+def local_entry(name: str, local: LocalDataset) -> DatasetEntry:
+    """A ``kind="local"`` entry for ``data.local[name]`` of params.yaml."""
+    return DatasetEntry(
+        name=name,
+        kind="local",
+        layout=f"deepreg-{local.pairing}",
+        pairing=local.pairing,
+        description=f"user dataset at {local.path} ({local.pairing}, {local.format})",
+        licence="user-provided",
+        citation="user-provided",
+        file_format=local.format,
+        label_names=local.label_names,
+        local_path=local.path,
+    )
+
+
+def get_dataset(name: str, config: Config) -> DatasetEntry:
+    """Look ``name`` up in ``config.data.local``, then in :data:`CATALOGUE`.
+
+    Raises:
+        ConfigError: unknown name (lists the known ones), or a local name that shadows the
+            catalogue.
+    """
+    if name in config.data.local:
+        if name in CATALOGUE:
+            raise ConfigError(f"data.local.{name}: the catalogue already has a dataset of that "
+                              "name; pick another")
+        return local_entry(name, config.data.local[name])
+    if name in CATALOGUE:
+        return CATALOGUE[name]
+    known = ", ".join([*CATALOGUE, *config.data.local])
+    raise ConfigError(f"unknown dataset {name!r}; known: {known} (or add it under data.local)")
+
+
+def describe_dataset(entry: DatasetEntry) -> str:
+    """One line for ``regflow datasets``: name, licence, simulated/real, network, description."""
+    nature = "simulated" if entry.simulated else "real"
+    if entry.kind == "local":
+        access = "local folder"
+    else:
+        access = "needs network" if entry.needs_network else "network or offline mirror"
+    return f"{entry.name:<24} [{entry.licence}] [{nature}] [{access}] {entry.description}"
+
+
+def _notice(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def _local_root(entry: DatasetEntry) -> Path:
+    root = Path(entry.local_path or "")
+    if not root.is_dir():
+        raise DataError(f"data.local.{entry.name}: {root} is not a folder")
+    return root
+
+
+def local_files(entry: DatasetEntry) -> list[str]:
+    """The files of a ``data.local`` folder that its DeepReg layout uses, relative to it.
+
+    The folder is read by :func:`regflow.data.layouts.discover_cases`, the same reader that
+    preprocessing uses, so a folder that fetches also preprocesses.
+
+    Raises:
+        DataError: the folder is missing or not in the entry's layout (says what is missing).
+    """
+    from regflow.data.layouts import discover_cases
+
+    root = _local_root(entry)
+    try:
+        cases, _ = discover_cases(root, entry.layout, entry.pairing, entry.file_format)
+    except DataError as exc:
+        raise DataError(f"data.local.{entry.name}: not in {entry.layout} layout: {exc}") from None
+    return sorted({ref.path.relative_to(root).as_posix()
+                   for case in cases for ref in case.volumes.values()})
+
+
+def _local_fingerprint(entry: DatasetEntry) -> str:
+    root = _local_root(entry)
+    stats = [(rel, (root / rel).stat().st_size, (root / rel).stat().st_mtime_ns)
+             for rel in local_files(entry)]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def source_fingerprint(entry: DatasetEntry) -> str:
+    """A digest that changes when what ``entry`` would fetch changes (URLs, pins, local files)."""
+    if entry.kind == "local":
+        return _local_fingerprint(entry)
+    pinned = format_sums(pinned_checksums(entry))
+    text = json.dumps([list(entry.urls), list(entry.sha256), list(entry.files), pinned])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def is_complete(target: Path, name: str, fingerprint: str) -> bool:
+    """True when ``target`` holds a finished fetch of ``name`` with this ``fingerprint``.
+
+    Cheap: reads the marker and ``SHA256SUMS`` and checks that every listed file exists; it does
+    not re-hash the data (``cd target && sha256sum -c SHA256SUMS`` does).
+    """
+    try:
+        marker = json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))
+        sums_path = target / SUMS_NAME
+        if (marker.get("dataset"), marker.get("fingerprint")) != (name, fingerprint) or \
+                sha256_file(sums_path) != marker.get("sums_sha256"):
+            return False
+        sums = parse_sums(sums_path.read_text(encoding="utf-8"), str(sums_path))
+    except (OSError, ValueError, AttributeError, DataError):
+        return False
+    return all((target / rel).is_file() for rel in sums)
+
+
+def _seal(folder: Path, name: str, fingerprint: str, source: str) -> None:
+    """Write ``SHA256SUMS`` of every file and the completion marker into ``folder``."""
+    sums_path = folder / SUMS_NAME
+    write_text_atomic(sums_path, format_sums(hash_tree(folder, exclude=(SUMS_NAME, MARKER_NAME))))
+    marker = {"dataset": name, "source": source, "fingerprint": fingerprint,
+              "sums_sha256": sha256_file(sums_path), "regflow_version": __version__}
+    write_text_atomic(folder / MARKER_NAME, json.dumps(marker, indent=1) + "\n")
+
+
+@contextmanager
+def _staging(raw_dir: Path, name: str) -> Iterator[Path]:
+    """A temporary folder beside the target, removed on exit whatever happens."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=raw_dir))
+    folder.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the dataset folder's mode
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _install(staged: Path, target: Path) -> None:
+    """Rename ``staged`` to ``target``, replacing an earlier incomplete copy."""
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old.tmp")
+        os.replace(target, old)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, target)
+
+
+def _from_mirror(entry: DatasetEntry, source: Path, staged: Path) -> None:
+    """Copy ``source`` (the mirror's folder) into ``staged``, checking every byte."""
+    listed = read_sums(source / SUMS_NAME)
+    pinned = pinned_checksums(entry)
+    for rel in sorted(set(pinned) & set(listed)):
+        if listed[rel] != pinned[rel]:
+            raise DataError(f"{source / rel}: the mirror's {SUMS_NAME} disagrees with regflow's "
+                            f"pinned checksum (checksums/{entry.checksums})")
+    missing = sorted(set(pinned) - set(listed))
+    if missing:
+        raise DataError(f"{source / SUMS_NAME}: does not list {missing[0]} "
+                        f"({len(missing)} of {len(pinned)} pinned files absent)")
+    copy_verified(source, staged / (entry.subdir or ""), listed, desc=f"{entry.name} (mirror)")
+
+
+def _downloads(raw_dir: Path) -> Path:
+    return raw_dir / DOWNLOADS_DIR
+
+
+def _tidy_downloads(raw_dir: Path) -> None:
+    folder = _downloads(raw_dir)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _from_archive(entry: DatasetEntry, raw_dir: Path, staged: Path) -> None:
+    """Download ``entry.urls[0]``, extract it safely into ``staged`` and verify the pinned files."""
+    url, expected = entry.urls[0], entry.sha256[0]
+    archive = _downloads(raw_dir) / url.rsplit("/", 1)[-1]
+    digest = download(url, archive, expected)
+    if expected is None:
+        _notice(f"{entry.name}: {archive.name} has sha256 {digest} (not pinned in the catalogue;"
+                " the per-file checksums verify its contents)")
+    try:
+        safe_extract(archive, staged)
+        root = staged / (entry.subdir or "")
+        if entry.subdir and not root.is_dir():
+            raise DataError(f"{url}: archive has no {entry.subdir}/ folder")
+        verify_files(root, pinned_checksums(entry), desc=f"{entry.name} (verify)")
+    except DataError:
+        archive.unlink()
+        raise
+    archive.unlink()
+
+
+def _from_files(entry: DatasetEntry, raw_dir: Path, staged: Path) -> None:
+    """Download every file of ``entry`` (resuming, each verified), then move them to ``staged``."""
+    folder = _downloads(raw_dir) / entry.name
+    try:
+        for url, expected, rel in zip(entry.urls, entry.sha256, entry.files, strict=True):
+            if not (folder / rel).is_file():
+                download(url, folder / rel, expected)
+        verify_files(folder, pinned_checksums(entry), desc=f"{entry.name} (verify)")
+    except DataError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for rel in entry.files:
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder / rel, staged / rel)
+    shutil.rmtree(folder)
+
+
+def _from_local(entry: DatasetEntry, staged: Path) -> None:
+    """Copy the files of the user's folder that its layout uses (contents only, no modes)."""
+    root = _local_root(entry)
+    for rel in tqdm(local_files(entry), desc=f"{entry.name} (copy)", unit="file"):
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, staged / rel)
+
+
+def _plan(entry: DatasetEntry, raw_dir: Path, mirror: str | None
+          ) -> tuple[str, Callable[[Path], None]]:
+    """Choose the source: local folder, mirror folder, or the network."""
+    if entry.kind == "local":
+        return f"local:{entry.local_path}", lambda staged: _from_local(entry, staged)
+    if mirror and entry.mirror_name:
+        source = Path(mirror) / entry.mirror_name
+        if source.is_dir():
+            return f"mirror:{entry.mirror_name}", lambda staged: _from_mirror(entry, source, staged)
+        _notice(f"{entry.name}: mirror {mirror} has no {entry.mirror_name}/; using the network")
+    if not entry.urls:
+        raise RegflowError(f"{entry.name}: not in the mirror and no download URL is known")
+    if entry.kind == "files":
+        source = os.path.commonprefix(list(entry.urls))
+        return source, lambda staged: _from_files(entry, raw_dir, staged)
+    return entry.urls[0], lambda staged: _from_archive(entry, raw_dir, staged)
+
+
+def fetch_entry(entry: DatasetEntry, raw_dir: str | Path, mirror: str | None = None) -> Path:
+    """Fetch ``entry`` into ``raw_dir/<entry.name>`` (see :func:`fetch_dataset`)."""
+    raw_dir = Path(raw_dir)
+    target = raw_dir / entry.name
+    fingerprint = source_fingerprint(entry)
+    if is_complete(target, entry.name, fingerprint):
+        return target
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    source, build = _plan(entry, raw_dir, mirror)
+    try:
+        with _staging(raw_dir, entry.name) as staged:
+            build(staged)
+            _seal(staged, entry.name, fingerprint, source)
+            _install(staged, target)
+    finally:
+        _tidy_downloads(raw_dir)
+    return target
+
+
+def fetch_dataset(name: str, config: Config, mirror: str | None = None) -> Path:
+    """Fetch dataset ``name`` into ``Path(config.data.raw_dir) / name``, verified.
+
+    Sources, in order: a ``data.local`` folder (layout checked, copied); ``<mirror>/<mirror_name>/``
+    when ``mirror`` is given and holds it (every file checked against the mirror's ``SHA256SUMS``
+    and regflow's pinned list); else the upstream URLs (resumable download, safe extraction,
+    per-file verification). A target that already holds a finished fetch is returned as is.
+
+    Args:
+        name: catalogue name or a ``data.local`` name.
+        config: the loaded params.yaml (``data.raw_dir``, ``data.local``).
+        mirror: folder of an offline mirror (``$REGFLOW_DATA_MIRROR``), or None.
+
+    Returns:
+        The dataset folder, holding ``SHA256SUMS`` of every file.
+
+    Raises:
+        ConfigError: unknown dataset name.
+        DataError: a checksum mismatch or missing file (names it), a bad archive member, or a
+            local folder not in DeepReg layout; nothing is left at the target.
+        RegflowError: the network is needed and unreachable.
+    """
+    return fetch_entry(get_dataset(name, config), config.data.raw_dir, mirror)

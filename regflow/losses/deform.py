@@ -1,0 +1,95 @@
+"""Deformation regularisers: gradient norm and bending energy of a dense displacement field.
+
+The field is (B, ndim, *S) in voxels, ndim 2 or 3. Derivatives are central finite differences
+(unit voxel spacing) evaluated on the interior, one voxel in from every face, with no padding: the
+stencils are exact for quadratic fields, so an affine field has zero bending energy and a
+translation zero gradient. Both follow DeepReg's reduction: the squared (or absolute) derivatives
+are summed over the derivative directions and averaged over displacement components, voxels and
+batch.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import torch
+
+
+def _check_ddf(ddf: torch.Tensor) -> int:
+    """Return ndim after checking ddf is (B, ndim, *S) with every spatial size >= 3."""
+    ndim = ddf.dim() - 2
+    if ndim not in (2, 3) or ddf.shape[1] != ndim:
+        raise ValueError(f"expected a ddf of shape (B, ndim, *S) with ndim 2 or 3, "
+                         f"got {tuple(ddf.shape)}")
+    if min(ddf.shape[2:]) < 3:
+        raise ValueError(f"ddf {tuple(ddf.shape)}: every spatial size must be >= 3")
+    return ndim
+
+
+def _shifted(ddf: torch.Tensor, offsets: dict[int, int]) -> torch.Tensor:
+    """The field sampled at interior voxel x + offset: (B, ndim, *S) -> (B, ndim, *(S - 2)).
+
+    Args:
+        ddf: the field.
+        offsets: spatial axis (0-based) -> offset in {-1, 0, 1}; missing axes have offset 0.
+    """
+    index = [slice(None), slice(None)]
+    for axis, size in enumerate(ddf.shape[2:]):
+        offset = offsets.get(axis, 0)
+        index.append(slice(1 + offset, size - 1 + offset))
+    return ddf[tuple(index)]
+
+
+def _first_derivative(ddf: torch.Tensor, axis: int) -> torch.Tensor:
+    """(u(x + e) - u(x - e)) / 2 along ``axis`` on the interior."""
+    return (_shifted(ddf, {axis: 1}) - _shifted(ddf, {axis: -1})) / 2
+
+
+def _second_derivative(ddf: torch.Tensor, axis: int) -> torch.Tensor:
+    """u(x + e) - 2 u(x) + u(x - e) along ``axis`` on the interior."""
+    return _shifted(ddf, {axis: 1}) - 2 * _shifted(ddf, {}) + _shifted(ddf, {axis: -1})
+
+
+def _mixed_derivative(ddf: torch.Tensor, first: int, second: int) -> torch.Tensor:
+    """d^2 u / (dx_first dx_second) by the 4-point central stencil on the interior."""
+    return (_shifted(ddf, {first: 1, second: 1}) - _shifted(ddf, {first: 1, second: -1})
+            - _shifted(ddf, {first: -1, second: 1}) + _shifted(ddf, {first: -1, second: -1})) / 4
+
+
+def gradient_norm(ddf: torch.Tensor, norm: str = "l1") -> torch.Tensor:
+    """Mean norm of the displacement gradient.
+
+    Args:
+        ddf: (B, ndim, *S) displacement field in voxels, spatial sizes >= 3.
+        norm: "l1" sums |du_i / dx_j| over directions j, "l2" sums (du_i / dx_j)^2.
+
+    Returns:
+        scalar >= 0 (dimensionless for l1, squared for l2): the sum over directions, averaged over
+        components i, interior voxels and batch. 0 for a translation; scales with the amplitude
+        (l1) or its square (l2).
+    """
+    ndim = _check_ddf(ddf)
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm {norm!r}: expected 'l1' or 'l2'")
+    derivatives = torch.stack([_first_derivative(ddf, axis) for axis in range(ndim)])
+    magnitude = derivatives.abs() if norm == "l1" else derivatives.square()
+    return magnitude.sum(dim=0).mean()
+
+
+def bending_energy(ddf: torch.Tensor) -> torch.Tensor:
+    """Mean bending energy (thin-plate) of the displacement field.
+
+    Per voxel and component: sum_j (d2u/dx_j^2)^2 + 2 * sum_{j<k} (d2u/dx_j dx_k)^2.
+
+    Args:
+        ddf: (B, ndim, *S) displacement field in voxels, spatial sizes >= 3.
+
+    Returns:
+        scalar >= 0 in voxel^-2: averaged over components, interior voxels and batch.
+        0 for any affine field; scales with the amplitude squared.
+    """
+    ndim = _check_ddf(ddf)
+    energy = sum(_second_derivative(ddf, axis).square() for axis in range(ndim))
+    energy = energy + 2 * sum(_mixed_derivative(ddf, first, second).square()
+                              for first, second in combinations(range(ndim), 2))
+    return energy.mean()

@@ -1,0 +1,210 @@
+"""RegistrationModel: a backbone plus the head of one registration method, with self-describing
+checkpoints (constructor config + weights + regflow version)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from regflow import __version__, spatial
+from regflow.config import ModelConfig
+from regflow.errors import ConfigError, RegflowError
+from regflow.networks import build_backbone
+
+METHODS = ("ddf", "dvf", "affine", "conditional")
+CHECKPOINT_KEYS = ("config", "state_dict", "regflow_version", "extra")
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """The device to run on (``train.device``).
+
+    Args:
+        preference: "auto" (CUDA when available, else CPU), "cpu" or "cuda".
+
+    Returns:
+        The torch device.
+
+    Raises:
+        ConfigError: "cuda" without a CUDA device, or an unknown preference.
+    """
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available")
+    if preference not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device: expected auto, cpu or cuda, got {preference!r}")
+    return torch.device(preference)
+
+
+class RegistrationModel(nn.Module):
+    """Backbone + method head: predicts how to move ``moving`` onto ``fixed``.
+
+    Methods (all fields in voxels, ``warped[x] = moving[x + ddf[x]]``):
+
+    - "ddf": the backbone's output is the DDF.
+    - "dvf": the output is a stationary velocity field, integrated by scaling and squaring
+      (:func:`regflow.spatial.integrate_dvf`, ``integration_steps`` squarings) into the DDF.
+    - "affine": GlobalNet predicts theta (B, ndim, ndim + 1) about the volume centre, turned into
+      a DDF by :func:`regflow.spatial.affine_to_ddf`; needs backbone "global".
+    - "conditional": the input also holds the moving label; the backbone predicts
+      ``label_channels`` logits whose sigmoid is the label in fixed space (no DDF).
+
+    Args:
+        method: one of :data:`METHODS`.
+        backbone: "local", "unet" or "global" (the latter only, and always, for "affine").
+        channels: features per backbone level, e.g. ``(16, 32, 64)``.
+        ndim: 2 or 3 spatial dimensions.
+        integration_steps: squarings for "dvf".
+        label_channels: label channels of the "conditional" input and output.
+
+    Raises:
+        ConfigError: unknown method, or a method/backbone combination that cannot work.
+    """
+
+    def __init__(self, method: str = "ddf", backbone: str = "local",
+                 channels: Sequence[int] = (16, 32, 64), ndim: int = 3,
+                 integration_steps: int = 7, label_channels: int = 1) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ConfigError(f"train.model.method: unknown method {method!r}; "
+                              f"known: {', '.join(METHODS)}")
+        if (method == "affine") != (backbone == "global"):
+            raise ConfigError(f"train.model: method {method!r} cannot use backbone {backbone!r} "
+                              "(method affine goes with backbone global, and only it)")
+        self.method = method
+        self.backbone_name = backbone
+        self.channels = [int(width) for width in channels]
+        self.ndim = ndim
+        self.integration_steps = integration_steps
+        self.label_channels = label_channels
+        conditional = method == "conditional"
+        self.backbone = build_backbone(
+            backbone, ndim,
+            in_channels=2 + label_channels if conditional else 2,
+            out_channels=label_channels if conditional else ndim,
+            channels=self.channels,
+        )
+
+    @classmethod
+    def from_config(cls, model_config: ModelConfig, ndim: int = 3,
+                    label_channels: int = 1) -> RegistrationModel:
+        """Build from ``train.model`` of params.yaml.
+
+        Args:
+            model_config: method, backbone name/channels and integration steps.
+            ndim: spatial dimensions of the data (len of the manifest's shape).
+            label_channels: label channels (used by method "conditional").
+        """
+        return cls(method=model_config.method, backbone=model_config.backbone.name,
+                   channels=model_config.backbone.channels, ndim=ndim,
+                   integration_steps=model_config.integration_steps,
+                   label_channels=label_channels)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments: ``RegistrationModel(**model.config)`` rebuilds the model."""
+        return {"method": self.method, "backbone": self.backbone_name,
+                "channels": list(self.channels), "ndim": self.ndim,
+                "integration_steps": self.integration_steps,
+                "label_channels": self.label_channels}
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
+                moving_label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Register ``moving`` to ``fixed``.
+
+        Args:
+            moving: (B, 1, *S) moving image.
+            fixed: (B, 1, *S) fixed image.
+            moving_label: (B, L, *S) binary labels in moving space; required for "conditional".
+
+        Returns:
+            "ddf": (B, ndim, *S) voxels; "warped": (B, 1, *S); "warped_label": (B, L, *S),
+            linearly warped (soft, for Dice training) when ``moving_label`` is given; "theta":
+            (B, ndim, ndim + 1) for "affine"; "dvf": (B, ndim, *S) for "dvf". "conditional"
+            returns only "warped_label" (sigmoid, in [0, 1]) and "logits".
+
+        Raises:
+            RegflowError: images of different shapes or dimensions, or "conditional" without a
+                moving label of ``label_channels`` channels.
+        """
+        if moving.shape != fixed.shape or moving.dim() != self.ndim + 2:
+            raise RegflowError(f"model: expected moving and fixed of one shape (B, 1, {self.ndim} "
+                               f"sizes), got {tuple(moving.shape)} and {tuple(fixed.shape)}")
+        if self.method == "conditional":
+            if moving_label is None or moving_label.shape[1] != self.label_channels:
+                raise RegflowError(f"model: method conditional needs a moving label with "
+                                   f"{self.label_channels} channel(s)")
+            logits = self.backbone(torch.cat([moving, fixed, moving_label], dim=1))
+            return {"warped_label": torch.sigmoid(logits), "logits": logits}
+
+        prediction = self.backbone(torch.cat([moving, fixed], dim=1))
+        outputs: dict[str, torch.Tensor] = {}
+        if self.method == "affine":
+            outputs["theta"] = prediction
+            ddf = spatial.affine_to_ddf(prediction, moving.shape[2:])
+        elif self.method == "dvf":
+            outputs["dvf"] = prediction
+            ddf = spatial.integrate_dvf(prediction, steps=self.integration_steps)
+        else:
+            ddf = prediction
+        outputs["ddf"] = ddf
+        outputs["warped"] = spatial.warp(moving, ddf)
+        if moving_label is not None:
+            outputs["warped_label"] = spatial.warp(moving_label, ddf)
+        return outputs
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write a self-describing checkpoint atomically (temporary file, then rename).
+
+        Args:
+            path: the ``.pt`` file; missing folders are created.
+            extra: anything ``torch.load(weights_only=True)`` can read back (plain containers,
+                numbers, strings, tensors; e.g. optimiser state and step).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        torch.save({"config": self.config, "state_dict": self.state_dict(),
+                    "regflow_version": __version__, "extra": extra or {}}, temporary)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu"
+             ) -> tuple[RegistrationModel, dict[str, Any]]:
+        """Read a checkpoint written by :meth:`save`.
+
+        Args:
+            path: the ``.pt`` file.
+            map_location: device for the weights and the returned model.
+
+        Returns:
+            (model on ``map_location``, the ``extra`` dict given to :meth:`save`).
+
+        Raises:
+            RegflowError: the file is missing, unreadable, or not a regflow checkpoint.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise RegflowError(f"{path}: no such checkpoint file")
+        try:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt/foreign file
+            raise RegflowError(f"{path}: not a readable checkpoint "
+                               f"({exc.__class__.__name__})") from None
+        if not isinstance(checkpoint, dict) or not all(key in checkpoint
+                                                       for key in CHECKPOINT_KEYS):
+            raise RegflowError(f"{path}: not a regflow checkpoint (expected keys "
+                               f"{', '.join(CHECKPOINT_KEYS)})")
+        try:
+            model = cls(**checkpoint["config"])
+            model.load_state_dict(checkpoint["state_dict"])
+        except (TypeError, RuntimeError, RegflowError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise RegflowError(f"{path}: weights do not match the stored model config "
+                               f"({reason})") from None
+        return model.to(map_location), checkpoint["extra"]

@@ -1,0 +1,42 @@
+"""Registration backbones and the one place that maps config names to them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from regflow.errors import ConfigError
+from regflow.networks.global_ import GlobalNet
+from regflow.networks.local import LocalNet
+from regflow.networks.unet import UNet
+
+__all__ = ["BACKBONES", "GlobalNet", "LocalNet", "UNet", "build_backbone"]
+
+BACKBONES: dict[str, type[nn.Module]] = {"local": LocalNet, "global": GlobalNet, "unet": UNet}
+
+
+def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
+                   channels: Sequence[int]) -> nn.Module:
+    """Build a backbone by its config name (``train.model.backbone.name``).
+
+    Args:
+        name: "local" (LocalNet), "global" (GlobalNet) or "unet" (UNet).
+        ndim: 2 or 3 spatial dimensions.
+        in_channels: input channels, e.g. 2 for concat(moving, fixed).
+        out_channels: output channels of a dense backbone (``ndim`` for a DDF/DVF). Ignored by
+            "global", whose output is always theta (B, ndim, ndim + 1).
+        channels: features per level, e.g. ``[16, 32, 64]``.
+
+    Returns:
+        The network: (B, in_channels, *S) -> (B, out_channels, *S), or theta for "global".
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    if name not in BACKBONES:
+        raise ConfigError(f"train.model.backbone.name: unknown backbone {name!r}; "
+                          f"known: {', '.join(BACKBONES)}")
+    if name == "global":
+        return GlobalNet(ndim, in_channels, channels)
+    return BACKBONES[name](ndim, in_channels, out_channels, channels)

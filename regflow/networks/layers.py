@@ -1,0 +1,173 @@
+"""Building blocks shared by the backbones: 2-D/3-D layer choice, conv blocks, encoder, pad/crop.
+
+Design choices (kept here so that every backbone follows them):
+
+- No normalisation layers. Registration batches hold 1-4 pairs, for which BatchNorm statistics are
+  noise and train/eval modes disagree; InstanceNorm discards the intensity contrast that the image
+  similarity needs. Both also cost two extra passes over every feature map on CPU. Residual blocks,
+  Kaiming initialisation and LeakyReLU keep these shallow (3-4 level) networks stable without them.
+- LeakyReLU(0.2) in place, max pooling down, kernel-2 stride-2 transposed convolutions up (cheap and
+  free of checkerboard artefacts because kernel == stride).
+- Inputs of any size are padded (replicate, at the far end of each axis) to a multiple of
+  ``2**depth`` and outputs cropped back, so a 35x50x36 volume works with any depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regflow.errors import RegflowError
+
+NEGATIVE_SLOPE = 0.2
+FIELD_INIT_STD = 1e-5
+
+
+def check_ndim(ndim: int) -> int:
+    """Return ``ndim`` if it is 2 or 3.
+
+    Raises:
+        RegflowError: for any other number of spatial dimensions.
+    """
+    if ndim not in (2, 3):
+        raise RegflowError(f"networks: ndim must be 2 or 3, got {ndim}")
+    return ndim
+
+
+def conv(ndim: int, in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Module:
+    """A same-size ``Conv{ndim}d`` (stride 1, zero padding ``kernel_size // 2``)."""
+    conv_class = {2: nn.Conv2d, 3: nn.Conv3d}[check_ndim(ndim)]
+    return conv_class(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+
+def upsample(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
+    """Double the spatial size: transposed convolution with kernel 2, stride 2."""
+    transpose_class = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[check_ndim(ndim)]
+    return transpose_class(in_channels, out_channels, kernel_size=2, stride=2)
+
+
+def field_head(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
+    """Output convolution initialised to ~0 (weights N(0, 1e-5), zero bias).
+
+    A displacement (or velocity) field predicted by this head starts as ~0 voxels, i.e. the
+    untrained model is close to the identity transform.
+    """
+    head = conv(ndim, in_channels, out_channels)
+    nn.init.normal_(head.weight, std=FIELD_INIT_STD)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class ConvBlock(nn.Sequential):
+    """3^ndim convolution followed by LeakyReLU(0.2): (B, in, *S) -> (B, out, *S)."""
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int) -> None:
+        super().__init__(conv(ndim, in_channels, out_channels),
+                         nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3^ndim convolutions with an identity shortcut: (B, C, *S) -> (B, C, *S)."""
+
+    def __init__(self, ndim: int, channels: int) -> None:
+        super().__init__()
+        self.first = ConvBlock(ndim, channels, channels)
+        self.second = conv(ndim, channels, channels)
+        self.activation = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) -> (B, C, *S)."""
+        return self.activation(self.second(self.first(features)) + features)
+
+
+def level_block(ndim: int, in_channels: int, out_channels: int, residual: bool) -> nn.Sequential:
+    """One resolution level: ConvBlock(in -> out) then a ResidualBlock or a second ConvBlock."""
+    second = ResidualBlock(ndim, out_channels) if residual else ConvBlock(ndim, out_channels,
+                                                                         out_channels)
+    return nn.Sequential(ConvBlock(ndim, in_channels, out_channels), second)
+
+
+class Encoder(nn.Module):
+    """Contracting path shared by LocalNet, GlobalNet and UNet.
+
+    Level ``i`` works at ``1 / 2**i`` of the input size with ``channels[i]`` features and is
+    followed by 2x max pooling; the bottom level has ``2 * channels[-1]`` features at
+    ``1 / 2**depth`` of the input size, ``depth = len(channels)``.
+
+    Args:
+        ndim: 2 or 3 spatial dimensions.
+        in_channels: input channels (2 for a moving/fixed pair).
+        channels: features per level, e.g. ``[16, 32, 64]``.
+        residual: ResidualBlock (True) or a second plain ConvBlock (False) in each level.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, channels: Sequence[int],
+                 residual: bool) -> None:
+        super().__init__()
+        if not channels:
+            raise RegflowError("networks: channels must list at least one level")
+        widths = [in_channels, *channels]
+        self.levels = nn.ModuleList(
+            level_block(ndim, widths[i], widths[i + 1], residual) for i in range(len(channels))
+        )
+        self.bottom = level_block(ndim, channels[-1], 2 * channels[-1], residual)
+        self.pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[check_ndim(ndim)](kernel_size=2)
+
+    def forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Encode a padded input.
+
+        Args:
+            image: (B, in_channels, *S) with every size in S a multiple of ``2**depth``.
+
+        Returns:
+            skips: per level i, (B, channels[i], *S / 2**i).
+            bottom: (B, 2 * channels[-1], *S / 2**depth).
+        """
+        skips = []
+        features = image
+        for level in self.levels:
+            features = level(features)
+            skips.append(features)
+            features = self.pool(features)
+        return skips, self.bottom(features)
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Size]:
+    """Replicate-pad the spatial axes at their far end up to a multiple of ``multiple``.
+
+    Args:
+        image: (B, C, *S).
+        multiple: e.g. ``2**depth``.
+
+    Returns:
+        The padded (B, C, *S') tensor and the original spatial size S (for :func:`crop_to`).
+    """
+    shape = image.shape[2:]
+    extra = [-size % multiple for size in shape]
+    if not any(extra):
+        return image, shape
+    # F.pad lists (before, after) pairs starting from the last axis.
+    pad = [amount for extra_axis in reversed(extra) for amount in (0, extra_axis)]
+    return F.pad(image, pad, mode="replicate"), shape
+
+
+def crop_to(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple`: keep the first ``shape`` voxels of each spatial axis.
+
+    Args:
+        image: (B, C, *S').
+        shape: target spatial size S, S <= S' per axis.
+
+    Returns:
+        (B, C, *S).
+    """
+    return image[(..., *(slice(0, size) for size in shape))]
+
+
+def resize(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Linearly resample (B, C, *S) to (B, C, *shape) (bi/trilinear, align_corners=False)."""
+    mode = {2: "bilinear", 3: "trilinear"}[field.dim() - 2]
+    return F.interpolate(field, size=tuple(shape), mode=mode, align_corners=False)

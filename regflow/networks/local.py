@@ -1,0 +1,62 @@
+"""LocalNet (Hu et al. 2018, as in DeepReg): a dense field summed over decoder levels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from regflow.networks.layers import (
+    Encoder,
+    ResidualBlock,
+    crop_to,
+    field_head,
+    pad_to_multiple,
+    resize,
+    upsample,
+)
+
+
+class LocalNet(nn.Module):
+    """Encoder of conv + residual levels, decoder with additive skips, multi-level field output.
+
+    Every decoder level (and the bottom) predicts a field with its own ~0-initialised head; the
+    coarse field is upsampled and added to the next finer one, so coarse levels capture large,
+    smooth motion and fine levels the detail.
+
+    Args:
+        ndim: 2 or 3 spatial dimensions.
+        in_channels: input channels (2: moving and fixed image).
+        out_channels: output channels (``ndim`` for a DDF/DVF).
+        channels: features per level; ``depth = len(channels)`` poolings, bottom at
+            ``2 * channels[-1]`` features.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int,
+                 channels: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.encoder = Encoder(ndim, in_channels, channels, residual=True)
+        self.depth = len(channels)
+        widths = [*channels, 2 * channels[-1]]
+        self.ups = nn.ModuleList(upsample(ndim, widths[i + 1], widths[i])
+                                 for i in range(self.depth))
+        self.decoders = nn.ModuleList(ResidualBlock(ndim, width) for width in channels)
+        self.heads = nn.ModuleList(field_head(ndim, width, out_channels) for width in widths)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Predict a dense field.
+
+        Args:
+            image: (B, in_channels, *S), any spatial size S.
+
+        Returns:
+            (B, out_channels, *S): e.g. a DDF in voxels, ~0 at initialisation.
+        """
+        padded, shape = pad_to_multiple(image, 2**self.depth)
+        skips, features = self.encoder(padded)
+        field = self.heads[-1](features)
+        for level in reversed(range(self.depth)):
+            features = self.decoders[level](self.ups[level](features) + skips[level])
+            field = resize(field, features.shape[2:]) + self.heads[level](features)
+        return crop_to(field, shape)

@@ -1,0 +1,57 @@
+"""UNet: classic encoder/decoder with concatenated skip connections and one output head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from regflow.networks.layers import (
+    Encoder,
+    crop_to,
+    field_head,
+    level_block,
+    pad_to_multiple,
+    upsample,
+)
+
+
+class UNet(nn.Module):
+    """Two plain conv blocks per level; decoder levels concatenate the encoder skip.
+
+    Args:
+        ndim: 2 or 3 spatial dimensions.
+        in_channels: input channels (2: moving and fixed image).
+        out_channels: output channels (``ndim`` for a DDF/DVF, label channels for conditional).
+        channels: features per level; ``depth = len(channels)`` poolings, bottom at
+            ``2 * channels[-1]`` features.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int,
+                 channels: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.encoder = Encoder(ndim, in_channels, channels, residual=False)
+        self.depth = len(channels)
+        widths = [*channels, 2 * channels[-1]]
+        self.ups = nn.ModuleList(upsample(ndim, widths[i + 1], widths[i])
+                                 for i in range(self.depth))
+        self.decoders = nn.ModuleList(level_block(ndim, 2 * width, width, residual=False)
+                                      for width in channels)
+        self.head = field_head(ndim, channels[0], out_channels)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Predict a dense output.
+
+        Args:
+            image: (B, in_channels, *S), any spatial size S.
+
+        Returns:
+            (B, out_channels, *S), ~0 at initialisation.
+        """
+        padded, shape = pad_to_multiple(image, 2**self.depth)
+        skips, features = self.encoder(padded)
+        for level in reversed(range(self.depth)):
+            merged = torch.cat([self.ups[level](features), skips[level]], dim=1)
+            features = self.decoders[level](merged)
+        return crop_to(self.head(features), shape)

@@ -1,0 +1,193 @@
+"""Registration pictures: overlays, checkerboards, deformation grids (matplotlib, no display).
+
+Figures are built with ``matplotlib.figure.Figure`` directly, so they render with the Agg canvas,
+never open a window and never accumulate in pyplot's global figure list. Inputs are numpy arrays
+or torch tensors, 3-D (D, H, W) or 2-D (H, W); leading batch/channel axes of size 1 are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from itertools import cycle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+LABEL_COLOURS = ("tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:purple", "tab:olive")
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
+        array = array.detach().cpu().float().numpy()
+    return np.asarray(array)
+
+
+def _spatial(image: Any) -> np.ndarray:
+    """Drop leading singleton axes of an image: (1, 1, D, H, W) -> (D, H, W); 2-D stays 2-D."""
+    image = _to_numpy(image)
+    while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim not in (2, 3):
+        raise ValueError(f"expected a 2-D or 3-D image, got shape {image.shape}")
+    return image.astype(np.float32)
+
+
+def _label_masks(label: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Binary masks, one per foreground label, from (L, *shape) channels or a (*shape) map.
+
+    A map holding non-integer values is one soft channel (thresholded at 0.5); otherwise each
+    non-zero value is a label. Channels are thresholded at 0.5.
+    """
+    label = _to_numpy(label)
+    while label.ndim > len(shape) + 1 and label.shape[0] == 1:
+        label = label[0]
+    if label.shape == shape and not np.array_equal(label, np.round(label)):
+        return [label > 0.5]  # one soft (e.g. sigmoid) channel
+    if label.shape == shape:  # integer (or binary) map
+        return [label == value for value in np.unique(label) if value != 0]
+    if label.ndim == len(shape) + 1 and label.shape[1:] == shape:
+        return [channel > 0.5 for channel in label]
+    raise ValueError(f"label shape {label.shape} does not match image shape {shape}")
+
+
+def _planes(shape: tuple[int, ...]) -> list[tuple[int | None, int]]:
+    """(axis, index) of the middle slice of each orthogonal plane; (None, 0) for 2-D."""
+    if len(shape) == 2:
+        return [(None, 0)]
+    return [(axis, shape[axis] // 2) for axis in range(3)]
+
+
+def _slice(array: np.ndarray, axis: int | None, index: int) -> np.ndarray:
+    return array if axis is None else np.take(array, index, axis=axis)
+
+
+def checkerboard(a: Any, b: Any, tiles: int = 8) -> np.ndarray:
+    """Interleave two same-shape images in a checkerboard of tiles.
+
+    Args:
+        a, b: images of the same shape, any number of dimensions (numpy or torch).
+        tiles: tiles along each axis; axis of size n is cut at ``floor(i * tiles / n)``.
+
+    Returns:
+        Array of that shape: ``a`` on tiles whose index sum is even, ``b`` on odd ones.
+    """
+    a, b = _to_numpy(a), _to_numpy(b)
+    if a.shape != b.shape:
+        raise ValueError(f"checkerboard needs equal shapes, got {a.shape} and {b.shape}")
+    parity = np.zeros(a.shape, dtype=int)
+    for axis, size in enumerate(a.shape):
+        tile = np.arange(size) * tiles // size
+        parity = parity + tile.reshape([-1 if i == axis else 1 for i in range(a.ndim)])
+    return np.where(parity % 2 == 0, a, b)
+
+
+def overlay_figure(fixed: Any, moving: Any, warped: Any, fixed_label: Any = None,
+                   warped_label: Any = None, moving_label: Any = None) -> Figure:
+    """Middle slices of fixed / moving / warped / checkerboard(fixed, warped) with label contours.
+
+    One row per orthogonal plane (3 for 3-D, 1 for 2-D), one column per image. Contours: the
+    moving label on moving, the warped label on warped, the fixed label on fixed and dashed on
+    warped and on the checkerboard (so misalignment shows as a gap between the two outlines).
+
+    Args:
+        fixed, moving, warped: (D, H, W) or (H, W) images (leading singleton axes allowed).
+        fixed_label, warped_label, moving_label: optional (L, *S) binary channels or (*S) maps.
+
+    Returns:
+        The figure (not shown; save it with :func:`save_figure` or ``mlflow.log_figure``).
+    """
+    images = [_spatial(fixed), _spatial(moving), _spatial(warped)]
+    shape = images[0].shape
+    images.append(checkerboard(images[0], images[2]))
+    masks = {name: _label_masks(label, shape) if label is not None else []
+             for name, label in (("fixed", fixed_label), ("moving", moving_label),
+                                 ("warped", warped_label))}
+    contours = ([("fixed", "solid")], [("moving", "solid")],
+                [("warped", "solid"), ("fixed", "dashed")], [("fixed", "dashed")])
+    vmin = min(float(image.min()) for image in images[:3])
+    vmax = max(float(image.max()) for image in images[:3])
+
+    planes = _planes(shape)
+    figure = Figure(figsize=(12, 3 * len(planes)), layout="constrained")
+    axes = figure.subplots(len(planes), 4, squeeze=False)
+    titles = ("fixed", "moving", "warped", "checkerboard")
+    for row, (axis, index) in enumerate(planes):
+        for column, image in enumerate(images):
+            ax = axes[row, column]
+            ax.imshow(_slice(image, axis, index), cmap="gray", vmin=vmin, vmax=vmax)
+            for name, style in contours[column]:
+                for colour, mask in zip(cycle(LABEL_COLOURS), masks[name]):
+                    plane = _slice(mask, axis, index).astype(np.float32)
+                    if plane.min() != plane.max():
+                        ax.contour(plane, levels=[0.5], colors=colour, linestyles=style,
+                                   linewidths=1.0)
+            ax.set_axis_off()
+            title = titles[column] if axis is None else f"{titles[column]}, axis {axis}={index}"
+            ax.set_title(title, fontsize=9)
+    return figure
+
+
+def deformation_grid_figure(ddf: Any, step: int = 4) -> Figure:
+    """Deformed grid lines on the middle slice of each orthogonal plane.
+
+    The grid point at voxel x is drawn at x + ddf(x), projected on the plane; lines run every
+    ``step`` voxels. Axes are in voxels with the first in-plane axis downwards (as ``imshow``).
+
+    Args:
+        ddf: (ndim, *S) or (1, ndim, *S) displacement in voxels, channel i along array axis i;
+            ndim 3 ((3, D, H, W)) or 2 ((2, H, W)).
+        step: grid spacing in voxels.
+
+    Returns:
+        One panel per plane (3 for 3-D, 1 for 2-D).
+    """
+    ddf = _to_numpy(ddf).astype(np.float32)
+    if ddf.ndim in (4, 5) and ddf.shape[0] == 1 and ddf.shape[1] == ddf.ndim - 2:
+        ddf = ddf[0]
+    if ddf.ndim not in (3, 4) or ddf.shape[0] != ddf.ndim - 1:
+        raise ValueError(f"expected a ddf of shape (ndim, *spatial), got {ddf.shape}")
+    shape = ddf.shape[1:]
+    planes = _planes(shape)
+    figure = Figure(figsize=(4 * len(planes), 4), layout="constrained")
+    axes = figure.subplots(1, len(planes), squeeze=False)[0]
+    for ax, (axis, index) in zip(axes, planes, strict=True):
+        rows, cols = [i for i in range(len(shape)) if i != axis]
+        row_disp = _slice(ddf[rows], axis, index)  # (n_rows, n_cols) along the row axis
+        col_disp = _slice(ddf[cols], axis, index)
+        grid_rows, grid_cols = np.indices(row_disp.shape, dtype=np.float32)
+        y, x = grid_rows + row_disp, grid_cols + col_disp
+        for i in range(0, y.shape[0], step):
+            ax.plot(x[i, :], y[i, :], color="tab:blue", linewidth=0.8)
+        for j in range(0, y.shape[1], step):
+            ax.plot(x[:, j], y[:, j], color="tab:blue", linewidth=0.8)
+        ax.invert_yaxis()
+        ax.set_aspect("equal")
+        ax.set_title("ddf grid" if axis is None else f"ddf grid, axis {axis}={index}", fontsize=9)
+    return figure
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write the figure as a PNG atomically (temporary file in the same folder, then rename).
+
+    Args:
+        figure: a matplotlib figure.
+        path: destination ``.png``; missing parent folders are created.
+        dpi: resolution in dots per inch.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            figure.savefig(stream, format="png", dpi=dpi)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

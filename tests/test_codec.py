@@ -1,0 +1,219 @@
+"""Tests for regflow.codec: the serving wire format."""
+
+import base64
+import gzip
+import io
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from regflow.codec import (
+    RequestError,
+    build_response,
+    decode_volume,
+    encode_volume,
+    parse_request,
+)
+from regflow.errors import RegflowError
+
+AFFINE = np.array([[1.5, 0, 0, -10], [0, 2.0, 0, 20], [0, 0, 0.5, 3], [0, 0, 0, 1]])
+
+
+@pytest.fixture
+def volume() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(6, 7, 5)).astype(np.float32)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def npy_text(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return b64(buffer.getvalue())
+
+
+def test_nifti_round_trip_keeps_values_and_affine(volume):
+    array, affine, encoding = decode_volume(encode_volume(volume, AFFINE), "v")
+    assert encoding == "nii.gz"
+    assert array.dtype == np.float32 and array.shape == (6, 7, 5)
+    np.testing.assert_array_equal(array, volume)
+    np.testing.assert_allclose(affine, AFFINE)
+
+
+def test_npy_round_trip(volume):
+    text = encode_volume(torch.from_numpy(volume).double(), None, encoding="npy")
+    assert base64.b64decode(text)[:6] == b"\x93NUMPY"
+    array, affine, encoding = decode_volume(text, "v")
+    assert (encoding, affine) == ("npy", None)
+    np.testing.assert_array_equal(array, volume)
+
+
+def test_uncompressed_nifti_is_read(volume):
+    raw = nib.Nifti1Image(volume, AFFINE).to_bytes()
+    array, affine, encoding = decode_volume(b64(raw), "v")
+    assert encoding == "nii.gz"
+    np.testing.assert_array_equal(array, volume)
+
+
+def test_channels_round_trip_both_encodings(volume):
+    ddf = np.stack([volume, -volume, 2 * volume])  # (3, D, H, W)
+    for encoding in ("nii.gz", "npy"):
+        array, _, _ = decode_volume(encode_volume(ddf, AFFINE, encoding), "ddf", channels=True)
+        np.testing.assert_array_equal(array, ddf)
+
+
+def test_nifti_channels_are_stored_last(volume):
+    text = encode_volume(np.stack([volume, volume + 1]), AFFINE)
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(text)))
+    assert image.shape == (6, 7, 5, 2)
+    np.testing.assert_array_equal(image.get_fdata()[..., 1], volume + 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 7, 5), (6, 7, 5, 1)])
+def test_singleton_channel_is_squeezed(shape):
+    array = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    for text in (b64(nib.Nifti1Image(array, AFFINE).to_bytes()), npy_text(array)):
+        decoded, _, _ = decode_volume(text, "v")
+        np.testing.assert_array_equal(decoded, array.reshape(6, 7, 5))
+
+
+def test_64_cube_encodes_under_2_mb():
+    noise = np.random.default_rng(1).random((64, 64, 64), dtype=np.float32)
+    assert len(encode_volume(noise, AFFINE)) < 1.5e6  # incompressible: 1 MiB raw + base64
+    grid = np.indices((64, 64, 64)).sum(0).astype(np.float32)
+    assert len(encode_volume(grid, AFFINE)) < 0.5e6
+
+
+def test_unknown_encoding_is_an_error(volume):
+    with pytest.raises(RegflowError, match="encoding 'png'"):
+        encode_volume(volume, None, encoding="png")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not base64 !!", "inputs.moving\\[0\\]: not valid base64"),
+        ("", "inputs.moving\\[0\\]: empty string"),
+        (3.5, "inputs.moving\\[0\\]: expected a base64 string, got float"),
+        (b64(b"hello world, not an image"), "inputs.moving\\[0\\]: not a .nii.gz"),
+        (b64(gzip.compress(b"x" * 400)), "inputs.moving\\[0\\]: gzip data is not a NIfTI"),
+        (b64(b"\x1f\x8b" + b"junk"), "inputs.moving\\[0\\]: corrupt gzip"),
+    ],
+)
+def test_malformed_volume_names_the_field(text, message):
+    with pytest.raises(RequestError, match=message):
+        decode_volume(text, "inputs.moving[0]")
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((4, 4), np.float32), "inputs.fixed\\[1\\]: expected a 3-D volume .* \\(4, 4\\)"),
+        (np.zeros((2, 4, 4, 4), np.float32), "got shape \\(2, 4, 4, 4\\)"),
+        (np.zeros((4, 4, 4), object), "inputs.fixed\\[1\\]: unreadable .npy"),
+        (np.full((4, 4, 4), np.nan, np.float32), "inputs.fixed\\[1\\]: contains NaN"),
+        (np.zeros((4, 4, 4), "U3"), "inputs.fixed\\[1\\]: .npy dtype <U3 is not numeric"),
+    ],
+)
+def test_bad_npy_volume_names_the_field(array, message):
+    with pytest.raises(RequestError, match=message):
+        decode_volume(npy_text(array), "inputs.fixed[1]")
+
+
+def test_truncated_nifti_names_the_field(volume):
+    raw = gzip.compress(nib.Nifti1Image(volume, AFFINE).to_bytes()[:400])
+    with pytest.raises(RequestError, match="inputs.fixed\\[0\\]: unreadable NIfTI"):
+        decode_volume(b64(raw), "inputs.fixed[0]")
+
+
+def request_fields(volume, count=2, label=True):
+    fields = {"fixed": [encode_volume(volume + i, AFFINE) for i in range(count)],
+              "moving": [encode_volume(volume - i, None, "npy") for i in range(count)]}
+    if label:
+        fields["moving_label"] = [encode_volume(volume > i, AFFINE) for i in range(count)]
+    return fields
+
+
+def check_pairs(pairs, volume):
+    assert len(pairs) == 2
+    for index, pair in enumerate(pairs):
+        np.testing.assert_array_equal(pair["fixed"], volume + index)
+        np.testing.assert_array_equal(pair["moving"], volume - index)
+        assert pair["moving_label"].shape == (1, 6, 7, 5)
+        np.testing.assert_array_equal(pair["moving_label"][0], volume > index)
+        np.testing.assert_allclose(pair["fixed_affine"], AFFINE)
+        assert pair["moving_affine"] is None and pair["encoding"] == "nii.gz"
+
+
+def test_parse_request_forms_mlflow_passes_to_predict(volume):
+    fields = request_fields(volume)
+    check_pairs(parse_request({"inputs": fields}), volume)  # raw JSON body
+    check_pairs(parse_request({k: np.array(v) for k, v in fields.items()}), volume)  # no signature
+    check_pairs(parse_request(pd.DataFrame(fields)), volume)  # column signature
+
+
+def test_parse_request_without_label_and_scalar_string(volume):
+    fields = request_fields(volume, count=1, label=False)
+    pairs = parse_request({key: np.array(values[0]) for key, values in fields.items()})
+    assert len(pairs) == 1 and pairs[0]["moving_label"] is None
+
+
+def test_missing_label_entry_in_dataframe_means_no_label(volume):
+    fields = request_fields(volume)
+    fields["moving_label"][1] = None
+    pairs = parse_request(pd.DataFrame(fields))
+    assert pairs[0]["moving_label"] is not None and pairs[1]["moving_label"] is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: f.pop("moving"), "inputs: missing field\\(s\\) moving"),
+        (lambda f: f.update(fixd=["x"]), "inputs: unknown field\\(s\\) fixd"),
+        (lambda f: f["moving"].pop(), "inputs.moving: 1 volumes but inputs.fixed has 2"),
+        (lambda f: f.update(fixed=[]), "inputs.fixed: empty list"),
+        (lambda f: f.update(fixed=7), "inputs.fixed: expected a list of base64 strings"),
+        (lambda f: f["moving"].__setitem__(1, "%%%"), "inputs.moving\\[1\\]: not valid base64"),
+        (lambda f: f["moving_label"].__setitem__(0, encode_volume(np.zeros((6, 7, 4)), None)),
+         "inputs.moving_label\\[0\\]: shape \\(6, 7, 4\\) does not match inputs.moving\\[0\\]"),
+    ],
+)
+def test_malformed_request_names_the_field(volume, change, message):
+    fields = request_fields(volume)
+    change(fields)
+    with pytest.raises(RequestError, match=message):
+        parse_request({"inputs": fields})
+
+
+def test_request_that_is_not_a_mapping():
+    with pytest.raises(RequestError, match="inputs: expected a mapping"):
+        parse_request(["abc"])
+
+
+def test_build_response_round_trips(volume):
+    ddf = np.stack([volume, volume, volume])
+    results = [{"ddf": ddf, "warped": volume[None], "warped_label": (volume > 0)[None],
+                "affine": AFFINE},
+               {"ddf": ddf, "warped": volume, "affine": AFFINE}]
+    response = build_response(results, "nii.gz")
+    assert set(response) == {"ddf", "warped", "warped_label"}
+    assert response["warped_label"][1] is None
+    decoded_ddf, affine, _ = decode_volume(response["ddf"][0], "ddf", channels=True)
+    np.testing.assert_array_equal(decoded_ddf, ddf)
+    np.testing.assert_allclose(affine, AFFINE)
+    warped, _, _ = decode_volume(response["warped"][0], "warped")
+    np.testing.assert_array_equal(warped, volume)
+    label, _, _ = decode_volume(response["warped_label"][0], "warped_label", channels=True)
+    np.testing.assert_array_equal(label, (volume > 0)[None])
+
+
+def test_build_response_per_pair_encoding_and_no_ddf(volume):
+    results = [{"warped_label": volume[None]}, {"warped_label": volume[None]}]
+    response = build_response(results, ["npy", "nii.gz"])
+    assert list(response) == ["warped_label"]
+    assert [decode_volume(text, "x")[2] for text in response["warped_label"]] == ["npy", "nii.gz"]
