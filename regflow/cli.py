@@ -230,3 +230,7 @@ def request(url: str, fixed: str, moving: str, moving_label: str | None, out: st
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="regflow")
+
+
+if __name__ == "__main__":
+    main()

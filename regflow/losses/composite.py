@@ -62,6 +62,11 @@ def _check_options(group: str, name: str, options: dict[str, Any]) -> None:
                               f"allowed: {', '.join(allowed) or 'none'}")
 
 
+def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors as float32; others unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 class CompositeLoss:
     """Weighted sum of image, label and regularisation terms.
 
@@ -107,6 +112,8 @@ class CompositeLoss:
             warped_label: (B, L, *S) warped moving label, needed by label terms.
             ddf: (B, ndim, *S) displacement field in voxels, needed by regularisation terms.
 
+        Every term runs in at least float32 with autocast off, whatever the callers' precision.
+
         Returns:
             (total, terms): the scalar sum, and each weighted scalar term by key ("image/lncc",
             "label/dice", "regularization/bending_energy", ...).
@@ -124,8 +131,10 @@ class CompositeLoss:
                 raise RegflowError(f"loss term {term.key} needs {GROUP_NEEDS[term.group]} but "
                                    f"{' and '.join(missing)} not given; set "
                                    f"train.loss.{term.group}.{term.name}.weight to 0 or pass them")
-            arguments = [inputs[name] for name in names]
-            values[term.key] = term.weight * term.function(*arguments, **term.options)
+            arguments = [_full_precision(inputs[name]) for name in names]
+            # sums over whole volumes (histograms, windows) need float32 even under mixed precision
+            with torch.autocast(arguments[0].device.type, enabled=False):
+                values[term.key] = term.weight * term.function(*arguments, **term.options)
         return sum(values.values()), values
 
 

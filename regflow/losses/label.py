@@ -7,6 +7,9 @@ Multi-scale: with ``scales=[s1, s2, ...]`` both labels are smoothed by a Gaussia
 (separable, zero padding; s = 0 is no smoothing), the per-label value is computed at every scale and
 the scales are averaged. This widens the capture range of a label loss (DeepReg's multi-scale dice).
 
+Soft scores use squared sums in the denominator (the V-Net form): for binary labels they equal the
+set formulas, and identical soft labels (smoothed ones included) still score exactly 1.
+
 Background: labels carry no background channel. ``background_weight`` > 0 adds the implicit
 background ``clamp(1 - sum over foreground channels, 0, 1)`` as an extra channel; the result is the
 weighted mean over channels with weight 1 for every foreground label and ``background_weight`` for
@@ -57,18 +60,18 @@ def _weighted_channel_mean(score: ChannelScore, target: torch.Tensor, pred: torc
 
 def _dice_score(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...],
                 eps: float = 1e-6) -> torch.Tensor:
-    """Soft dice (2 sum tp + eps) / (sum t + sum p + eps) per (B, L); two empty labels give 1."""
+    """Soft dice (2 sum tp + eps) / (sum t^2 + sum p^2 + eps) per (B, L); empty pairs give 1."""
     overlap = (target * pred).sum(dim=spatial_dims)
-    total = target.sum(dim=spatial_dims) + pred.sum(dim=spatial_dims)
+    total = target.square().sum(dim=spatial_dims) + pred.square().sum(dim=spatial_dims)
     return (2 * overlap + eps) / (total + eps)
 
 
 def _jaccard_score(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...],
                    eps: float = 1e-6) -> torch.Tensor:
-    """Soft jaccard (sum tp + eps) / (sum t + sum p - sum tp + eps) per (B, L)."""
+    """Soft jaccard (sum tp + eps) / (sum t^2 + sum p^2 - sum tp + eps) per (B, L)."""
     overlap = (target * pred).sum(dim=spatial_dims)
-    union = target.sum(dim=spatial_dims) + pred.sum(dim=spatial_dims) - overlap
-    return (overlap + eps) / (union + eps)
+    total = target.square().sum(dim=spatial_dims) + pred.square().sum(dim=spatial_dims)
+    return (overlap + eps) / (total - overlap + eps)
 
 
 def _binary_cross_entropy(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...],
@@ -90,8 +93,8 @@ def dice(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | Non
         background_weight: weight of the implicit background channel (module docstring).
 
     Returns:
-        scalar in [0, 1]: 0 for identical binary labels (and for two empty labels), about 1 for
-        disjoint ones; per label 1 - 2|A and B| / (|A| + |B|).
+        scalar in [0, 1]: 0 for identical labels (and for two empty labels), about 1 for
+        disjoint ones; for binary labels 1 - 2|A and B| / (|A| + |B|) per label.
     """
     return 1 - _weighted_channel_mean(_dice_score, target, pred, scales, background_weight)
 
@@ -107,7 +110,8 @@ def jaccard(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | 
         background_weight: weight of the implicit background channel (module docstring).
 
     Returns:
-        scalar in [0, 1]: per label 1 - |A and B| / |A or B|; two empty labels give 0.
+        scalar in [0, 1]: 0 for identical labels (and for two empty labels); for binary labels
+        1 - |A and B| / |A or B| per label.
     """
     return 1 - _weighted_channel_mean(_jaccard_score, target, pred, scales, background_weight)
 

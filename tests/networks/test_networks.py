@@ -1,0 +1,114 @@
+"""Tests for regflow.networks: shapes for any input size, initial fields, identity GlobalNet."""
+
+import pytest
+import torch
+
+from regflow.errors import ConfigError, RegflowError
+from regflow.networks import GlobalNet, LocalNet, UNet, build_backbone
+from regflow.networks.layers import crop_to, pad_to_multiple
+
+CHANNELS = [4, 8]
+SHAPES = {3: (35, 50, 36), 2: (35, 50)}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("name", ["local", "unet"])
+def test_dense_backbones_keep_any_input_size_and_start_near_zero(name, ndim):
+    shape = SHAPES[ndim]
+    net = build_backbone(name, ndim, in_channels=2, out_channels=ndim, channels=CHANNELS)
+    field = net(torch.rand(2, 2, *shape))
+    assert field.shape == (2, ndim, *shape)
+    assert 0 < field.abs().max().item() < 1e-2  # ~0 voxels, but not dead
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_dense_backbone_out_channels_follow_argument(ndim):
+    net = build_backbone("unet", ndim, in_channels=3, out_channels=5, channels=[4, 8, 8])
+    assert net(torch.rand(1, 3, *SHAPES[ndim])).shape == (1, 5, *SHAPES[ndim])
+
+
+@pytest.mark.parametrize("shape", [(35, 50, 36), (1, 2, 3), (8, 8, 8), (35, 50)])
+def test_globalnet_is_exactly_identity_at_init(shape):
+    ndim = len(shape)
+    net = build_backbone("global", ndim, in_channels=2, out_channels=ndim, channels=CHANNELS)
+    theta = net(torch.randn(3, 2, *shape))
+    identity = torch.eye(ndim, ndim + 1).expand(3, ndim, ndim + 1)
+    assert torch.equal(theta, identity)
+
+
+@pytest.mark.parametrize("network", [LocalNet, UNet])
+def test_samples_in_a_batch_are_independent(network):
+    net = network(3, 2, 3, CHANNELS)
+    images = torch.rand(2, 2, 16, 12, 20)
+    together = net(images)
+    alone = net(images[1:])
+    torch.testing.assert_close(together[1:], alone, rtol=1e-4, atol=1e-9)
+
+
+def test_localnet_sums_fields_from_every_level():
+    net = LocalNet(3, 2, 3, CHANNELS)
+    images = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        for head in net.heads[:-1]:
+            head.weight.zero_()
+        bottom_only = net(images)
+        net.heads[-1].weight.zero_()
+        nothing = net(images)
+    assert bottom_only.abs().max() > 0
+    assert torch.equal(nothing, torch.zeros_like(nothing))
+
+
+@pytest.mark.parametrize("name", ["local", "unet", "global"])
+def test_gradients_reach_every_parameter(name):
+    net = build_backbone(name, 3, in_channels=2, out_channels=3, channels=CHANNELS)
+    if name == "global":
+        # A zero head blocks the encoder's gradient at init; any trained head lets it through.
+        torch.nn.init.normal_(net.head.weight, std=0.1)
+    output = net(torch.rand(1, 2, 9, 10, 11))
+    output.square().sum().backward()
+    for parameter_name, parameter in net.named_parameters():
+        assert parameter.grad is not None, parameter_name
+        assert parameter.grad.abs().sum() > 0, parameter_name
+
+
+def test_pad_to_multiple_replicates_and_crop_undoes_it():
+    image = torch.arange(2 * 5 * 6, dtype=torch.float32).view(1, 2, 5, 6)
+    padded, shape = pad_to_multiple(image, 4)
+    assert padded.shape == (1, 2, 8, 8)
+    assert shape == (5, 6)
+    assert torch.equal(padded[0, 1, 7, 7], image[0, 1, 4, 5])  # far corner copies the edge
+    assert torch.equal(padded[0, 0, 2, 6:], image[0, 0, 2, 5].expand(2))
+    assert torch.equal(crop_to(padded, shape), image)
+
+
+def test_pad_to_multiple_is_a_no_op_on_multiples():
+    image = torch.rand(1, 1, 8, 16, 4)
+    padded, shape = pad_to_multiple(image, 4)
+    assert padded is image
+    assert shape == (8, 16, 4)
+
+
+def test_globalnet_depth_follows_channels():
+    net = GlobalNet(3, 2, channels=[4, 8, 16])
+    assert net.depth == 3
+    assert net.head.in_features == 32
+
+
+def test_unknown_backbone_is_a_config_error_listing_known_names():
+    with pytest.raises(ConfigError, match="unknown backbone 'vnet'; known: local, global, unet"):
+        build_backbone("vnet", 3, 2, 3, CHANNELS)
+
+
+def test_unsupported_ndim_is_an_error():
+    with pytest.raises(RegflowError, match="ndim must be 2 or 3, got 4"):
+        build_backbone("local", 4, 2, 4, CHANNELS)
+
+
+def test_empty_channels_is_an_error():
+    with pytest.raises(RegflowError, match="at least one level"):
+        build_backbone("unet", 3, 2, 3, [])

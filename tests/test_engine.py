@@ -1,0 +1,99 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from regflow.config import load_config
+from regflow.engine import Trainer, config_digest
+from regflow.models import RegistrationModel
+
+
+def checkpoint_step(path: Path) -> int:
+    _, extra = RegistrationModel.load(path)
+    return extra["training"]["step"]
+
+
+def test_training_logs_every_loss_term_and_validation(tiny_project):
+    config = load_config(tiny_project)
+    result = Trainer(config, Path("data/processed/tiny/manifest.json"), Path("models/tiny")).fit()
+    assert result.steps == 6
+    run = mlflow.get_run(result.run_id)
+    for key in ("train/total", "train/image/lncc", "train/label/dice",
+                "train/regularization/bending_energy", "train/lr", "train/step_time_s",
+                "val/dice_mean", "val/dice/first", "val/dice/second", "val/folding_pct"):
+        assert key in run.data.metrics, key
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "train/total")
+    assert [point.step for point in history] == [1, 2, 3, 4, 5, 6]
+    assert run.data.params["train.loss.image.lncc.weight"] == "1.0"
+    artifacts = [item.path for item in mlflow.MlflowClient().list_artifacts(result.run_id,
+                                                                            "validation")]
+    assert any(path.endswith("_overlay.png") for path in artifacts)
+    assert any(path.endswith("_grid.png") for path in artifacts)
+    assert run.inputs.dataset_inputs, "the dataset is logged as an MLflow input"
+    assert checkpoint_step(result.last_checkpoint) == 6
+
+
+def test_same_seed_gives_same_weights(tiny_project):
+    config = load_config(tiny_project, ["train.steps=3", "train.val_every=3"])
+    weights = []
+    for name in ("first", "second"):
+        Trainer(config, Path("data/processed/tiny/manifest.json"), Path(name)).fit()
+        model, _ = RegistrationModel.load(Path(name) / "last.pt")
+        weights.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_changed_config_does_not_resume(tiny_project):
+    manifest = Path("data/processed/tiny/manifest.json")
+    config = load_config(tiny_project, ["train.steps=2", "train.val_every=2"])
+    Trainer(config, manifest, Path("models/tiny")).fit()
+    other = load_config(tiny_project, ["train.steps=2", "train.val_every=2",
+                                       "train.optimizer.lr=0.01"])
+    assert config_digest(other) != config_digest(config)
+    assert not Trainer(other, manifest, Path("models/tiny")).resume_if_possible()
+    assert Trainer(config, manifest, Path("models/tiny")).resume_if_possible()
+
+
+def test_sigkill_then_restart_resumes_the_same_run(tiny_project):
+    command = [sys.executable, "-m", "regflow.cli", "train", "-S", "train.steps=60",
+               "-S", "train.checkpoint_every=5", "-S", "train.val_every=30"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    last = Path("models/tiny/last.pt")
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert last.exists(), "no checkpoint before the kill"
+    killed_at = checkpoint_step(last)
+    assert 0 < killed_at < 60
+    run_id = json.loads(Path("models/tiny/run.json").read_text())["run_id"]
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert checkpoint_step(last) == 60
+    assert json.loads(Path("models/tiny/run.json").read_text())["run_id"] == run_id
+    run = mlflow.get_run(run_id)
+    assert int(run.data.tags["regflow.resumed_from_step"]) >= killed_at
+    steps = {point.step for point in
+             mlflow.MlflowClient().get_metric_history(run_id, "train/total")}
+    assert steps == set(range(1, 61))
+    assert run.data.metrics["train/steps_done"] == 60
+
+
+@pytest.mark.parametrize("override", ["train.steps=0", "train.model.method=spline"])
+def test_bad_training_config_is_one_line_exit_2(tiny_project, override):
+    result = subprocess.run([sys.executable, "-m", "regflow.cli", "train", "-S", override],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert override.split("=")[0] in result.stderr
