@@ -1,0 +1,56 @@
+import csv
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+
+from regflow.config import load_config
+from regflow.pipeline import evaluate_stage, train_stage
+from regflow.predict import predict_split
+
+
+def test_train_evaluate_predict_on_tiny_data_under_a_minute(tiny_project):
+    started = time.monotonic()
+    config = load_config(tiny_project)
+    result = train_stage(config)
+    headline = evaluate_stage(config)
+    written = predict_split(str(result.best_checkpoint), config, "test", Path("predicted"),
+                            learn2reg=True)
+    elapsed = time.monotonic() - started
+    assert elapsed < 60, f"train -> evaluate -> predict took {elapsed:.1f} s"
+
+    metrics = json.loads(Path("metrics/eval.json").read_text())
+    assert metrics == headline
+    for key in ("dice_mean", "dice_mean_before", "hd95_mean", "tre_mm", "folding_pct",
+                "sdlogj", "time_ms_per_pair", "dice_first", "dice_second"):
+        assert key in metrics, key
+    assert metrics["pairs"] == 2
+    with open("metrics/pairs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["method"] for row in rows) == ["none", "none", "regflow", "regflow"]
+    for plot in ("dice_per_label.csv", "dice_per_label.png", "training_curve.csv",
+                 "training_curve.png"):
+        assert Path("plots", plot).stat().st_size > 0, plot
+
+    manifest = json.loads(Path("data/processed/tiny/manifest.json").read_text())
+    cases = {case["case_id"]: case for case in manifest["cases"]}
+    ddf_files = sorted(Path("eval/tiny").glob("*_ddf.nii.gz"))
+    assert len(ddf_files) == 2
+    fixed_id = ddf_files[0].name.split("__")[0]
+    fixed_affine = nib.load(Path("data/processed/tiny") / cases[fixed_id]["image"]).affine
+    ddf = nib.load(ddf_files[0])
+    assert ddf.shape == (16, 24, 16, 3)
+    np.testing.assert_allclose(ddf.affine, fixed_affine)
+
+    run = mlflow.get_run(result.run_id)
+    assert run.data.metrics["eval/dice_mean"] == metrics["dice_mean"]
+    artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(result.run_id,
+                                                                           "evaluation")}
+    assert {"evaluation/metrics", "evaluation/plots", "evaluation/volumes"} <= artifacts
+
+    names = {path.name for path in written}
+    assert "metrics.csv" in names
+    assert sum(name.startswith("disp_") for name in names) == 2
