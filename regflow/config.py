@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from regflow.errors import ConfigError
 
@@ -226,6 +226,29 @@ class TuneConfig(Section):
     storage: str | None = None
     heartbeat_s: Annotated[int, Field(ge=1)] = 10
     search_space: dict[str, SearchParameter] = Field(default_factory=dict)
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _flatten_search_space(cls, value: Any) -> Any:
+        """Join nested maps into dotted keys: ``-S tune.search_space.train.optimizer.lr.low=0.1``
+        splits the key at its dots. A map holding a SearchParameter field is one dimension."""
+        if not isinstance(value, dict):
+            return value
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: dict[str, Any]) -> None:
+            for key, child in node.items():
+                path = f"{prefix}.{key}" if prefix else str(key)
+                if isinstance(child, dict) and child and not (
+                        child.keys() & SearchParameter.model_fields):
+                    walk(path, child)
+                elif isinstance(child, dict) and isinstance(flat.get(path), dict):
+                    flat[path] = {**flat[path], **child}
+                else:
+                    flat[path] = child
+
+        walk("", value)
+        return flat
 
 
 class RegistryConfig(Section):

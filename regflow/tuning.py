@@ -1,24 +1,35 @@
 """Optuna sweeps over loss/regulariser weights (any params key), each trial a nested MLflow run.
 
-The objective is validation Dice of a shortened training, with folding as a constraint
-(single-objective, prunable) or as a second objective (multi-objective, Pareto front, no pruning).
-Storage is an RDB URL (default: SQLite under models/tuning/); several ``regflow tune`` processes on
-one storage share the study. Heartbeats mark the trial of a killed worker as failed, and the retry
-callback re-runs it with the same parameters, so an interrupted study resumes without repeating
-finished trials.
+The objective is the validation score of a shortened training (mean Dice), with folding as a
+constraint (single-objective, prunable) or as a second objective (multi-objective, Pareto front,
+no pruning). Storage is an RDB URL (default: SQLite under models/tuning/); several ``regflow tune``
+processes on one storage share the study, and each returns only when the study holds exactly
+``tune.trials`` COMPLETE or PRUNED trials. Heartbeats mark the trial of a killed worker as failed
+(its MLflow run too) and queue a retry with the same parameters, so an interrupted study resumes
+without repeating finished trials. MLflow: one parent run per study (its id kept in the study's
+user attrs), one nested run per trial tagged ``optuna.state``; the parent holds the best trial's
+metrics, its params as ``best.<key>`` tags, and pictures of the study.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import optuna
 import yaml
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
-from optuna.trial import TrialState
+from optuna.distributions import BaseDistribution
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 
 from regflow import tracking
 from regflow.config import Config, SearchParameter, apply_override, validate_config
@@ -27,6 +38,15 @@ from regflow.errors import ConfigError
 
 FOLDING_ATTR = "folding_pct"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+SURPLUS_ATTR = "surplus"
+MAX_RETRY = 2  # a trial whose worker keeps dying is given up after this many retries
+POLL_S = 1.0  # how often a worker looks at trials RUNNING elsewhere
+PARENT_WAIT_S = 60.0  # how long a joining worker waits for the study's creator to start the run
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SurplusTrial(Exception):
+    """A trial that lost a race with another worker: the study already has all its trials."""
 
 
 def default_storage(tuning_dir: Path) -> str:
@@ -35,9 +55,51 @@ def default_storage(tuning_dir: Path) -> str:
 
 
 def build_storage(url: str, heartbeat_s: int) -> RDBStorage:
-    """RDB storage with heartbeats; a stale (killed) trial is failed and retried once more."""
-    return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+    """RDB storage with heartbeats every ``heartbeat_s`` seconds.
+
+    A RUNNING trial without a heartbeat for ``2 * heartbeat_s`` seconds is stale (its worker died):
+    it is failed, its MLflow run is closed as FAILED, and a copy with the same parameters is
+    queued (at most ``MAX_RETRY`` times per original trial).
+    """
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+    def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        close_stale_trial_runs(study, trial)
+        retry(study, trial)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                          heartbeat_stale_trial_callback=on_stale_trial)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the heartbeat-stale trials of ``study`` now (running the stale-trial callback)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def mark_trial_run(run_id: str, state: TrialState) -> None:
+    """Tag a trial's MLflow run with its Optuna state; a pruned run ends FINISHED, not FAILED."""
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "optuna.state", state.name)
+    if state != TrialState.COMPLETE:
+        client.set_terminated(run_id, "FAILED" if state == TrialState.FAIL else "FINISHED")
+
+
+def close_stale_trial_runs(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Mark the MLflow runs of a trial whose worker died (still RUNNING there) as FAILED."""
+    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent_id is None:
+        return
+    experiment_id = mlflow.get_run(parent_id).info.experiment_id
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=(f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                        f"tags.`optuna.trial_number` = '{trial.number}' and "
+                                        "attributes.status = 'RUNNING'"))
+    for run in runs:
+        mark_trial_run(run.info.run_id, TrialState.FAIL)
 
 
 def suggest(trial: optuna.Trial, key: str, space: SearchParameter) -> Any:
@@ -64,14 +126,74 @@ def trial_config(config: Config, values: dict[str, Any], trial_number: int) -> C
 
 
 def check_search_space(config: Config) -> None:
-    """Every searched key must be a valid params key (validated with a mid-range value)."""
+    """Every searched key must be a valid params key (checked with its lowest value).
+
+    Raises:
+        ConfigError: one line naming the search key and why it is not a params key.
+    """
     for key, space in config.tune.search_space.items():
         probe = space.choices[0] if space.type == "categorical" else space.low
-        trial_config(config, {key: probe}, 0)
+        try:
+            trial_config(config, {key: probe}, 0)
+        except ConfigError as exc:
+            reason = str(exc).removeprefix("tune.search_space: ")
+            raise ConfigError(f"tune.search_space.{key}: not a valid params key ({reason})"
+                              ) from None
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE whose random draws depend on the seed and the trial number only.
+
+    A plain seeded TPESampler replays one random sequence per process: two workers would draw
+    the same parameters, and a resumed study would draw those of its finished trials again.
+    Trial numbers are unique in a study, so seeding by them keeps a one-worker study
+    reproducible and every worker's draws distinct.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number)
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial
+                                    ) -> dict[str, BaseDistribution]:
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self.tpe.after_trial(study, trial, state, values)
+
+
+def is_surplus(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
+    """True when ``trials`` earlier trials are finished, running or queued.
+
+    Two workers may start a trial at the same moment when one more is needed; trial numbers
+    order them, so exactly one of the two goes ahead.
+    """
+    live = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)
+    earlier = [other for other in study.get_trials(deepcopy=False, states=live)
+               if other.number < trial.number]
+    return len(earlier) >= trials
 
 
 class Objective:
-    """Trains one trial and returns its validation Dice (and folding when multi-objective)."""
+    """Trains one trial and returns its validation score (and folding when multi-objective).
+
+    The score is the Trainer's best validation score (mean Dice); the folding percentage is the
+    one of that best validation. Single-objective trials report every validation for pruning
+    and carry the constraint folding % <= ``tune.max_folding_pct``.
+    """
 
     def __init__(self, config: Config, manifest_path: Path, tuning_dir: Path):
         self.config = config
@@ -79,49 +201,66 @@ class Objective:
         self.tuning_dir = tuning_dir
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        values = {key: suggest(trial, key, space)
-                  for key, space in self.config.tune.search_space.items()}
+        settings = self.config.tune
+        if is_surplus(trial.study, trial, settings.trials):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise SurplusTrial(f"the study already has {settings.trials} trials")
+        values = {key: suggest(trial, key, space) for key, space in settings.search_space.items()}
         config = trial_config(self.config, values, trial.number)
-        multi = self.config.tune.multi_objective
         out_dir = self.tuning_dir / "trials" / f"trial-{trial.number}"
 
         def report(step: int, summary: dict[str, float]) -> None:
-            dice = summary.get("dice_mean", 0.0)
-            trial.set_user_attr(FOLDING_ATTR, summary.get("folding_pct", 0.0))
-            if multi:
+            score = trainer.score(summary)
+            if score >= trainer.best_score:
+                trial.set_user_attr(FOLDING_ATTR, summary.get("folding_pct", 0.0))
+            if settings.multi_objective:
                 return
-            trial.report(dice, step)
+            trial.report(score, step)
             if trial.should_prune():
-                mlflow.set_tag("optuna.state", "PRUNED")
-                raise optuna.TrialPruned(f"pruned at step {step} with Dice {dice:.4f}")
+                self.set_constraint(trial)
+                raise optuna.TrialPruned(f"pruned at step {step} with score {score:.4f}")
 
         trainer = Trainer(config, self.manifest_path, out_dir, on_validation=report,
                           log_pictures=False)
         try:
             result = trainer.fit(run_name=f"trial-{trial.number}", nested=True, tags={
-                "optuna.trial_number": str(trial.number),
-                "optuna.study": self.config.tune.study_name})
+                "optuna.trial_number": str(trial.number), "optuna.study": settings.study_name})
+        except optuna.TrialPruned:
+            mark_trial_run(trainer.run_id, TrialState.PRUNED)
+            raise
+        except Exception:
+            if trainer.run_id is not None:
+                mark_trial_run(trainer.run_id, TrialState.FAIL)
+            raise
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
-        mlflow.MlflowClient().set_tag(result.run_id, "optuna.state", "COMPLETE")
+        mark_trial_run(result.run_id, TrialState.COMPLETE)
+        if settings.multi_objective:
+            return result.best_score, float(trial.user_attrs.get(FOLDING_ATTR, 0.0))
+        self.set_constraint(trial)
+        return result.best_score
+
+    def set_constraint(self, trial: optuna.Trial) -> None:
+        """Feasible when the folding % of the trial's best validation is within the threshold."""
         folding = float(trial.user_attrs.get(FOLDING_ATTR, 0.0))
-        return (result.best_score, folding) if multi else result.best_score
+        trial.set_constraint(FOLDING_ATTR, folding - self.config.tune.max_folding_pct)
 
 
-def folding_constraint(trial: optuna.trial.FrozenTrial, max_folding_pct: float) -> list[float]:
-    """Optuna constraint: feasible when folding % <= the threshold (value <= 0)."""
-    return [float(trial.user_attrs.get(FOLDING_ATTR, 0.0)) - max_folding_pct]
+def open_study(config: Config, storage: RDBStorage) -> tuple[optuna.Study, bool]:
+    """Create the study named in params, or load it; True when this call created it.
 
-
-def create_study(config: Config, storage: RDBStorage) -> optuna.Study:
-    """Create or load the study named in params (TPE, seeded, with the folding constraint)."""
+    Raises:
+        ConfigError: the stored study has other objectives than ``tune.multi_objective`` asks.
+    """
     settings = config.tune
-
-    def constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-        return folding_constraint(trial, settings.max_folding_pct)
-
-    sampler = optuna.samplers.TPESampler(
-        seed=config.seed, constraints_func=None if settings.multi_objective else constraints)
+    directions = [StudyDirection.MAXIMIZE]
+    if settings.multi_objective:
+        directions.append(StudyDirection.MINIMIZE)
+    try:
+        storage.create_new_study(directions, settings.study_name)
+        created = True
+    except DuplicatedStudyError:
+        created = False
     if settings.multi_objective or settings.pruner == "none":
         pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     elif settings.pruner == "hyperband":
@@ -129,30 +268,58 @@ def create_study(config: Config, storage: RDBStorage) -> optuna.Study:
                                                 max_resource=settings.steps)
     else:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    directions = ["maximize", "minimize"] if settings.multi_objective else ["maximize"]
-    return optuna.create_study(study_name=settings.study_name, storage=storage,
-                               sampler=sampler, pruner=pruner, directions=directions,
-                               load_if_exists=True)
+    study = optuna.load_study(study_name=settings.study_name, storage=storage,
+                              sampler=TrialSeededSampler(config.seed), pruner=pruner)
+    if study.directions != directions:
+        kind = "multi" if len(study.directions) > 1 else "single"
+        raise ConfigError(f"tune.multi_objective: study {settings.study_name!r} is {kind}-"
+                          "objective in its storage; set tune.study_name to start a new one")
+    return study, created
 
 
-def finished_trials(study: optuna.Study) -> int:
-    """Trials that count toward ``tune.trials``: completed or pruned."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+def wait_for_parent_run(study: optuna.Study, timeout_s: float) -> str | None:
+    """The study's MLflow parent run id, waiting up to ``timeout_s`` for the study's creator
+    (another worker started at the same time) to record it; None when it never does."""
+    deadline = time.monotonic() + timeout_s
+    while PARENT_RUN_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return study.user_attrs.get(PARENT_RUN_ATTR)
+
+
+def run_study(study: optuna.Study, objective: Objective, trials: int) -> None:
+    """Run trials until the study holds ``trials`` COMPLETE or PRUNED ones.
+
+    Trials RUNNING elsewhere count as work under way. When they alone would complete the
+    study this worker waits: they finish, or their worker died, they turn stale, are failed,
+    and their queued retry is run here. So every worker returns with the study complete, and a
+    rerun after a crash retries the killed trial rather than drawing a new one.
+    """
+    while True:
+        fail_stale_trials(study)
+        states = Counter(trial.state for trial in study.get_trials(deepcopy=False))
+        finished = sum(states[state] for state in COUNTED)
+        if finished >= trials:
+            return
+        if finished + states[TrialState.RUNNING] < trials:
+            study.optimize(objective, n_trials=1, catch=(SurplusTrial,))
+        else:
+            time.sleep(POLL_S)
 
 
 def best_values(study: optuna.Study, config: Config) -> tuple[dict[str, Any], dict[str, float]]:
-    """Best feasible trial's params and metrics (multi-objective: best Dice on the front)."""
-    if config.tune.multi_objective:
-        front = study.best_trials
-        if not front:
-            return {}, {}
-        best = max(front, key=lambda trial: trial.values[0])
-    else:
-        feasible = [trial for trial in study.get_trials(states=(TrialState.COMPLETE,))
-                    if folding_constraint(trial, config.tune.max_folding_pct)[0] <= 0]
-        if not feasible:
-            return {}, {}
-        best = max(feasible, key=lambda trial: trial.value)
+    """Params and metrics of the best feasible trial (folding % <= ``tune.max_folding_pct``).
+
+    Single-objective: the highest score among COMPLETE trials. Multi-objective: the highest
+    Dice on the Pareto front. Empty dicts when no trial qualifies.
+    """
+    settings = config.tune
+    candidates = (study.best_trials if settings.multi_objective
+                  else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    feasible = [trial for trial in candidates
+                if float(trial.user_attrs.get(FOLDING_ATTR, 0.0)) <= settings.max_folding_pct]
+    if not feasible:
+        return {}, {}
+    best = max(feasible, key=lambda trial: trial.values[0])
     metrics = {"best_dice": float(best.values[0]),
                "best_folding_pct": float(best.user_attrs.get(FOLDING_ATTR, 0.0)),
                "best_trial": float(best.number)}
@@ -160,32 +327,39 @@ def best_values(study: optuna.Study, config: Config) -> tuple[dict[str, Any], di
 
 
 def write_best_params(path: Path, params: dict[str, Any]) -> None:
-    """models/tuning/best_params.yaml: ``{params key: value}``, merged by the train stage."""
+    """models/tuning/best_params.yaml: ``{params key: value}`` (``{}`` when none), merged by the
+    train stage; written atomically (workers finishing together each use their own temp file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_text(yaml.safe_dump(params, sort_keys=True) if params else "{}\n")
     temporary.replace(path)
 
 
 def log_study_pictures(study: optuna.Study, config: Config) -> None:
     """Optimisation history and parameter importances, as pictures on the parent run."""
+    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as optuna_plots
 
-    completed = study.get_trials(states=(TrialState.COMPLETE,))
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         return
     target = (lambda trial: trial.values[0]) if config.tune.multi_objective else None
     name = "validation Dice"
-    history = optuna_plots.plot_optimization_history(study, target=target, target_name=name)
-    tracking.log_figure(history.figure, "tuning/optimization_history.png")
-    if len(completed) >= 2 and len(config.tune.search_space) >= 2:
-        importances = optuna_plots.plot_param_importances(study, target=target, target_name=name)
-        tracking.log_figure(importances.figure, "tuning/param_importances.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        history = optuna_plots.plot_optimization_history(study, target=target, target_name=name)
+        tracking.log_figure(history.figure, "tuning/optimization_history.png")
+        plt.close(history.figure)
+        if len(completed) >= 2 and len(config.tune.search_space) >= 2:
+            importances = optuna_plots.plot_param_importances(study, target=target,
+                                                              target_name=name)
+            tracking.log_figure(importances.figure, "tuning/param_importances.png")
+            plt.close(importances.figure)
 
 
 def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("models/tuning"),
                storage_url: str | None = None) -> dict[str, Any]:
-    """Run (or resume, or join) the study until ``tune.trials`` trials finished.
+    """Run (or resume, or join) the study until it holds ``tune.trials`` finished trials.
 
     Args:
         config: validated params.
@@ -194,7 +368,12 @@ def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("mod
         storage_url: an RDB URL overriding ``tune.storage`` (e.g. PostgreSQL for many workers).
 
     Returns:
-        The best params written to best_params.yaml (empty when tuning is disabled).
+        The best params written to best_params.yaml (empty when tuning is disabled or no trial
+        is feasible).
+
+    Raises:
+        ConfigError: a search key that is not a params key, an unusable storage URL, or a
+            stored study with other objectives.
     """
     best_path = tuning_dir / "best_params.yaml"
     settings = config.tune
@@ -208,23 +387,18 @@ def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("mod
         storage = build_storage(url, settings.heartbeat_s)
     except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL
         raise ConfigError(f"tune.storage: cannot open {url!r} ({exc.__class__.__name__})") from None
-    study = create_study(config, storage)
-    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
-    objective = Objective(config, manifest_path, tuning_dir)
+    study, created = open_study(config, storage)
+    parent_id = None if created else wait_for_parent_run(study, PARENT_WAIT_S)
     with tracking.start_or_resume_run(f"regflow-{config.data.dataset}", run_id=parent_id,
                                       run_name=f"tune-{settings.study_name}") as parent:
         if parent_id is None:
             study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
             mlflow.set_tags({"optuna.study": settings.study_name, "optuna.storage": url})
             tracking.log_config(config)
-        remaining = settings.trials - finished_trials(study)
-        if remaining > 0:
-            study.optimize(objective, n_trials=remaining, catch=(),
-                           callbacks=[optuna.study.MaxTrialsCallback(
-                               settings.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
+        run_study(study, Objective(config, manifest_path, tuning_dir), settings.trials)
         params, metrics = best_values(study, config)
         mlflow.log_metrics(metrics)
-        mlflow.log_params({f"best.{key}": value for key, value in params.items()})
+        mlflow.set_tags({f"best.{key}": str(value) for key, value in params.items()})
         log_study_pictures(study, config)
         write_best_params(best_path, params)
         mlflow.log_artifact(str(best_path), artifact_path="tuning")

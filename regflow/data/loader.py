@@ -186,9 +186,17 @@ class PairDataset(Dataset):
         self.seed = config.seed
         self.loader = config.loader
         self.train = train
+        # evaluation scores every label: "sample" (a training choice) becomes "all"
+        sample_label = config.loader.sample_label
+        self.sample_label = "all" if sample_label == "sample" and not train else sample_label
         augment = build_augmentation(config.loader.augment, len(self.shape))
         self.transform = augment if train else None
-        self.num_labels = self._count_labels()
+        sides = SIDES if self.pairing == "paired" else ("fixed",)
+        counts = {case_id: {side: self._count_labels(case_id, side) for side in sides}
+                  for case_id in self.cases}
+        self._label_counts = {(case_id, side): counts[case_id].get(side, counts[case_id]["fixed"])
+                              for case_id in self.cases for side in SIDES}
+        self.num_labels = max(self._label_counts.values())
         self._cached: tuple[int, list[LabelItem]] | None = None
         self._length = len(self.items(0))
         if self._length == 0:
@@ -199,16 +207,21 @@ class PairDataset(Dataset):
             return case[f"{side}_image"], case.get(f"{side}_label")
         return case["image"], case.get("label")
 
-    def _count_labels(self) -> int:
+    def _count_labels(self, case_id: str, side: str) -> int:
+        """Label channels of one image (0 without labels)."""
         if self.label_format is None:
             return 0
         if self.label_format == "integer":
             return len(self.label_values)
-        case = next(iter(self.cases.values()))
-        label = self._files(case, "fixed")[1]
+        label = self._files(self.cases[case_id], side)[1]
         if label is None:
-            raise DataError(f"{self.manifest_path}: case {case['case_id']!r} has no label")
+            raise DataError(f"{self.manifest_path}: case {case_id!r} has no {side} label")
         return volume_shape(self.root / label)[-1]
+
+    def _pair_label_counts(self, pairs: Sequence[Pair]) -> list[int]:
+        """Label channels both images of each pair have."""
+        return [min(self._label_counts[(fixed, "fixed")], self._label_counts[(moving, "moving")])
+                for fixed, moving in pairs]
 
     def pairs(self, epoch: int = 0) -> tuple[list[Pair], np.random.Generator]:
         """The ``(fixed_id, moving_id)`` pairs of an epoch and the generator that drew them."""
@@ -233,7 +246,8 @@ class PairDataset(Dataset):
         epoch = epoch if self.train else 0
         if self._cached is None or self._cached[0] != epoch:
             pairs, rng = self.pairs(epoch)
-            self._cached = epoch, label_items(pairs, self.num_labels, self.loader.sample_label, rng)
+            self._cached = epoch, label_items(pairs, self._pair_label_counts(pairs),
+                                              self.sample_label, rng)
         return self._cached[1]
 
     def __len__(self) -> int:
@@ -258,9 +272,10 @@ class PairDataset(Dataset):
         label, _ = _read_nifti(self.root / label_file, self.shape,
                                channels=self.label_format == "channels")
         channels = label_to_channels(label, self.label_format, self.label_values)
-        if channels.shape[0] != self.num_labels:
-            raise DataError(f"{self.root / label_file}: {channels.shape[0]} label channels, "
-                            f"expected {self.num_labels}")
+        if label_index == STACK and channels.shape[0] != self.num_labels:
+            raise DataError(f"{self.root / label_file}: {channels.shape[0]} label channels where "
+                            f"others have {self.num_labels}; stacking needs the same labels in "
+                            "every image: set loader.sample_label to sample or all")
         if label_index != STACK:
             channels = channels[label_index:label_index + 1]
         tensor = torch.from_numpy(channels.reshape(*channels.shape, *trailing))

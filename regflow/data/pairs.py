@@ -153,13 +153,15 @@ def grouped_pairs(groups: Mapping[str, Sequence[str]], rng: np.random.Generator,
     return pairs
 
 
-def label_items(pairs: Sequence[Pair], num_labels: int, sample_label: SampleLabel,
-                rng: np.random.Generator) -> list[LabelItem]:
+def label_items(pairs: Sequence[Pair], num_labels: int | Sequence[int],
+                sample_label: SampleLabel, rng: np.random.Generator) -> list[LabelItem]:
     """Attach the label channel(s) each pair is registered with.
 
     Args:
         pairs: ``(fixed_id, moving_id)`` pairs.
-        num_labels: label channels per image (0: the dataset has no labels).
+        num_labels: label channels per image (0: the dataset has no labels), or one count per
+            pair when images carry different numbers of labels (DeepReg allows it; a pair uses
+            the channels both of its images have).
         sample_label: ``stack`` keeps all channels together (``label_index = -1``); ``sample``
             picks one random channel per pair, the same for fixed and moving; ``all`` repeats each
             pair once per channel (for evaluation).
@@ -168,9 +170,11 @@ def label_items(pairs: Sequence[Pair], num_labels: int, sample_label: SampleLabe
     Returns:
         ``[(fixed_id, moving_id, label_index), ...]``; every item is ``-1`` without labels.
     """
-    if num_labels == 0 or sample_label == "stack":
+    counts = [num_labels] * len(pairs) if isinstance(num_labels, int) else list(num_labels)
+    if not any(counts) or sample_label == "stack":
         return [(fixed, moving, STACK) for fixed, moving in pairs]
     if sample_label == "sample":
-        channels = rng.integers(num_labels, size=len(pairs))
-        return [(fixed, moving, int(c)) for (fixed, moving), c in zip(pairs, channels, strict=True)]
-    return [(fixed, moving, c) for fixed, moving in pairs for c in range(num_labels)]
+        return [(fixed, moving, int(rng.integers(count)))
+                for (fixed, moving), count in zip(pairs, counts, strict=True)]
+    return [(fixed, moving, channel) for (fixed, moving), count in zip(pairs, counts, strict=True)
+            for channel in range(count)]

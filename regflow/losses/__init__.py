@@ -7,7 +7,7 @@ and returns a scalar to minimise. :func:`build_loss` turns ``train.loss`` into a
 
 from regflow.losses.composite import LOSS_FUNCTIONS, CompositeLoss, build_loss
 from regflow.losses.deform import bending_energy, gradient_norm
-from regflow.losses.image import gmi, gncc, lncc, ssd
+from regflow.losses.image import gmi, gncc, lncc, local_squared_ncc, ssd
 from regflow.losses.label import cross_entropy, dice, jaccard
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "gradient_norm",
     "jaccard",
     "lncc",
+    "local_squared_ncc",
     "ssd",
 ]

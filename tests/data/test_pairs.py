@@ -117,3 +117,11 @@ def test_label_items_stack_sample_all():
     assert [item[:2] for item in label_items(pairs, 3, "sample", rng())] == pairs
     assert label_items(pairs[:2], 2, "all", rng()) == [
         ("f0", "m0", 0), ("f0", "m0", 1), ("f1", "m1", 0), ("f1", "m1", 1)]
+
+
+def test_label_items_with_a_count_per_pair():
+    pairs = [("a", "b"), ("c", "d")]
+    assert label_items(pairs, [3, 1], "all", rng()) == [
+        ("a", "b", 0), ("a", "b", 1), ("a", "b", 2), ("c", "d", 0)]
+    sampled = [label_items(pairs, [3, 1], "sample", rng(seed))[1] for seed in range(10)]
+    assert all(item == ("c", "d", 0) for item in sampled)

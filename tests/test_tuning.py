@@ -1,0 +1,295 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from regflow.config import load_config, load_training_config
+from regflow.tuning import (
+    FOLDING_ATTR,
+    PARENT_RUN_ATTR,
+    SURPLUS_ATTR,
+    TrialSeededSampler,
+    best_values,
+    build_storage,
+    default_storage,
+    is_surplus,
+    open_study,
+    tune_stage,
+)
+
+MANIFEST = Path("data/processed/tiny/manifest.json")
+TUNING = Path("models/tuning")
+SEARCH = {
+    "train.loss.regularization.bending_energy.weight": {"type": "float", "low": 0.01,
+                                                        "high": 1.0, "log": True},
+    "train.loss.label.dice.weight": {"type": "float", "low": 0.5, "high": 2.0},
+    "train.optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+}
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def tune_overrides(trials: int, **settings) -> list[str]:
+    """`-S` values for a short study over SEARCH (JSON is YAML)."""
+    values = {"enabled": True, "trials": trials, "steps": 4, "val_every": 2,
+              "max_folding_pct": 100.0, "search_space": SEARCH, **settings}
+    return [f"tune.{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def tune_command(overrides: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "regflow.cli", "tune"]
+    for override in overrides:
+        command += ["-S", override]
+    return command
+
+
+def load_study() -> optuna.Study:
+    return optuna.load_study(study_name="regflow", storage=default_storage(TUNING))
+
+
+def parent_runs() -> list[mlflow.entities.Run]:
+    """Parent runs of this test's study (its storage URL is unique to the test's folder)."""
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`optuna.storage` = '{default_storage(TUNING)}'")
+
+
+def child_runs(parent_id: str) -> list[mlflow.entities.Run]:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def params_key(trial: optuna.trial.FrozenTrial) -> tuple:
+    return tuple(sorted(trial.params.items()))
+
+
+def test_study_logs_parent_and_nested_trial_runs(tiny_project):
+    config = load_config(tiny_project, tune_overrides(3))
+    best = tune_stage(config, MANIFEST, TUNING)
+
+    study = load_study()
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(trial.state in COUNTED for trial in trials)
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE:
+            folding = trial.user_attrs[FOLDING_ATTR]
+            assert trial.constraints == {FOLDING_ATTR: pytest.approx(folding - 100.0)}
+    completed = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+    winner = max(completed, key=lambda trial: trial.value)
+    assert best == winner.params
+    assert yaml.safe_load((TUNING / "best_params.yaml").read_text()) == winner.params
+    assert set(best) == set(SEARCH)
+
+    [parent] = parent_runs()
+    assert parent.info.run_id == study.user_attrs[PARENT_RUN_ATTR]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_dice"] == pytest.approx(winner.value)
+    assert parent.data.metrics["best_trial"] == winner.number
+    for key, value in winner.params.items():
+        assert float(parent.data.tags[f"best.{key}"]) == value
+    pictures = [item.path for item in
+                mlflow.MlflowClient().list_artifacts(parent.info.run_id, "tuning")]
+    assert "tuning/optimization_history.png" in pictures
+    assert "tuning/param_importances.png" in pictures
+
+    children = {int(run.data.tags["optuna.trial_number"]): run
+                for run in child_runs(parent.info.run_id)}
+    assert sorted(children) == [trial.number for trial in trials]
+    client = mlflow.MlflowClient()
+    for trial in trials:
+        run = children[trial.number]
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert run.info.status == "FINISHED"
+        for key, value in trial.params.items():
+            assert float(run.data.params[key]) == value
+        history = client.get_metric_history(run.info.run_id, "val/dice_mean")
+        expected = [2, 4] if trial.state == TrialState.COMPLETE else [2]
+        assert [point.step for point in history] == expected
+        assert [point.value for point in history] == pytest.approx(
+            [trial.intermediate_values[step] for step in expected])
+
+    merged = load_training_config(tiny_project)
+    assert merged.train.optimizer.lr == best["train.optimizer.lr"]
+    assert merged.train.loss.label["dice"].weight == best["train.loss.label.dice.weight"]
+    assert (merged.train.loss.regularization["bending_energy"].weight
+            == best["train.loss.regularization.bending_energy.weight"])
+
+
+def test_multi_objective_takes_best_dice_from_pareto_front(tiny_project):
+    config = load_config(tiny_project, tune_overrides(2, multi_objective=True))
+    best = tune_stage(config, MANIFEST, TUNING)
+    study = load_study()
+    assert isinstance(open_study(config, build_storage(default_storage(TUNING), 10))[0].pruner,
+                      optuna.pruners.NopPruner)
+    trials = study.get_trials()
+    assert [trial.state for trial in trials] == [TrialState.COMPLETE] * 2
+    for trial in trials:
+        assert trial.values == [pytest.approx(trial.values[0]), trial.user_attrs[FOLDING_ATTR]]
+        assert trial.intermediate_values == {}
+    winner = max(study.best_trials, key=lambda trial: trial.values[0])
+    assert best == winner.params
+    assert yaml.safe_load((TUNING / "best_params.yaml").read_text()) == winner.params
+
+
+@pytest.mark.parametrize("override", ["tune.enabled=false", "tune.trials=0"])
+def test_disabled_tuning_writes_empty_best_params(tiny_project, override):
+    config = load_config(tiny_project, [*tune_overrides(3), override])
+    assert tune_stage(config, MANIFEST, TUNING) == {}
+    assert (TUNING / "best_params.yaml").read_text() == "{}\n"
+    assert not (TUNING / "optuna.db").exists()
+    assert load_training_config(tiny_project) == load_config(tiny_project)
+
+
+def test_search_key_that_is_not_a_params_key_is_one_line_exit_2(tiny_project):
+    result = subprocess.run(tune_command([
+        *tune_overrides(2), "tune.search_space.not.a.key.type=float",
+        "tune.search_space.not.a.key.low=0.1", "tune.search_space.not.a.key.high=1"]),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "tune.search_space.not.a.key: not a valid params key" in result.stderr
+
+
+def in_memory_study(directions: list[str]) -> optuna.Study:
+    return optuna.create_study(directions=directions, sampler=TrialSeededSampler(0))
+
+
+def finished_trial(values: list[float], folding: float, x: float) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        values=values, params={"x": x},
+        distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+        user_attrs={FOLDING_ATTR: folding})
+
+
+def test_best_values_skip_trials_that_fold_too_much(tiny_project):
+    config = load_config(tiny_project, tune_overrides(3, max_folding_pct=1.0))
+    study = in_memory_study(["maximize"])
+    for dice, folding, x in ((0.9, 5.0, 0.1), (0.7, 0.5, 0.2), (0.6, 0.0, 0.3)):
+        study.add_trial(finished_trial([dice], folding, x))
+    assert best_values(study, config) == ({"x": 0.2}, {
+        "best_dice": 0.7, "best_folding_pct": 0.5, "best_trial": 1.0})
+
+    multi = load_config(tiny_project, tune_overrides(3, multi_objective=True,
+                                                      max_folding_pct=1.0))
+    front = in_memory_study(["maximize", "minimize"])
+    for dice, folding, x in ((0.9, 5.0, 0.1), (0.7, 0.5, 0.2), (0.6, 0.0, 0.3),
+                             (0.5, 0.6, 0.4)):
+        front.add_trial(finished_trial([dice, folding], folding, x))
+    assert best_values(front, multi)[0] == {"x": 0.2}
+
+
+def test_sampler_draws_depend_on_trial_number_only():
+    def draws(study: optuna.Study, count: int) -> list[float]:
+        return [study.ask().suggest_float("x", 0, 1) for _ in range(count)]
+
+    first = draws(in_memory_study(["maximize"]), 3)
+    assert len(set(first)) == 3
+    resumed = in_memory_study(["maximize"])
+    resumed.enqueue_trial({"x": 0.5})
+    assert draws(resumed, 3)[1:] == first[1:]
+
+
+def test_a_trial_beyond_the_budget_is_surplus():
+    study = in_memory_study(["maximize"])
+    study.add_trial(finished_trial([0.5], 0.0, 0.1))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    running = study.ask()
+    assert not is_surplus(study, running, 2)
+    late = study.ask()
+    assert is_surplus(study, late, 2)
+    assert not is_surplus(study, late, 3)
+
+
+def storage_trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, or none while the worker has not created it (this reader never
+    creates tables: it must not race the worker doing so)."""
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        return optuna.load_study(study_name="regflow", storage=storage).get_trials()
+    except Exception:  # no database, tables or study yet
+        return []
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_without_repeating_finished_trials(tiny_project):
+    command = tune_command(tune_overrides(4, steps=6, heartbeat_s=2))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = default_storage(TUNING)
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline and worker.poll() is None:
+        trials = storage_trials(url)
+        running = [trial for trial in trials if trial.state == TrialState.RUNNING
+                   and trial.intermediate_values]
+        if running and any(trial.state == TrialState.COMPLETE for trial in trials):
+            worker.send_signal(signal.SIGKILL)
+            killed = running[0]
+        time.sleep(0.05)
+    worker.wait()
+    assert killed is not None, "no validated RUNNING trial after a COMPLETE one"
+    before = {trial.number: trial for trial in storage_trials(url)}
+    finished_before = [trial for trial in before.values() if trial.state in COUNTED]
+    parent_id = load_study().user_attrs[PARENT_RUN_ATTR]
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+    study = load_study()
+    trials = study.get_trials()
+    counted = [trial for trial in trials if trial.state in COUNTED]
+    assert len(counted) == 4
+    assert len({params_key(trial) for trial in counted}) == 4, "a finished trial was repeated"
+    for trial in finished_before:
+        assert trials[trial.number].state == trial.state
+        assert trials[trial.number].params == trial.params
+    assert trials[killed.number].state == TrialState.FAIL
+    [retry] = [trial for trial in counted if trial.system_attrs.get("failed_trial")
+               == killed.number]
+    assert retry.params == killed.params
+    assert retry.number > max(before)
+
+    assert study.user_attrs[PARENT_RUN_ATTR] == parent_id
+    assert [run.info.run_id for run in parent_runs()] == [parent_id]
+    children = {int(run.data.tags["optuna.trial_number"]): run
+                for run in child_runs(parent_id)}
+    assert children[killed.number].info.status == "FAILED"
+    assert children[killed.number].data.tags["optuna.state"] == "FAIL"
+    for trial in counted:
+        assert children[trial.number].data.tags["optuna.state"] == trial.state.name
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tiny_project):
+    command = tune_command(tune_overrides(4, steps=6, heartbeat_s=2))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, stderr[-2000:]
+        assert "finished with value" in stderr or " pruned" in stderr, "a worker ran no trial"
+
+    study = load_study()
+    trials = study.get_trials()
+    counted = [trial for trial in trials if trial.state in COUNTED]
+    assert len(counted) == 4
+    assert len({params_key(trial) for trial in counted}) == 4
+    assert all(trial.user_attrs.get(SURPLUS_ATTR) for trial in trials
+               if trial.state not in COUNTED)
+    [parent] = parent_runs()
+    assert parent.info.run_id == study.user_attrs[PARENT_RUN_ATTR]
+    children = child_runs(parent.info.run_id)
+    assert sorted(int(run.data.tags["optuna.trial_number"]) for run in children) == sorted(
+        trial.number for trial in counted)
+    best_params = yaml.safe_load((TUNING / "best_params.yaml").read_text())
+    completed = [trial for trial in counted if trial.state == TrialState.COMPLETE]
+    assert best_params == max(completed, key=lambda trial: trial.value).params
