@@ -2,9 +2,10 @@
 
 The objective is the validation score of a shortened training (mean Dice), with folding as a
 constraint (single-objective, prunable) or as a second objective (multi-objective, Pareto front,
-no pruning). Storage is an RDB URL (default: SQLite under models/tuning/); several ``regflow tune``
-processes on one storage share the study, and each returns only when the study holds exactly
-``tune.trials`` COMPLETE or PRUNED trials. Heartbeats mark the trial of a killed worker as failed
+no pruning). Storage is an RDB URL (default: SQLite under models/tuning/), the study's name
+``tune.study_name`` plus a digest of the config; several ``regflow tune`` processes on one
+storage share the study, and each returns only when it holds exactly ``tune.trials`` COMPLETE or
+PRUNED trials. Heartbeats mark the trial of a killed worker as failed
 (its MLflow run too) and queue a retry with the same parameters, so an interrupted study resumes
 without repeating finished trials. MLflow: one parent run per study (its id kept in the study's
 user attrs), one nested run per trial tagged ``optuna.state``; the parent holds the best trial's
@@ -13,6 +14,8 @@ metrics, its params as ``best.<key>`` tags, and pictures of the study.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -30,6 +33,7 @@ from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from regflow import tracking
 from regflow.config import Config, SearchParameter, apply_override, validate_config
@@ -42,6 +46,7 @@ SURPLUS_ATTR = "surplus"
 MAX_RETRY = 2  # a trial whose worker keeps dying is given up after this many retries
 POLL_S = 1.0  # how often a worker looks at trials RUNNING elsewhere
 PARENT_WAIT_S = 60.0  # how long a joining worker waits for the study's creator to start the run
+SCHEMA_ATTEMPTS = 3  # tries to open a database that other workers may be creating
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -59,18 +64,31 @@ def build_storage(url: str, heartbeat_s: int) -> RDBStorage:
 
     A RUNNING trial without a heartbeat for ``2 * heartbeat_s`` seconds is stale (its worker died):
     it is failed, its MLflow run is closed as FAILED, and a copy with the same parameters is
-    queued (at most ``MAX_RETRY`` times per original trial).
+    queued (at most ``MAX_RETRY`` times per original trial). Workers starting together on a new
+    database race to create its tables; the losers see an integrity or operational error and
+    retry (``SCHEMA_ATTEMPTS`` tries in all).
     """
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
     def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         close_stale_trial_runs(study, trial)
         retry(study, trial)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                          heartbeat_stale_trial_callback=on_stale_trial)
+    attempt = 1
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=heartbeat_s,
+                                  grace_period=2 * heartbeat_s,
+                                  heartbeat_stale_trial_callback=on_stale_trial)
+        except (IntegrityError, OperationalError):
+            if attempt == SCHEMA_ATTEMPTS:
+                raise
+            attempt += 1
+            time.sleep(0.5)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -224,7 +242,7 @@ class Objective:
                           log_pictures=False)
         try:
             result = trainer.fit(run_name=f"trial-{trial.number}", nested=True, tags={
-                "optuna.trial_number": str(trial.number), "optuna.study": settings.study_name})
+                "optuna.trial_number": str(trial.number), "optuna.study": trial.study.study_name})
         except optuna.TrialPruned:
             mark_trial_run(trainer.run_id, TrialState.PRUNED)
             raise
@@ -246,18 +264,29 @@ class Objective:
         trial.set_constraint(FOLDING_ATTR, folding - self.config.tune.max_folding_pct)
 
 
-def open_study(config: Config, storage: RDBStorage) -> tuple[optuna.Study, bool]:
-    """Create the study named in params, or load it; True when this call created it.
+def study_key(config: Config) -> str:
+    """The study's name in the storage: ``tune.study_name`` and a digest of the config.
 
-    Raises:
-        ConfigError: the stored study has other objectives than ``tune.multi_objective`` asks.
+    Every key a trial's result depends on is in the digest (not ``tune.trials``, the storage or
+    heartbeat), so a changed config (a DVC experiment) starts its own study, while the same
+    config resumes or joins it, also with more trials.
     """
+    relevant = config.model_dump(exclude={"evaluate": True, "registry": True, "tune": {
+        "enabled", "trials", "storage", "heartbeat_s", "study_name"}})
+    text = json.dumps(relevant, sort_keys=True, default=str)
+    return f"{config.tune.study_name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def open_study(config: Config, storage: RDBStorage) -> tuple[optuna.Study, bool]:
+    """Create the study of this config (:func:`study_key`), or load it; True when this call
+    created it."""
     settings = config.tune
     directions = [StudyDirection.MAXIMIZE]
     if settings.multi_objective:
         directions.append(StudyDirection.MINIMIZE)
+    name = study_key(config)
     try:
-        storage.create_new_study(directions, settings.study_name)
+        storage.create_new_study(directions, name)
         created = True
     except DuplicatedStudyError:
         created = False
@@ -268,12 +297,8 @@ def open_study(config: Config, storage: RDBStorage) -> tuple[optuna.Study, bool]
                                                 max_resource=settings.steps)
     else:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    study = optuna.load_study(study_name=settings.study_name, storage=storage,
+    study = optuna.load_study(study_name=name, storage=storage,
                               sampler=TrialSeededSampler(config.seed), pruner=pruner)
-    if study.directions != directions:
-        kind = "multi" if len(study.directions) > 1 else "single"
-        raise ConfigError(f"tune.multi_objective: study {settings.study_name!r} is {kind}-"
-                          "objective in its storage; set tune.study_name to start a new one")
     return study, created
 
 
@@ -343,16 +368,20 @@ def log_study_pictures(study: optuna.Study, config: Config) -> None:
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         return
-    target = (lambda trial: trial.values[0]) if config.tune.multi_objective else None
+    multi = config.tune.multi_objective
     name = "validation Dice"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        history = optuna_plots.plot_optimization_history(study, target=target, target_name=name)
+        history = optuna_plots.plot_optimization_history(
+            study, target=(lambda trial: trial.values[0]) if multi else None, target_name=name)
         tracking.log_figure(history.figure, "tuning/optimization_history.png")
         plt.close(history.figure)
         if len(completed) >= 2 and len(config.tune.search_space) >= 2:
-            importances = optuna_plots.plot_param_importances(study, target=target,
-                                                              target_name=name)
+            # With a target the evaluator takes lower as better (and says so): negate the Dice.
+            warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator", UserWarning)
+            importances = optuna_plots.plot_param_importances(
+                study, target=(lambda trial: -trial.values[0]) if multi else None,
+                target_name=name)
             tracking.log_figure(importances.figure, "tuning/param_importances.png")
             plt.close(importances.figure)
 
@@ -372,8 +401,7 @@ def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("mod
         is feasible).
 
     Raises:
-        ConfigError: a search key that is not a params key, an unusable storage URL, or a
-            stored study with other objectives.
+        ConfigError: a search key that is not a params key, or an unusable storage URL.
     """
     best_path = tuning_dir / "best_params.yaml"
     settings = config.tune
@@ -393,9 +421,10 @@ def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("mod
                                       run_name=f"tune-{settings.study_name}") as parent:
         if parent_id is None:
             study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
-            mlflow.set_tags({"optuna.study": settings.study_name, "optuna.storage": url})
+            mlflow.set_tags({"optuna.study": study.study_name, "optuna.storage": url})
             tracking.log_config(config)
         run_study(study, Objective(config, manifest_path, tuning_dir), settings.trials)
+        shutil.rmtree(tuning_dir / "trials", ignore_errors=True)  # left there by killed workers
         params, metrics = best_values(study, config)
         mlflow.log_metrics(metrics)
         mlflow.set_tags({f"best.{key}": str(value) for key, value in params.items()})

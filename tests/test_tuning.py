@@ -23,6 +23,7 @@ from regflow.tuning import (
     default_storage,
     is_surplus,
     open_study,
+    study_key,
     tune_stage,
 )
 
@@ -51,8 +52,8 @@ def tune_command(overrides: list[str]) -> list[str]:
     return command
 
 
-def load_study() -> optuna.Study:
-    return optuna.load_study(study_name="regflow", storage=default_storage(TUNING))
+def load_study(config) -> optuna.Study:
+    return optuna.load_study(study_name=study_key(config), storage=default_storage(TUNING))
 
 
 def parent_runs() -> list[mlflow.entities.Run]:
@@ -74,7 +75,7 @@ def test_study_logs_parent_and_nested_trial_runs(tiny_project):
     config = load_config(tiny_project, tune_overrides(3))
     best = tune_stage(config, MANIFEST, TUNING)
 
-    study = load_study()
+    study = load_study(config)
     trials = study.get_trials()
     assert len(trials) == 3 and all(trial.state in COUNTED for trial in trials)
     for trial in trials:
@@ -125,7 +126,7 @@ def test_study_logs_parent_and_nested_trial_runs(tiny_project):
 def test_multi_objective_takes_best_dice_from_pareto_front(tiny_project):
     config = load_config(tiny_project, tune_overrides(2, multi_objective=True))
     best = tune_stage(config, MANIFEST, TUNING)
-    study = load_study()
+    study = load_study(config)
     assert isinstance(open_study(config, build_storage(default_storage(TUNING), 10))[0].pruner,
                       optuna.pruners.NopPruner)
     trials = study.get_trials()
@@ -207,19 +208,31 @@ def test_a_trial_beyond_the_budget_is_surplus():
     assert not is_surplus(study, late, 3)
 
 
-def storage_trials(url: str) -> list[optuna.trial.FrozenTrial]:
+def test_study_key_follows_what_trials_depend_on(tiny_project):
+    base = study_key(load_config(tiny_project, tune_overrides(3)))
+    assert base.startswith("regflow-")
+    same = load_config(tiny_project, tune_overrides(8, heartbeat_s=2))
+    assert study_key(same) == base
+    for changed in (["train.loss.image.lncc.weight=0.5"], ["seed=2"],
+                    tune_overrides(3, steps=6)):
+        assert study_key(load_config(tiny_project, [*tune_overrides(3), *changed])) != base
+
+
+def storage_trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     """The study's trials, or none while the worker has not created it (this reader never
     creates tables: it must not race the worker doing so)."""
     try:
         storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
-        return optuna.load_study(study_name="regflow", storage=storage).get_trials()
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
     except Exception:  # no database, tables or study yet
         return []
 
 
 @pytest.mark.slow
 def test_killed_worker_resumes_without_repeating_finished_trials(tiny_project):
-    command = tune_command(tune_overrides(4, steps=6, heartbeat_s=2))
+    overrides = tune_overrides(4, steps=6, heartbeat_s=2)
+    name = study_key(load_config(tiny_project, overrides))
+    command = tune_command(overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -227,7 +240,7 @@ def test_killed_worker_resumes_without_repeating_finished_trials(tiny_project):
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and time.monotonic() < deadline and worker.poll() is None:
-        trials = storage_trials(url)
+        trials = storage_trials(url, name)
         running = [trial for trial in trials if trial.state == TrialState.RUNNING
                    and trial.intermediate_values]
         if running and any(trial.state == TrialState.COMPLETE for trial in trials):
@@ -236,14 +249,14 @@ def test_killed_worker_resumes_without_repeating_finished_trials(tiny_project):
         time.sleep(0.05)
     worker.wait()
     assert killed is not None, "no validated RUNNING trial after a COMPLETE one"
-    before = {trial.number: trial for trial in storage_trials(url)}
+    before = {trial.number: trial for trial in storage_trials(url, name)}
     finished_before = [trial for trial in before.values() if trial.state in COUNTED]
-    parent_id = load_study().user_attrs[PARENT_RUN_ATTR]
+    parent_id = load_study(load_config(tiny_project, overrides)).user_attrs[PARENT_RUN_ATTR]
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
 
-    study = load_study()
+    study = load_study(load_config(tiny_project, overrides))
     trials = study.get_trials()
     counted = [trial for trial in trials if trial.state in COUNTED]
     assert len(counted) == 4
@@ -269,7 +282,8 @@ def test_killed_worker_resumes_without_repeating_finished_trials(tiny_project):
 
 @pytest.mark.slow
 def test_two_workers_share_one_study(tiny_project):
-    command = tune_command(tune_overrides(4, steps=6, heartbeat_s=2))
+    overrides = tune_overrides(4, steps=6, heartbeat_s=2)
+    command = tune_command(overrides)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -278,7 +292,7 @@ def test_two_workers_share_one_study(tiny_project):
         assert worker.returncode == 0, stderr[-2000:]
         assert "finished with value" in stderr or " pruned" in stderr, "a worker ran no trial"
 
-    study = load_study()
+    study = load_study(load_config(tiny_project, overrides))
     trials = study.get_trials()
     counted = [trial for trial in trials if trial.state in COUNTED]
     assert len(counted) == 4
@@ -293,3 +307,4 @@ def test_two_workers_share_one_study(tiny_project):
     best_params = yaml.safe_load((TUNING / "best_params.yaml").read_text())
     completed = [trial for trial in counted if trial.state == TrialState.COMPLETE]
     assert best_params == max(completed, key=lambda trial: trial.value).params
+
