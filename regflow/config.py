@@ -119,6 +119,7 @@ class LoaderConfig(Section):
     intra_group_prob: Annotated[float, Field(ge=0, le=1)] = 1.0
     intra_group_option: Literal["forward", "backward", "unconstrained"] = "forward"
     eval_pairs: PositiveInt = 40
+    cache_volumes: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     patch: PatchConfig = Field(default_factory=PatchConfig)
 
