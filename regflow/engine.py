@@ -307,7 +307,8 @@ class Trainer:
         stopped_early = False
         with tracking.start_or_resume_run(experiment, run_id=self.run_id,
                                           run_name=run_name or settings.name,
-                                          nested=nested, tags=tags) as run:
+                                          nested=nested, tags=tags,
+                                          log_system_metrics=not nested) as run:
             self.run_id = run.info.run_id
             if not resumed:
                 tracking.log_config(self.config)
