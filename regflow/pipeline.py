@@ -8,22 +8,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import mlflow
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from regflow import tracking, viz  # noqa: E402
-from regflow.config import Config  # noqa: E402
-from regflow.data.io import write_nifti  # noqa: E402
-from regflow.data.loader import build_dataloader, read_manifest  # noqa: E402
-from regflow.engine import Trainer, TrainResult, label_names_of  # noqa: E402
-from regflow.errors import RegflowError  # noqa: E402
-from regflow.evaluation import evaluate_pairs, summarise  # noqa: E402
-from regflow.models import RegistrationModel, select_device  # noqa: E402
+from regflow import tracking, viz
+from regflow.config import Config
+from regflow.data.io import write_nifti
+from regflow.data.loader import build_dataloader, read_manifest
+from regflow.engine import Trainer, TrainResult, label_names_of
+from regflow.errors import RegflowError
+from regflow.evaluation import evaluate_pairs, summarise
+from regflow.models import RegistrationModel, select_device
 
 
 def manifest_path(config: Config) -> Path:
@@ -109,24 +105,6 @@ def dice_plot_rows(rows: list[dict[str, Any]], label_names: Sequence[str]
     return table
 
 
-def save_dice_png(table: list[dict[str, Any]], path: Path) -> None:
-    """Grouped bar chart of Dice per label, before and after registration."""
-    labels = sorted({row["label"] for row in table})
-    figure, axes = plt.subplots(figsize=(5, 3))
-    width = 0.38
-    for offset, method in ((-width / 2, "none"), (width / 2, "regflow")):
-        values = [next((row["dice"] for row in table
-                        if row["label"] == label and row["method"] == method), 0.0)
-                  for label in labels]
-        axes.bar(np.arange(len(labels)) + offset, values, width, label=method)
-    axes.set_xticks(np.arange(len(labels)), labels)
-    axes.set_ylim(0, 1)
-    axes.set_ylabel("Dice")
-    axes.legend()
-    figure.tight_layout()
-    viz.save_figure(figure, path)
-
-
 def training_curve_rows(run_id: str) -> list[dict[str, Any]]:
     """Training total loss and validation Dice per step, from the MLflow run."""
     client = mlflow.MlflowClient()
@@ -135,25 +113,6 @@ def training_curve_rows(run_id: str) -> list[dict[str, Any]]:
         for point in client.get_metric_history(run_id, key):
             rows.setdefault(point.step, {"step": point.step})[column] = point.value
     return [rows[step] for step in sorted(rows)]
-
-
-def save_curve_png(rows: list[dict[str, Any]], path: Path) -> None:
-    """Training loss and validation Dice against step."""
-    figure, loss_axes = plt.subplots(figsize=(6, 3))
-    steps = [row["step"] for row in rows if "train_loss" in row]
-    loss_axes.plot(steps, [row["train_loss"] for row in rows if "train_loss" in row],
-                   lw=0.8, label="train loss")
-    loss_axes.set_xlabel("step")
-    loss_axes.set_ylabel("train loss")
-    validation = [row for row in rows if "val_dice" in row]
-    if validation:
-        dice_axes = loss_axes.twinx()
-        dice_axes.plot([row["step"] for row in validation],
-                       [row["val_dice"] for row in validation], "o-", color="C1",
-                       label="val Dice")
-        dice_axes.set_ylabel("val Dice")
-    figure.tight_layout()
-    viz.save_figure(figure, path)
 
 
 def headline_metrics(rows: list[dict[str, Any]], label_names: Sequence[str]
@@ -203,7 +162,7 @@ def evaluate_stage(config: Config, metrics_dir: Path = Path("metrics"),
     write_csv(metrics_dir / "pairs.csv", rows)
     dice_table = dice_plot_rows(rows, label_names)
     write_csv(plots_dir / "dice_per_label.csv", dice_table)
-    save_dice_png(dice_table, plots_dir / "dice_per_label.png")
+    viz.save_figure(viz.dice_bar_figure(dice_table), plots_dir / "dice_per_label.png")
     log_evaluation(config, out_dir, headline, metrics_dir, plots_dir, volumes_dir)
     return headline
 
@@ -218,7 +177,7 @@ def log_evaluation(config: Config, out_dir: Path, headline: dict[str, float],
         if run_id:
             curve = training_curve_rows(run_id)
             write_csv(plots_dir / "training_curve.csv", curve)
-            save_curve_png(curve, plots_dir / "training_curve.png")
+            viz.save_figure(viz.training_curve_figure(curve), plots_dir / "training_curve.png")
         mlflow.log_metrics({f"eval/{key}": value for key, value in headline.items()
                             if np.isfinite(value)})
         mlflow.log_artifacts(str(metrics_dir), artifact_path="evaluation/metrics")

@@ -169,6 +169,52 @@ def deformation_grid_figure(ddf: Any, step: int = 4) -> Figure:
     return figure
 
 
+def dice_bar_figure(table: list[dict[str, Any]]) -> Figure:
+    """Grouped bars of mean Dice per label, before ("none") and after ("regflow") registration.
+
+    Args:
+        table: rows ``{"label", "method", "dice"}``.
+    """
+    labels = sorted({row["label"] for row in table})
+    figure = Figure(figsize=(5, 3))
+    axes = figure.add_subplot()
+    width = 0.38
+    for offset, method in ((-width / 2, "none"), (width / 2, "regflow")):
+        values = [next((row["dice"] for row in table
+                        if row["label"] == label and row["method"] == method), 0.0)
+                  for label in labels]
+        axes.bar(np.arange(len(labels)) + offset, values, width, label=method)
+    axes.set_xticks(np.arange(len(labels)), labels)
+    axes.set_ylim(0, 1)
+    axes.set_ylabel("Dice")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def training_curve_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Training loss and validation Dice against step.
+
+    Args:
+        rows: ``{"step", "train_loss"?, "val_dice"?}`` per logged step.
+    """
+    figure = Figure(figsize=(6, 3))
+    loss_axes = figure.add_subplot()
+    losses = [row for row in rows if "train_loss" in row]
+    loss_axes.plot([row["step"] for row in losses], [row["train_loss"] for row in losses],
+                   lw=0.8)
+    loss_axes.set_xlabel("step")
+    loss_axes.set_ylabel("train loss")
+    validation = [row for row in rows if "val_dice" in row]
+    if validation:
+        dice_axes = loss_axes.twinx()
+        dice_axes.plot([row["step"] for row in validation],
+                       [row["val_dice"] for row in validation], "o-", color="C1")
+        dice_axes.set_ylabel("val Dice")
+    figure.tight_layout()
+    return figure
+
+
 def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write the figure as a PNG atomically (temporary file in the same folder, then rename).
 

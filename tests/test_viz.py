@@ -116,3 +116,23 @@ def test_ddf_moves_grid_lines_by_the_displacement(tmp_path):
 def test_ddf_with_wrong_channel_count_is_rejected():
     with pytest.raises(ValueError, match="ddf of shape"):
         deformation_grid_figure(np.zeros((2, 4, 4, 4)))
+
+
+def test_dice_bar_figure_draws_one_bar_per_label_and_method():
+    from regflow.viz import dice_bar_figure
+
+    table = [{"label": "a", "method": "none", "dice": 0.5},
+             {"label": "a", "method": "regflow", "dice": 0.8},
+             {"label": "b", "method": "none", "dice": 0.4},
+             {"label": "b", "method": "regflow", "dice": 0.9}]
+    heights = sorted(round(bar.get_height(), 3) for bar in dice_bar_figure(table).axes[0].patches)
+    assert heights == [0.4, 0.5, 0.8, 0.9]
+
+
+def test_training_curve_figure_plots_loss_and_dice():
+    from regflow.viz import training_curve_figure
+
+    rows = [{"step": 1, "train_loss": 1.0}, {"step": 2, "train_loss": 0.5, "val_dice": 0.7}]
+    figure = training_curve_figure(rows)
+    assert list(figure.axes[0].lines[0].get_ydata()) == [1.0, 0.5]
+    assert list(figure.axes[1].lines[0].get_ydata()) == [0.7]
