@@ -6,15 +6,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from regflow import __version__, spatial
-from regflow.config import ModelConfig
 from regflow.errors import ConfigError, RegflowError
 from regflow.networks import build_backbone
+
+if TYPE_CHECKING:
+    from regflow.config import ModelConfig
 
 METHODS = ("ddf", "dvf", "affine", "conditional")
 CHECKPOINT_KEYS = ("config", "state_dict", "regflow_version", "extra")
