@@ -189,6 +189,8 @@ def _column(payload: Mapping[str, Any], field: str) -> list[Any]:
     values = payload[field]
     if hasattr(values, "tolist") and not isinstance(values, str):  # numpy array, pandas Series
         values = values.tolist()
+        if len(values) == 1 and isinstance(values[0], list | tuple):
+            values = list(values[0])  # MLflow turns a dict of lists into one row of lists
     if isinstance(values, str):
         return [values]
     if not isinstance(values, Sequence):

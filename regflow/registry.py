@@ -51,7 +51,7 @@ def champion_metrics(client: mlflow.MlflowClient, name: str) -> tuple[str | None
         return None, {}
     values = {key.removeprefix("eval."): float(value) for key, value in version.tags.items()
               if key.startswith("eval.")}
-    return version.version, values
+    return str(version.version), values
 
 
 def should_promote(candidate: dict[str, float], champion: dict[str, float] | None,

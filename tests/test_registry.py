@@ -1,0 +1,147 @@
+import json
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from regflow import tracking
+from regflow.codec import decode_volume
+from regflow.config import load_config
+from regflow.engine import Trainer
+from regflow.errors import RegflowError
+from regflow.pipeline import evaluate_stage
+from regflow.registry import pip_requirements, register_stage, should_promote
+from regflow.serving import input_example
+
+DVC_LOCK = """\
+schema: '2.0'
+stages:
+  train:
+    cmd: regflow train
+    deps:
+    - path: data/processed/tiny
+      md5: 0123456789abcdef.dir
+    - path: regflow/engine.py
+      md5: fedcba9876543210
+"""
+
+
+def test_first_model_is_promoted():
+    assert should_promote({"dice_mean": 0.1, "folding_pct": 0.0}, None, 1.0) == (
+        True, "no champion yet")
+    assert should_promote({"dice_mean": 0.1}, {}, 1.0)[0]
+
+
+def test_worse_dice_is_not_promoted():
+    promote, reason = should_promote({"dice_mean": 0.70, "folding_pct": 0.1},
+                                     {"dice_mean": 0.75}, 1.0)
+    assert not promote
+    assert reason == "Dice 0.7000 below the champion's 0.7500"
+
+
+def test_folding_above_the_limit_is_not_promoted_even_with_better_dice():
+    promote, reason = should_promote({"dice_mean": 0.90, "folding_pct": 1.5},
+                                     {"dice_mean": 0.75}, 1.0)
+    assert not promote
+    assert reason == "folding 1.500% above the 1.0% limit"
+    assert not should_promote({"dice_mean": 0.9, "folding_pct": 1.5}, None, 1.0)[0]
+    assert should_promote({"dice_mean": 0.9, "folding_pct": 1.0}, {"dice_mean": 0.75}, 1.0)[0]
+
+
+def test_equal_dice_is_promoted():
+    promote, reason = should_promote({"dice_mean": 0.75, "folding_pct": 0.0},
+                                     {"dice_mean": 0.75}, 1.0)
+    assert promote
+    assert reason == "Dice 0.7500 not below the champion's 0.7500"
+
+
+def test_candidate_without_dice_does_not_replace_a_champion():
+    assert not should_promote({"folding_pct": 0.0}, {"dice_mean": 0.2}, 1.0)[0]
+
+
+def test_pip_requirements_take_the_lock_file_pins(tmp_path):
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("Torch==2.13.0\nnumpy==2.3.1\n# comment\nMLflow==3.17.2\n")
+    requirements = pip_requirements(lock)
+    assert requirements[:3] == ["Torch==2.13.0", "numpy==2.3.1", "scipy"]
+    assert "MLflow==3.17.2" in requirements
+    assert pip_requirements(tmp_path / "absent.lock")[0] == "torch"
+
+
+def test_register_without_a_trained_model_is_one_line(tiny_project):
+    config = load_config(tiny_project)
+    with pytest.raises(RegflowError, match=r"models/tiny/best.pt: no trained model"):
+        register_stage(config)
+
+
+def register_with(config, metrics: dict[str, float]) -> dict:
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/eval.json").write_text(json.dumps(metrics))
+    decision = register_stage(config)
+    assert json.loads(Path("models/registered.json").read_text()) == decision
+    return decision
+
+
+def aliases(name: str) -> dict[str, str]:
+    model = mlflow.MlflowClient().get_registered_model(name)
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def test_register_gates_champion_on_evaluation_metrics(tiny_project):
+    name = f"regflow-test-{uuid.uuid4().hex[:8]}"
+    config = load_config(tiny_project, [f"registry.model_name={name}", "train.steps=2",
+                                        "train.val_every=2", "evaluate.hd95=false",
+                                        "evaluate.save_volumes=false"])
+    Path("dvc.lock").write_text(DVC_LOCK)
+    result = Trainer(config, Path("data/processed/tiny/manifest.json"), Path("models/tiny")).fit()
+    headline = evaluate_stage(config)
+    client = mlflow.MlflowClient()
+
+    first = register_stage(config)
+    assert json.loads(Path("models/registered.json").read_text()) == first
+    assert (first["version"], first["champion"], first["reason"]) == ("1", True,
+                                                                     "no champion yet")
+    assert first["run_id"] == result.run_id
+    assert first["model_uri"] == f"models:/{name}/1"
+    assert aliases(name) == {"champion": "1", "challenger": "1"}
+    tags = client.get_model_version(name, "1").tags
+    assert float(tags["eval.dice_mean"]) == pytest.approx(headline["dice_mean"])
+    assert float(tags["eval.folding_pct"]) == pytest.approx(headline["folding_pct"])
+    assert tags["run_id"] == result.run_id
+    assert tags["data.md5.data/processed/tiny"] == "0123456789abcdef.dir"
+    for key, value in tracking.run_tags().items():  # git tags too, when inside a repository
+        assert tags[key] == value
+    assert tags["regflow.decision"] == "promoted: no champion yet"
+    assert client.get_model_version(name, "1").run_id == result.run_id
+
+    worse = register_with(config, {**headline, "dice_mean": headline["dice_mean"] - 0.1})
+    assert (worse["version"], worse["champion"], worse["champion_before"]) == ("2", False, "1")
+    assert worse["reason"] == (f"Dice {headline['dice_mean'] - 0.1:.4f} below the champion's "
+                               f"{headline['dice_mean']:.4f}")
+    assert aliases(name) == {"champion": "1", "challenger": "2"}
+    assert client.get_model_version(name, "2").tags["regflow.decision"].startswith(
+        "kept champion: Dice")
+
+    folded = register_with(config, {**headline, "dice_mean": headline["dice_mean"] + 0.2,
+                                    "folding_pct": 3.0})
+    assert (folded["version"], folded["champion"]) == ("3", False)
+    assert folded["reason"] == "folding 3.000% above the 1.0% limit"
+    assert aliases(name) == {"champion": "1", "challenger": "3"}
+
+    better = register_with(config, {**headline, "dice_mean": headline["dice_mean"] + 0.05,
+                                    "folding_pct": 0.0})
+    assert (better["version"], better["champion"], better["champion_before"]) == ("4", True, "1")
+    assert aliases(name) == {"champion": "4", "challenger": "4"}
+    assert float(client.get_model_version(name, "4").tags["eval.dice_mean"]) == pytest.approx(
+        headline["dice_mean"] + 0.05)
+
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # the input example's form
+    answer = served.predict(input_example((9, 11, 7)))
+    assert sorted(answer) == ["ddf", "warped"]
+    ddf, affine, encoding = decode_volume(answer["ddf"][0], "ddf", channels=True)
+    warped, _, _ = decode_volume(answer["warped"][0], "warped")
+    assert (ddf.shape, warped.shape, encoding) == ((3, 9, 11, 7), (9, 11, 7), "nii.gz")
+    np.testing.assert_allclose(affine, np.eye(4))
+    assert np.isfinite(ddf).all()
