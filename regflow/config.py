@@ -17,6 +17,7 @@ from regflow.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 Shape3 = Annotated[list[PositiveInt], Field(min_length=2, max_length=3)]
 
 
@@ -129,6 +130,7 @@ class BackboneConfig(Section):
 
     name: Literal["local", "global", "unet"] = "local"
     channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
+    norm: Literal["instance", "batch", "none"] = "instance"
 
 
 class ModelConfig(Section):
@@ -164,6 +166,7 @@ class OptimizerConfig(Section):
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: NonNegativeInt = 0
     clip_grad_norm: NonNegativeFloat = 0.0
 
 

@@ -60,6 +60,7 @@ class RegistrationModel(nn.Module):
         method: one of :data:`METHODS`.
         backbone: "local", "unet" or "global" (the latter only, and always, for "affine").
         channels: features per backbone level, e.g. ``(16, 32, 64)``.
+        norm: backbone feature normalisation: "instance", "batch" or "none".
         ndim: 2 or 3 spatial dimensions.
         integration_steps: squarings for "dvf".
         label_channels: label channels of the "conditional" input and output.
@@ -70,7 +71,8 @@ class RegistrationModel(nn.Module):
 
     def __init__(self, method: str = "ddf", backbone: str = "local",
                  channels: Sequence[int] = (16, 32, 64), ndim: int = 3,
-                 integration_steps: int = 7, label_channels: int = 1) -> None:
+                 integration_steps: int = 7, label_channels: int = 1,
+                 norm: str = "instance") -> None:
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"train.model.method: unknown method {method!r}; "
@@ -84,12 +86,14 @@ class RegistrationModel(nn.Module):
         self.ndim = ndim
         self.integration_steps = integration_steps
         self.label_channels = label_channels
+        self.norm = norm
         conditional = method == "conditional"
         self.backbone = build_backbone(
             backbone, ndim,
             in_channels=2 + label_channels if conditional else 2,
             out_channels=label_channels if conditional else ndim,
             channels=self.channels,
+            norm=norm,
         )
 
     @classmethod
@@ -105,7 +109,7 @@ class RegistrationModel(nn.Module):
         return cls(method=model_config.method, backbone=model_config.backbone.name,
                    channels=model_config.backbone.channels, ndim=ndim,
                    integration_steps=model_config.integration_steps,
-                   label_channels=label_channels)
+                   label_channels=label_channels, norm=model_config.backbone.norm)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -113,7 +117,7 @@ class RegistrationModel(nn.Module):
         return {"method": self.method, "backbone": self.backbone_name,
                 "channels": list(self.channels), "ndim": self.ndim,
                 "integration_steps": self.integration_steps,
-                "label_channels": self.label_channels}
+                "label_channels": self.label_channels, "norm": self.norm}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
                 moving_label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from regflow.config import load_config
-from regflow.engine import Trainer, config_digest
+from regflow.engine import Trainer, build_optimizer, config_digest
 from regflow.models import RegistrationModel
 
 
@@ -97,3 +98,24 @@ def test_bad_training_config_is_one_line_exit_2(tiny_project, override):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert override.split("=")[0] in result.stderr
+
+
+@pytest.mark.parametrize(("schedule", "last_factor"), [
+    ("cosine", 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 19 / 20))),  # last of 20 decay steps
+    ("step", 0.09), ("constant", 1.0)])
+def test_learning_rate_warms_up_linearly_then_follows_the_schedule(tmp_path, schedule,
+                                                                   last_factor):
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\n")
+    config = load_config(params, ["train.steps=30", "train.optimizer.lr=0.01",
+                                  "train.optimizer.warmup_steps=10",
+                                  f"train.optimizer.schedule={schedule}"])
+    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), config)
+    rates = []
+    for _ in range(30):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:10] == pytest.approx([0.001 * (step + 1) for step in range(10)])
+    assert rates[10] == pytest.approx(0.01)
+    assert rates[-1] == pytest.approx(0.01 * last_factor)

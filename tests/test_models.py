@@ -160,11 +160,13 @@ def test_gradients_reach_every_parameter(method, backbone):
 
 
 def test_from_config_and_config_property():
-    model_config = ModelConfig(method="dvf", backbone={"name": "unet", "channels": [4, 8, 8]},
-                               integration_steps=3)
+    model_config = ModelConfig(method="dvf", integration_steps=3,
+                               backbone={"name": "unet", "channels": [4, 8, 8], "norm": "batch"})
     model = RegistrationModel.from_config(model_config, ndim=2, label_channels=4)
     assert model.config == {"method": "dvf", "backbone": "unet", "channels": [4, 8, 8],
-                            "ndim": 2, "integration_steps": 3, "label_channels": 4}
+                            "ndim": 2, "integration_steps": 3, "label_channels": 4,
+                            "norm": "batch"}
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     assert RegistrationModel(**model.config).config == model.config
 
 

@@ -78,10 +78,32 @@ def gaussian_smoothing_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def _box_sums(padded: torch.Tensor, width: int, length: int, axis: int) -> torch.Tensor:
+    """Sums of ``width`` consecutive entries along ``axis`` at the first ``length`` positions.
+
+    Blocks of 1, 2, 4, ... entries are built by doubling and those in the binary expansion of
+    ``width`` added up: 4 additions for a 9-wide box instead of 8.
+    """
+    total, offset = None, 0
+    block, block_width, remaining = padded, 1, width
+    while remaining:
+        if remaining & 1:
+            part = block.narrow(axis, offset, length)
+            total = part if total is None else total + part
+            offset += block_width
+        remaining >>= 1
+        if remaining:
+            size = block.shape[axis] - block_width
+            block = block.narrow(axis, 0, size) + block.narrow(axis, block_width, size)
+            block_width *= 2
+    return total
+
+
 def _filter_axis(volume: torch.Tensor, taps: list[float], axis: int) -> torch.Tensor:
     """Correlate along one tensor axis with zero padding: a weighted sum of shifted copies.
 
-    On CPU this is several times faster than a single-channel convolution for short kernels.
+    On CPU this is several times faster than a single-channel convolution for short kernels; a
+    window of equal taps (rectangular) takes the cheaper doubling sums of :func:`_box_sums`.
     """
     half = len(taps) // 2
     length = volume.shape[axis]
@@ -89,10 +111,39 @@ def _filter_axis(volume: torch.Tensor, taps: list[float], axis: int) -> torch.Te
     padding[2 * (volume.dim() - 1 - axis)] = half
     padding[2 * (volume.dim() - 1 - axis) + 1] = half
     padded = F.pad(volume, padding)
+    if len(set(taps)) == 1:
+        box = _box_sums(padded, len(taps), length, axis)
+        return box if taps[0] == 1 else box * taps[0]
     filtered = padded.narrow(axis, 0, length) * taps[0]
     for offset, tap in enumerate(taps[1:], start=1):
         filtered.add_(padded.narrow(axis, offset, length), alpha=tap)
     return filtered
+
+
+def _correlate(volume: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
+    """Correlate with ``taps`` along every spatial axis in turn (zero padding, same size)."""
+    filtered = volume
+    for axis in range(2, volume.dim()):
+        filtered = _filter_axis(filtered, list(taps), axis)
+    return filtered
+
+
+class _SeparableCorrelation(torch.autograd.Function):
+    """Separable correlation whose gradient is the correlation with the mirrored taps.
+
+    Zero-padded same-size correlation is linear, and its adjoint is the same operation with the
+    kernel reversed; backward therefore costs one filtering pass, where autograd through the
+    shifted copies would build and sum a zero-filled gradient for every tap.
+    """
+
+    @staticmethod
+    def forward(ctx, volume: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
+        ctx.taps = taps
+        return _correlate(volume, taps)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _SeparableCorrelation.apply(grad_output, ctx.taps[::-1]), None
 
 
 def separable_filter(volume: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -106,11 +157,7 @@ def separable_filter(volume: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor
         (B, C, *S) filtered volume: out[x] = sum_o prod_i kernel[o_i] * volume[x + o] over offsets
         o in [-k//2, k//2]^n, with zeros outside the volume.
     """
-    taps = kernel.tolist()
-    filtered = volume
-    for axis in range(2, volume.dim()):
-        filtered = _filter_axis(filtered, taps, axis)
-    return filtered
+    return _SeparableCorrelation.apply(volume, tuple(kernel.tolist()))
 
 
 def window_weight(kernel: torch.Tensor, spatial: list[int] | tuple[int, ...]) -> torch.Tensor:

@@ -128,11 +128,10 @@ def gncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8) -> torch.
 def _parzen_weights(image: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian Parzen window memberships, (B, C, *S) -> (B, N, bins), each row summing to 1."""
     samples = image.clamp(0, 1).reshape(image.shape[0], -1, 1)  # (B, N, 1)
-    distance = (samples - centres).square()  # (B, N, bins)
-    # subtract the nearest bin's distance so that a narrow sigma cannot underflow every bin to 0
-    distance = distance - distance.min(dim=-1, keepdim=True).values.detach()
-    weights = torch.exp(-0.5 * distance / sigma**2)
-    return weights / weights.sum(dim=-1, keepdim=True)
+    # softmax subtracts the largest exponent (the nearest bin's), so that a narrow sigma cannot
+    # underflow every bin to 0, and normalises, in one fused pass forward and one backward
+    exponents = (samples - centres).square().mul_(-0.5 / sigma**2)  # (B, N, bins)
+    return torch.softmax(exponents, dim=-1)
 
 
 def gmi(fixed: torch.Tensor, warped: torch.Tensor, num_bins: int = 23, sigma_ratio: float = 0.5,

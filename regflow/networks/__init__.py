@@ -17,7 +17,7 @@ BACKBONES: dict[str, type[nn.Module]] = {"local": LocalNet, "global": GlobalNet,
 
 
 def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
-                   channels: Sequence[int]) -> nn.Module:
+                   channels: Sequence[int], norm: str = "instance") -> nn.Module:
     """Build a backbone by its config name (``train.model.backbone.name``).
 
     Args:
@@ -27,6 +27,7 @@ def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
         out_channels: output channels of a dense backbone (``ndim`` for a DDF/DVF). Ignored by
             "global", whose output is always theta (B, ndim, ndim + 1).
         channels: features per level, e.g. ``[16, 32, 64]``.
+        norm: feature normalisation: "instance", "batch" or "none".
 
     Returns:
         The network: (B, in_channels, *S) -> (B, out_channels, *S), or theta for "global".
@@ -38,5 +39,5 @@ def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
         raise ConfigError(f"train.model.backbone.name: unknown backbone {name!r}; "
                           f"known: {', '.join(BACKBONES)}")
     if name == "global":
-        return GlobalNet(ndim, in_channels, channels)
-    return BACKBONES[name](ndim, in_channels, out_channels, channels)
+        return GlobalNet(ndim, in_channels, channels, norm)
+    return BACKBONES[name](ndim, in_channels, out_channels, channels, norm)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from regflow.networks.layers import Encoder, check_ndim, pad_to_multiple
+from regflow.networks.layers import Encoder, channels_last, check_ndim, pad_to_multiple
 
 
 class GlobalNet(nn.Module):
@@ -22,14 +22,15 @@ class GlobalNet(nn.Module):
         ndim: 2 or 3 spatial dimensions.
         in_channels: input channels (2: moving and fixed image).
         channels: features per encoder level; ``depth = len(channels)``.
+        norm: feature normalisation: "instance", "batch" or "none".
     """
 
     def __init__(self, ndim: int, in_channels: int,
-                 channels: Sequence[int] = (16, 32, 64)) -> None:
+                 channels: Sequence[int] = (16, 32, 64), norm: str = "instance") -> None:
         super().__init__()
         self.ndim = check_ndim(ndim)
         self.depth = len(channels)
-        self.encoder = Encoder(ndim, in_channels, channels, residual=True)
+        self.encoder = Encoder(ndim, in_channels, channels, residual=True, norm=norm)
         self.head = nn.Linear(2 * channels[-1], ndim * (ndim + 1))
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
@@ -45,6 +46,6 @@ class GlobalNet(nn.Module):
             theta: (B, ndim, ndim + 1), voxel units for the translation column.
         """
         padded, _ = pad_to_multiple(image, 2**self.depth)
-        _, features = self.encoder(padded)
+        _, features = self.encoder(channels_last(padded))
         pooled = features.flatten(2).mean(dim=2)  # (B, 2 * channels[-1])
         return self.head(pooled).view(-1, self.ndim, self.ndim + 1)

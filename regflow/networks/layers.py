@@ -2,12 +2,18 @@
 
 Design choices (kept here so that every backbone follows them):
 
-- No normalisation layers. Registration batches hold 1-4 pairs, for which BatchNorm statistics are
-  noise and train/eval modes disagree; InstanceNorm discards the intensity contrast that the image
-  similarity needs. Both also cost two extra passes over every feature map on CPU. Residual blocks,
-  Kaiming initialisation and LeakyReLU keep these shallow (3-4 level) networks stable without them.
+- Normalisation after every convolution of a ConvBlock, chosen by ``norm``: "instance" (the
+  default), "batch" or "none". Instance normalisation makes these networks learn several times
+  faster: on msd-hippocampus, LocalNet [8, 16, 32] reached validation Dice 0.76 in 400 steps with
+  it and stayed at the unregistered 0.53-0.55 without it (the fields are still predicted from the
+  raw image pair; only hidden features are normalised). It is computed as ``GroupNorm(C, C)``
+  (the same values) which runs about 1.8x faster on CPU than ``InstanceNorm3d``. BatchNorm's
+  statistics are noisy for the 1-4 pairs of a registration batch.
 - LeakyReLU(0.2) in place, max pooling down, kernel-2 stride-2 transposed convolutions up (cheap and
   free of checkerboard artefacts because kernel == stride).
+- 3-D backbones run their features in ``channels_last_3d`` memory order (values, shapes and the
+  parameters' layout are unchanged; outputs are contiguous again): oneDNN's CPU convolutions are
+  about 1.4x faster in it, forward and backward.
 - Inputs of any size are padded (replicate, at the far end of each axis) to a multiple of
   ``2**depth`` and outputs cropped back, so a 35x50x36 volume works with any depth.
 """
@@ -20,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regflow.errors import RegflowError
+from regflow.errors import ConfigError, RegflowError
 
 NEGATIVE_SLOPE = 0.2
 FIELD_INIT_STD = 1e-5
+NORMS = ("instance", "batch", "none")
 
 
 def check_ndim(ndim: int) -> int:
@@ -35,6 +42,13 @@ def check_ndim(ndim: int) -> int:
     if ndim not in (2, 3):
         raise RegflowError(f"networks: ndim must be 2 or 3, got {ndim}")
     return ndim
+
+
+def channels_last(image: torch.Tensor) -> torch.Tensor:
+    """(B, C, D, H, W) -> the same values in ``channels_last_3d`` order; 2-D inputs unchanged."""
+    if image.dim() != 5:
+        return image
+    return image.contiguous(memory_format=torch.channels_last_3d)
 
 
 def conv(ndim: int, in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Module:
@@ -61,21 +75,35 @@ def field_head(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     return head
 
 
-class ConvBlock(nn.Sequential):
-    """3^ndim convolution followed by LeakyReLU(0.2): (B, in, *S) -> (B, out, *S)."""
+def normalisation(ndim: int, channels: int, norm: str) -> nn.Module:
+    """The feature normalisation named by ``norm`` (one of :data:`NORMS`) for ``channels``."""
+    if norm == "instance":
+        return nn.GroupNorm(channels, channels)
+    if norm == "batch":
+        return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[check_ndim(ndim)](channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ConfigError(f"train.model.backbone.norm: unknown norm {norm!r}; "
+                      f"known: {', '.join(NORMS)}")
 
-    def __init__(self, ndim: int, in_channels: int, out_channels: int) -> None:
+
+class ConvBlock(nn.Sequential):
+    """3^ndim convolution, normalisation, LeakyReLU(0.2): (B, in, *S) -> (B, out, *S)."""
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, norm: str) -> None:
         super().__init__(conv(ndim, in_channels, out_channels),
+                         normalisation(ndim, out_channels, norm),
                          nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True))
 
 
 class ResidualBlock(nn.Module):
     """Two 3^ndim convolutions with an identity shortcut: (B, C, *S) -> (B, C, *S)."""
 
-    def __init__(self, ndim: int, channels: int) -> None:
+    def __init__(self, ndim: int, channels: int, norm: str) -> None:
         super().__init__()
-        self.first = ConvBlock(ndim, channels, channels)
-        self.second = conv(ndim, channels, channels)
+        self.first = ConvBlock(ndim, channels, channels, norm)
+        self.second = nn.Sequential(conv(ndim, channels, channels),
+                                    normalisation(ndim, channels, norm))
         self.activation = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -83,11 +111,12 @@ class ResidualBlock(nn.Module):
         return self.activation(self.second(self.first(features)) + features)
 
 
-def level_block(ndim: int, in_channels: int, out_channels: int, residual: bool) -> nn.Sequential:
+def level_block(ndim: int, in_channels: int, out_channels: int, residual: bool,
+                norm: str) -> nn.Sequential:
     """One resolution level: ConvBlock(in -> out) then a ResidualBlock or a second ConvBlock."""
-    second = ResidualBlock(ndim, out_channels) if residual else ConvBlock(ndim, out_channels,
-                                                                         out_channels)
-    return nn.Sequential(ConvBlock(ndim, in_channels, out_channels), second)
+    second = (ResidualBlock(ndim, out_channels, norm) if residual
+              else ConvBlock(ndim, out_channels, out_channels, norm))
+    return nn.Sequential(ConvBlock(ndim, in_channels, out_channels, norm), second)
 
 
 class Encoder(nn.Module):
@@ -102,18 +131,20 @@ class Encoder(nn.Module):
         in_channels: input channels (2 for a moving/fixed pair).
         channels: features per level, e.g. ``[16, 32, 64]``.
         residual: ResidualBlock (True) or a second plain ConvBlock (False) in each level.
+        norm: feature normalisation, one of :data:`NORMS`.
     """
 
     def __init__(self, ndim: int, in_channels: int, channels: Sequence[int],
-                 residual: bool) -> None:
+                 residual: bool, norm: str = "instance") -> None:
         super().__init__()
         if not channels:
             raise RegflowError("networks: channels must list at least one level")
         widths = [in_channels, *channels]
         self.levels = nn.ModuleList(
-            level_block(ndim, widths[i], widths[i + 1], residual) for i in range(len(channels))
+            level_block(ndim, widths[i], widths[i + 1], residual, norm)
+            for i in range(len(channels))
         )
-        self.bottom = level_block(ndim, channels[-1], 2 * channels[-1], residual)
+        self.bottom = level_block(ndim, channels[-1], 2 * channels[-1], residual, norm)
         self.pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[check_ndim(ndim)](kernel_size=2)
 
     def forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -10,6 +10,7 @@ from torch import nn
 from regflow.networks.layers import (
     Encoder,
     ResidualBlock,
+    channels_last,
     crop_to,
     field_head,
     pad_to_multiple,
@@ -31,17 +32,18 @@ class LocalNet(nn.Module):
         out_channels: output channels (``ndim`` for a DDF/DVF).
         channels: features per level; ``depth = len(channels)`` poolings, bottom at
             ``2 * channels[-1]`` features.
+        norm: feature normalisation: "instance", "batch" or "none".
     """
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
-                 channels: Sequence[int] = (16, 32, 64)) -> None:
+                 channels: Sequence[int] = (16, 32, 64), norm: str = "instance") -> None:
         super().__init__()
-        self.encoder = Encoder(ndim, in_channels, channels, residual=True)
+        self.encoder = Encoder(ndim, in_channels, channels, residual=True, norm=norm)
         self.depth = len(channels)
         widths = [*channels, 2 * channels[-1]]
         self.ups = nn.ModuleList(upsample(ndim, widths[i + 1], widths[i])
                                  for i in range(self.depth))
-        self.decoders = nn.ModuleList(ResidualBlock(ndim, width) for width in channels)
+        self.decoders = nn.ModuleList(ResidualBlock(ndim, width, norm) for width in channels)
         self.heads = nn.ModuleList(field_head(ndim, width, out_channels) for width in widths)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -54,9 +56,9 @@ class LocalNet(nn.Module):
             (B, out_channels, *S): e.g. a DDF in voxels, ~0 at initialisation.
         """
         padded, shape = pad_to_multiple(image, 2**self.depth)
-        skips, features = self.encoder(padded)
+        skips, features = self.encoder(channels_last(padded))
         field = self.heads[-1](features)
         for level in reversed(range(self.depth)):
             features = self.decoders[level](self.ups[level](features) + skips[level])
             field = resize(field, features.shape[2:]) + self.heads[level](features)
-        return crop_to(field, shape)
+        return crop_to(field, shape).contiguous()

@@ -9,6 +9,7 @@ from torch import nn
 
 from regflow.networks.layers import (
     Encoder,
+    channels_last,
     crop_to,
     field_head,
     level_block,
@@ -26,18 +27,19 @@ class UNet(nn.Module):
         out_channels: output channels (``ndim`` for a DDF/DVF, label channels for conditional).
         channels: features per level; ``depth = len(channels)`` poolings, bottom at
             ``2 * channels[-1]`` features.
+        norm: feature normalisation: "instance", "batch" or "none".
     """
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
-                 channels: Sequence[int] = (16, 32, 64)) -> None:
+                 channels: Sequence[int] = (16, 32, 64), norm: str = "instance") -> None:
         super().__init__()
-        self.encoder = Encoder(ndim, in_channels, channels, residual=False)
+        self.encoder = Encoder(ndim, in_channels, channels, residual=False, norm=norm)
         self.depth = len(channels)
         widths = [*channels, 2 * channels[-1]]
         self.ups = nn.ModuleList(upsample(ndim, widths[i + 1], widths[i])
                                  for i in range(self.depth))
-        self.decoders = nn.ModuleList(level_block(ndim, 2 * width, width, residual=False)
-                                      for width in channels)
+        self.decoders = nn.ModuleList(
+            level_block(ndim, 2 * width, width, residual=False, norm=norm) for width in channels)
         self.head = field_head(ndim, channels[0], out_channels)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -50,8 +52,8 @@ class UNet(nn.Module):
             (B, out_channels, *S), ~0 at initialisation.
         """
         padded, shape = pad_to_multiple(image, 2**self.depth)
-        skips, features = self.encoder(padded)
+        skips, features = self.encoder(channels_last(padded))
         for level in reversed(range(self.depth)):
             merged = torch.cat([self.ups[level](features), skips[level]], dim=1)
             features = self.decoders[level](merged)
-        return crop_to(self.head(features), shape)
+        return crop_to(self.head(features), shape).contiguous()

@@ -5,7 +5,7 @@ import torch
 
 from regflow.errors import ConfigError, RegflowError
 from regflow.networks import GlobalNet, LocalNet, UNet, build_backbone
-from regflow.networks.layers import crop_to, pad_to_multiple
+from regflow.networks.layers import crop_to, normalisation, pad_to_multiple
 
 CHANNELS = [4, 8]
 SHAPES = {3: (35, 50, 36), 2: (35, 50)}
@@ -43,8 +43,8 @@ def test_globalnet_is_exactly_identity_at_init(shape):
 
 @pytest.mark.parametrize("network", [LocalNet, UNet])
 def test_samples_in_a_batch_are_independent(network):
-    net = network(3, 2, 3, CHANNELS)
-    images = torch.rand(2, 2, 16, 12, 20)
+    net = network(3, 2, 3, CHANNELS).double()  # instance norm's sums differ in float32 rounding
+    images = torch.rand(2, 2, 16, 12, 20, dtype=torch.float64)
     together = net(images)
     alone = net(images[1:])
     torch.testing.assert_close(together[1:], alone, rtol=1e-4, atol=1e-9)
@@ -112,3 +112,28 @@ def test_unsupported_ndim_is_an_error():
 def test_empty_channels_is_an_error():
     with pytest.raises(RegflowError, match="at least one level"):
         build_backbone("unet", 3, 2, 3, [])
+
+
+@pytest.mark.parametrize(("norm", "kind"), [("instance", torch.nn.GroupNorm),
+                                            ("batch", torch.nn.BatchNorm3d), ("none", None)])
+def test_norm_option_selects_the_feature_normalisation(norm, kind):
+    net = LocalNet(3, 2, 3, CHANNELS, norm=norm)
+    found = {type(module) for module in net.modules()} & {torch.nn.GroupNorm, torch.nn.BatchNorm3d}
+    assert found == ({kind} if kind else set())
+
+
+def test_instance_norm_normalises_each_channel_of_each_sample():
+    block = normalisation(3, 4, "instance")
+    features = 5 + 3 * torch.randn(2, 4, 6, 7, 5)
+    normalised = block(features)
+    torch.testing.assert_close(normalised.mean(dim=(2, 3, 4)), torch.zeros(2, 4), atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(normalised.std(dim=(2, 3, 4), unbiased=False), torch.ones(2, 4),
+                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(normalised, torch.nn.InstanceNorm3d(4)(features), atol=1e-5,
+                               rtol=0)
+
+
+def test_unknown_norm_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.model.backbone.norm"):
+        normalisation(3, 4, "layer")
