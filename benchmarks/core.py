@@ -50,6 +50,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,33 +127,34 @@ def _train_step(network: torch.nn.Module, warp: Callable, similarity: Callable,
     return run
 
 
-def regflow_case(row: str, inputs: dict[str, torch.Tensor]) -> Case:
-    """The regflow callable for ``row`` on ``inputs`` (see the module docstring)."""
+@dataclass(frozen=True)
+class Components:
+    """One implementation's parts, each called in regflow's argument order."""
+
+    warp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (image, ddf) -> warped
+    lncc: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (fixed, warped) -> loss
+    gmi: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (fixed, warped) -> loss
+    bending: Callable[[torch.Tensor], torch.Tensor]  # ddf -> loss
+    localnet: Callable[[], torch.nn.Module]  # a fresh (B, 2, *S) -> (B, 3, *S) network
+
+
+def regflow_components() -> Components:
+    """regflow's warp, losses and LocalNet (see the module docstring)."""
     from regflow.losses.deform import bending_energy
     from regflow.losses.image import gmi, lncc
     from regflow.networks import LocalNet
     from regflow.spatial import warp
 
-    fixed, moving = inputs["fixed"], inputs["moving"]
-    ddf = inputs["ddf"].clone().requires_grad_(True)
-    warped = moving.clone().requires_grad_(True)
-    if row == "warp":
-        return _backward(lambda field: warp(moving, field).sum(), ddf)
-    if row == "lncc":
-        return _backward(lambda image: lncc(fixed, image, KERNEL_SIZE, "rectangular"), warped)
-    if row == "gmi":
-        return _backward(lambda image: gmi(fixed, image, NUM_BINS, SIGMA_RATIO), warped)
-    if row == "bending_energy":
-        return _backward(bending_energy, ddf)
-    network = LocalNet(ndim=3, in_channels=2, out_channels=3, channels=CHANNELS)
-    if row == "localnet_forward":
-        return _forward(network, torch.cat([moving, fixed], dim=1))
-    return _train_step(network, warp, lambda f, w: lncc(f, w, KERNEL_SIZE, "rectangular"),
-                       bending_energy, inputs)
+    return Components(
+        warp=warp,
+        lncc=lambda fixed, warped: lncc(fixed, warped, KERNEL_SIZE, "rectangular"),
+        gmi=lambda fixed, warped: gmi(fixed, warped, NUM_BINS, SIGMA_RATIO),
+        bending=bending_energy,
+        localnet=lambda: LocalNet(ndim=3, in_channels=2, out_channels=3, channels=CHANNELS))
 
 
-def monai_case(row: str, inputs: dict[str, torch.Tensor]) -> Case:
-    """The MONAI callable for ``row`` on ``inputs`` (needs MONAI installed)."""
+def monai_components() -> Components:
+    """MONAI's equivalents (needs MONAI installed; imported here because it takes ~5 s)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Using PyTorch native grid_sample" and friends
         from monai.losses import (
@@ -167,24 +169,42 @@ def monai_case(row: str, inputs: dict[str, torch.Tensor]) -> Case:
     ncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=KERNEL_SIZE,
                                               kernel_type="rectangular")
     mutual_information = GlobalMutualInformationLoss(num_bins=NUM_BINS, sigma_ratio=SIGMA_RATIO)
-    bending = BendingEnergyLoss()
+    return Components(
+        warp=warp,
+        lncc=lambda fixed, warped: ncc(warped, fixed),
+        gmi=lambda fixed, warped: mutual_information(warped, fixed),
+        bending=BendingEnergyLoss(),
+        localnet=lambda: LocalNet(spatial_dims=3, in_channels=2, out_channels=3,
+                                  num_channel_initial=CHANNELS[0],
+                                  extract_levels=tuple(range(len(CHANNELS) + 1))))
+
+
+def build_case(row: str, inputs: dict[str, torch.Tensor], parts: Components) -> Case:
+    """The callable timed for ``row``, made of one implementation's ``parts``."""
     fixed, moving = inputs["fixed"], inputs["moving"]
     ddf = inputs["ddf"].clone().requires_grad_(True)
     warped = moving.clone().requires_grad_(True)
     if row == "warp":
-        return _backward(lambda field: warp(moving, field).sum(), ddf)
+        return _backward(lambda field: parts.warp(moving, field).sum(), ddf)
     if row == "lncc":
-        return _backward(lambda image: ncc(image, fixed), warped)
+        return _backward(lambda image: parts.lncc(fixed, image), warped)
     if row == "gmi":
-        return _backward(lambda image: mutual_information(image, fixed), warped)
+        return _backward(lambda image: parts.gmi(fixed, image), warped)
     if row == "bending_energy":
-        return _backward(bending, ddf)
-    network = LocalNet(spatial_dims=3, in_channels=2, out_channels=3,
-                       num_channel_initial=CHANNELS[0],
-                       extract_levels=tuple(range(len(CHANNELS) + 1)))
+        return _backward(parts.bending, ddf)
     if row == "localnet_forward":
-        return _forward(network, torch.cat([moving, fixed], dim=1))
-    return _train_step(network, warp, lambda f, w: ncc(w, f), bending, inputs)
+        return _forward(parts.localnet(), torch.cat([moving, fixed], dim=1))
+    return _train_step(parts.localnet(), parts.warp, parts.lncc, parts.bending, inputs)
+
+
+def regflow_case(row: str, inputs: dict[str, torch.Tensor]) -> Case:
+    """The regflow callable for ``row`` on ``inputs``."""
+    return build_case(row, inputs, regflow_components())
+
+
+def monai_case(row: str, inputs: dict[str, torch.Tensor]) -> Case:
+    """The MONAI callable for ``row`` on ``inputs``."""
+    return build_case(row, inputs, monai_components())
 
 
 CASES = {"regflow": regflow_case, "monai": monai_case}
