@@ -250,6 +250,9 @@ def start_or_resume_run(experiment_name: str, run_id: str | None = None,
                         ) -> Iterator[mlflow.ActiveRun | None]:
     """Start a run (or resume ``run_id``) in the project store, tagged with :func:`run_tags`.
 
+    A resumed run keeps the provenance tags it was started with (the training's commit, stage and
+    data), so that evaluate and register, which log into the training run, do not overwrite them.
+
     On leaving the block the run ends as FINISHED, or FAILED when an exception escapes.
 
     Args:
@@ -280,5 +283,5 @@ def start_or_resume_run(experiment_name: str, run_id: str | None = None,
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                           run_name=run_name, nested=nested,
                           log_system_metrics=log_system_metrics) as active:
-        mlflow.set_tags({**run_tags(), **(tags or {})})
+        mlflow.set_tags({**(run_tags() if run_id is None else {}), **(tags or {})})
         yield active

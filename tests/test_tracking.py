@@ -171,6 +171,17 @@ def test_run_is_tagged_and_resume_continues_the_same_run(store):
     assert tags["mlflow.runName"] == "resume"
 
 
+def test_resumed_run_keeps_the_stage_it_was_started_by(store, monkeypatch):
+    monkeypatch.setenv("DVC_STAGE", "train")
+    with start_or_resume_run(EXPERIMENT, run_name="staged") as run:
+        pass
+    monkeypatch.setenv("DVC_STAGE", "register")
+    with start_or_resume_run(EXPERIMENT, run_id=run.info.run_id, tags={"registered": "yes"}):
+        pass
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags["dvc.stage"] == "train" and tags["registered"] == "yes"
+
+
 def test_resume_unknown_run_is_a_clear_error(store):
     with pytest.raises(RegflowError, match="run 0123abc: not found"):
         with start_or_resume_run(EXPERIMENT, run_id="0123abc"):
