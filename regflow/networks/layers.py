@@ -6,9 +6,10 @@ Design choices (kept here so that every backbone follows them):
   default), "batch" or "none". Instance normalisation makes these networks learn several times
   faster: on msd-hippocampus, LocalNet [8, 16, 32] reached validation Dice 0.76 in 400 steps with
   it, while without it LocalNet stayed near the unregistered 0.53-0.55 for its first 200 steps
-  (the fields are still predicted from the raw image pair; only hidden features are normalised). It is computed as ``GroupNorm(C, C)``
-  (the same values) which runs about 1.8x faster on CPU than ``InstanceNorm3d``. BatchNorm's
-  statistics are noisy for the 1-4 pairs of a registration batch.
+  (the fields are still predicted from the raw image pair; only hidden features are normalised).
+  It is computed as ``GroupNorm(C, C)`` (the same values), which runs about 1.8x faster on CPU
+  than ``InstanceNorm3d``. BatchNorm's statistics are noisy for the 1-4 pairs of a registration
+  batch.
 - LeakyReLU(0.2) in place, max pooling down, kernel-2 stride-2 transposed convolutions up (cheap and
   free of checkerboard artefacts because kernel == stride).
 - 3-D backbones run their features in ``channels_last_3d`` memory order (values, shapes and the
