@@ -248,7 +248,7 @@ def test_served_pair_is_registered_on_the_fixed_grid(champion, pair, single_answ
     dice_after = mean_dice(pair["fixed_label"].array, label[0])
     print(f"\npair {pair['fixed_path'].name} <- {pair['moving_path'].name}: Dice over labels "
           f"1,2 without registration {dice_before:.3f}, served registration {dice_after:.3f}")
-    assert dice_after > dice_before
+    assert dice_after > dice_before + 0.05
 
 
 def test_served_answer_matches_in_process_registration_and_latency(champion, server, pair,
