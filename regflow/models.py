@@ -14,6 +14,7 @@ from torch import nn
 from regflow import __version__, spatial
 from regflow.errors import ConfigError, RegflowError
 from regflow.networks import build_backbone
+from regflow.networks.layers import DEFAULT_NORM
 
 if TYPE_CHECKING:
     from regflow.config import ModelConfig
@@ -72,7 +73,7 @@ class RegistrationModel(nn.Module):
     def __init__(self, method: str = "ddf", backbone: str = "local",
                  channels: Sequence[int] = (16, 32, 64), ndim: int = 3,
                  integration_steps: int = 7, label_channels: int = 1,
-                 norm: str = "instance") -> None:
+                 norm: str = DEFAULT_NORM) -> None:
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"train.model.method: unknown method {method!r}; "

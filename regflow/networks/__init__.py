@@ -8,6 +8,7 @@ from torch import nn
 
 from regflow.errors import ConfigError
 from regflow.networks.global_ import GlobalNet
+from regflow.networks.layers import DEFAULT_NORM
 from regflow.networks.local import LocalNet
 from regflow.networks.unet import UNet
 
@@ -17,7 +18,7 @@ BACKBONES: dict[str, type[nn.Module]] = {"local": LocalNet, "global": GlobalNet,
 
 
 def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
-                   channels: Sequence[int], norm: str = "instance") -> nn.Module:
+                   channels: Sequence[int], norm: str = DEFAULT_NORM) -> nn.Module:
     """Build a backbone by its config name (``train.model.backbone.name``).
 
     Args:

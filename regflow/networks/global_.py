@@ -7,7 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from regflow.networks.layers import Encoder, channels_last, check_ndim, pad_to_multiple
+from regflow.networks.layers import (
+    DEFAULT_NORM,
+    Encoder,
+    channels_last,
+    check_ndim,
+    pad_to_multiple,
+)
 
 
 class GlobalNet(nn.Module):
@@ -26,7 +32,7 @@ class GlobalNet(nn.Module):
     """
 
     def __init__(self, ndim: int, in_channels: int,
-                 channels: Sequence[int] = (16, 32, 64), norm: str = "instance") -> None:
+                 channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM) -> None:
         super().__init__()
         self.ndim = check_ndim(ndim)
         self.depth = len(channels)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from regflow.networks.layers import (
+    DEFAULT_NORM,
     Encoder,
     ResidualBlock,
     channels_last,
@@ -36,7 +37,7 @@ class LocalNet(nn.Module):
     """
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
-                 channels: Sequence[int] = (16, 32, 64), norm: str = "instance") -> None:
+                 channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM) -> None:
         super().__init__()
         self.encoder = Encoder(ndim, in_channels, channels, residual=True, norm=norm)
         self.depth = len(channels)
