@@ -1,0 +1,139 @@
+"""The one way regflow writes a file or a folder: into a uniquely named temporary sibling, then an
+atomic rename, so that a reader, DVC or MLflow never sees a half-written output and concurrent
+writers of the same path never collide (the last rename wins, whole)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_sibling(path: Path, directory: bool = False) -> Path:
+    """A new, uniquely named file (or folder) next to ``path``, hidden, ending in ``.tmp``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix, suffix = f".{path.name}.", TEMPORARY_SUFFIX
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    os.close(handle)
+    os.chmod(name, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get the usual mode
+    return Path(name)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to; rename it into place on success.
+
+    The temporary file is removed when the block raises, and ``path`` keeps its old content.
+    Writers that take a file name (``torch.save``, ``nibabel.save``, ``figure.savefig``) write to
+    the yielded path; its suffix is ``.tmp``, so pass the format explicitly where a writer guesses
+    it from the name.
+    """
+    path = Path(path)
+    temporary = temporary_sibling(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """``open(path, mode)`` whose content appears at ``path`` only when the block completes."""
+    with atomic_path(path) as temporary, open(temporary, mode, **kwargs) as handle:
+        yield handle
+
+
+def write_bytes(path: str | Path, payload: bytes) -> Path:
+    """Write bytes atomically; returns ``path``."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(payload)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text (UTF-8) atomically; returns ``path``."""
+    return write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write indented, key-sorted JSON atomically; returns ``path``."""
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | Path, rows: Sequence[dict[str, Any]],
+              columns: Sequence[str] | None = None) -> Path:
+    """Write dict rows as CSV atomically; returns ``path``.
+
+    Args:
+        path: the CSV file.
+        rows: one dict per row; missing keys are written as empty cells.
+        columns: column order; default the union of the rows' keys in first-seen order.
+    """
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(key for key in row if key not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces ``path`` whole (old content removed).
+
+    A failure (or a kill) leaves ``path`` as it was; the staging folder is removed on failure and,
+    after a kill, is a hidden ``.<name>.*.tmp`` sibling that :func:`remove_stale_temporaries`
+    clears.
+    """
+    path = Path(path)
+    staging = temporary_sibling(path, directory=True)
+    try:
+        yield staging
+        retired = None
+        if path.exists():
+            retired = temporary_sibling(path, directory=True)
+            retired.rmdir()
+            os.replace(path, retired)
+        os.replace(staging, path)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the hidden ``.*.tmp`` files and folders that killed writers left in ``folder``."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for stale in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
