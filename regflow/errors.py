@@ -11,3 +11,11 @@ class ConfigError(RegflowError):
 
 class DataError(RegflowError):
     """A dataset file is missing, corrupt, fails its checksum or does not match its partner."""
+
+
+class RequestTooLarge(RegflowError):
+    """An input exceeds a configured resource limit (voxels, decompressed bytes, pairs): HTTP 413."""
+
+
+class NothingToRegister(DataError):
+    """An image carries no structure to align (constant or blank): HTTP 422."""
