@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regflow import tracking, viz
+from regflow import fileio, paths, tracking, viz
 from regflow.config import Config
 from regflow.data.loader import build_dataloader, read_manifest
 from regflow.evaluation import as_device, evaluate_pairs, summarise
@@ -179,10 +179,8 @@ class Trainer:
     def write_run_record(self) -> None:
         """Record the run id as soon as the run starts, so a crash before any checkpoint
         still resumes into the same MLflow run."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        temporary = self.run_record_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps({"run_id": self.run_id, "config_digest": self.digest}))
-        temporary.replace(self.run_record_path)
+        fileio.write_json(self.run_record_path,
+                          {"run_id": self.run_id, "config_digest": self.digest})
 
     def resume_if_possible(self) -> bool:
         """Load last.pt when it was written under the same config; True when resumed.
@@ -311,7 +309,7 @@ class Trainer:
         """
         settings = self.config.train
         resumed = self.resume_if_possible()
-        experiment = f"regflow-{self.manifest.get('dataset', self.config.data.dataset)}"
+        experiment = paths.experiment_name(self.manifest.get("dataset", self.config.data.dataset))
         loader = build_dataloader(self.manifest_path, "train", self.config, train=True)
         stopped_early = False
         with tracking.start_or_resume_run(experiment, run_id=self.run_id,

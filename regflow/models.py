@@ -3,7 +3,6 @@ checkpoints (constructor config + weights + regflow version)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,7 @@ from torch import nn
 
 from regflow import __version__, spatial
 from regflow.errors import ConfigError, RegflowError
+from regflow.fileio import atomic_path
 from regflow.networks import build_backbone
 from regflow.networks.layers import DEFAULT_NORM
 
@@ -166,19 +166,16 @@ class RegistrationModel(nn.Module):
         return outputs
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write a self-describing checkpoint atomically (temporary file, then rename).
+        """Write a self-describing checkpoint atomically (see :func:`regflow.fileio.atomic_path`).
 
         Args:
             path: the ``.pt`` file; missing folders are created.
             extra: anything ``torch.load(weights_only=True)`` can read back (plain containers,
                 numbers, strings, tensors; e.g. optimiser state and step).
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        torch.save({"config": self.config, "state_dict": self.state_dict(),
-                    "regflow_version": __version__, "extra": extra or {}}, temporary)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            torch.save({"config": self.config, "state_dict": self.state_dict(),
+                        "regflow_version": __version__, "extra": extra or {}}, temporary)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu"
