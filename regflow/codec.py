@@ -24,6 +24,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from regflow.arrays import to_numpy
 from regflow.errors import RegflowError
 
 ENCODINGS = ("nii.gz", "npy")
@@ -40,10 +41,9 @@ class RequestError(RegflowError):
     """A serving request is malformed; the message names the field (``inputs.moving[0]: ...``)."""
 
 
-def _to_numpy(array: Any) -> np.ndarray:
-    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
-        array = array.detach().cpu().numpy()
-    array = np.asarray(array)
+def _wire_array(array: Any) -> np.ndarray:
+    """``array`` as numpy in a dtype the wire carries: floats as float32, booleans as uint8."""
+    array = to_numpy(array)
     if array.dtype == bool:
         return array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
@@ -66,7 +66,7 @@ def encode_volume(array: Any, affine: Any = None, encoding: str = "nii.gz") -> s
     Raises:
         RegflowError: unknown encoding.
     """
-    array = _to_numpy(array)
+    array = _wire_array(array)
     if encoding == "npy":
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
@@ -74,7 +74,7 @@ def encode_volume(array: Any, affine: Any = None, encoding: str = "nii.gz") -> s
     elif encoding == "nii.gz":
         if array.ndim == 4:  # (C, D, H, W) -> (D, H, W, C)
             array = np.moveaxis(array, 0, -1)
-        affine = np.eye(4) if affine is None else _to_numpy(affine).astype(np.float64)
+        affine = np.eye(4) if affine is None else to_numpy(affine).astype(np.float64)
         image = nib.Nifti1Image(np.ascontiguousarray(array), affine)
         image.header.set_xyzt_units("mm")
         payload = gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from regflow.errors import RegflowError
+
 TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -23,7 +25,9 @@ def temporary_sibling(path: Path, directory: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix, suffix = f".{path.name}.", TEMPORARY_SUFFIX
     if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+        folder = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent)
+        os.chmod(folder, 0o777 & ~_current_umask())  # mkdtemp's 0700 would become the output's
+        return Path(folder)
     handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(handle)
     os.chmod(name, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get the usual mode
@@ -112,13 +116,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         yield staging
         retired = None
-        if path.exists():
+        if path.exists() or path.is_symlink():  # a link (even a dangling one) is replaced too
             retired = temporary_sibling(path, directory=True)
             retired.rmdir()
             os.replace(path, retired)
         os.replace(staging, path)
-        if retired is not None:
+        if retired is not None and retired.is_dir() and not retired.is_symlink():
             shutil.rmtree(retired, ignore_errors=True)
+        elif retired is not None:
+            retired.unlink()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -137,3 +143,53 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
             stale.unlink(missing_ok=True)
         removed.append(stale)
     return removed
+
+
+def check_writable_dir(path: str | Path) -> Path:
+    """Make sure files can be written into the folder ``path`` before any work starts.
+
+    The folder is created when missing; writability is probed with a one-byte hidden temporary
+    file that is removed again, so a full disk (ENOSPC), a read-only or forbidden location (EROFS,
+    EACCES) or a file in the way fails here, in one line, rather than after a long computation.
+
+    Raises:
+        RegflowError: ``path`` is a file, cannot be created or cannot be written to.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RegflowError(f"{path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RegflowError(f"{path}: cannot create the folder ({exc.strerror})") from None
+    try:
+        handle, name = tempfile.mkstemp(prefix=".write-probe.", suffix=TEMPORARY_SUFFIX,
+                                        dir=path)
+        try:
+            os.write(handle, b"\0")
+        finally:
+            os.close(handle)
+            os.unlink(name)
+    except OSError as exc:
+        raise RegflowError(f"{path}: cannot write into the folder ({exc.strerror})") from None
+    return path
+
+
+def check_writable_file(path: str | Path, suffixes: Sequence[str] = ()) -> Path:
+    """Make sure the file ``path`` can be written (atomically, beside it) before any work starts.
+
+    Args:
+        path: the output file; it may exist (it will be replaced) but must be a regular file.
+        suffixes: allowed endings of its name, e.g. ``(".nii.gz", ".nii")``; empty allows any.
+
+    Raises:
+        RegflowError: wrong suffix, a folder or device in the way, or an unwritable folder
+            (see :func:`check_writable_dir`).
+    """
+    path = Path(path)
+    if suffixes and not path.name.endswith(tuple(suffixes)):
+        raise RegflowError(f"{path}: the file name must end in {' or '.join(suffixes)}")
+    if path.exists() and not path.is_file():
+        raise RegflowError(f"{path}: exists and is not a regular file")
+    check_writable_dir(path.parent)
+    return path

@@ -15,20 +15,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from regflow.arrays import to_numpy
 from regflow.spatial import jacobian_determinant
 
 ArrayLike = Any  # numpy array, torch tensor or nested sequence
 
 
-def _to_numpy(array: ArrayLike) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 def _masks(label: ArrayLike, labels: Sequence[int] | None) -> np.ndarray:
     """(L, *S) boolean masks: channels > 0.5, or one channel per integer value in ``labels``."""
-    array = _to_numpy(label)
+    array = to_numpy(label)
     if labels is None:
         return array > 0.5
     return np.stack([array == value for value in labels])
@@ -36,7 +31,7 @@ def _masks(label: ArrayLike, labels: Sequence[int] | None) -> np.ndarray:
 
 def _unbatched_ddf(ddf: ArrayLike) -> np.ndarray:
     """Accept (ndim, *S) or (1, ndim, *S); return (ndim, *S) float64."""
-    array = _to_numpy(ddf).astype(np.float64, copy=False)
+    array = to_numpy(ddf).astype(np.float64, copy=False)
     if array.ndim >= 3 and array.shape[0] == 1 and array.shape[1] == array.ndim - 2:
         array = array[0]
     if array.shape[0] != array.ndim - 1 or array.shape[0] not in (2, 3):
@@ -94,7 +89,7 @@ def hd95(mask_a: ArrayLike, mask_b: ArrayLike, spacing: float | Sequence[float] 
     Returns:
         HD95 in mm; nan when either mask is empty (the distance is undefined).
     """
-    a, b = _to_numpy(mask_a) > 0.5, _to_numpy(mask_b) > 0.5
+    a, b = to_numpy(mask_a) > 0.5, to_numpy(mask_b) > 0.5
     if a.shape != b.shape:
         raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
     if not a.any() or not b.any():
@@ -124,8 +119,8 @@ def tre(fixed_points: ArrayLike, moving_points: ArrayLike, ddf: ArrayLike,
         (N,) float64 distances ``||(x + ddf(x) - moving) * spacing||`` in mm.
     """
     field = _unbatched_ddf(ddf)
-    fixed = _to_numpy(fixed_points).astype(np.float64).reshape(-1, field.shape[0])
-    moving = _to_numpy(moving_points).astype(np.float64).reshape(-1, field.shape[0])
+    fixed = to_numpy(fixed_points).astype(np.float64).reshape(-1, field.shape[0])
+    moving = to_numpy(moving_points).astype(np.float64).reshape(-1, field.shape[0])
     displacement = np.stack([
         ndimage.map_coordinates(channel, fixed.T, order=1, mode="nearest") for channel in field
     ], axis=1)  # (N, ndim)

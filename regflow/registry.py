@@ -14,7 +14,7 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from regflow import tracking
+from regflow import fileio, paths, tracking
 from regflow.config import Config
 from regflow.errors import RegflowError
 from regflow.serving import CHECKPOINT_ARTIFACT, RegflowPythonModel, input_example, signature
@@ -110,9 +110,6 @@ def register_stage(config: Config, models_dir: Path = Path("models"),
     record = model_dir / "run.json"
     run_id = read_json(record, "run record")["run_id"] if record.exists() else None
     decision = register_model(checkpoint, run_id, metrics, config,
-                              f"regflow-{config.data.dataset}")
-    out = models_dir / "registered.json"
-    temporary = out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(decision, indent=2, sort_keys=True) + "\n")
-    temporary.replace(out)
+                              paths.experiment_name(config.data.dataset))
+    fileio.write_json(models_dir / "registered.json", decision)
     return decision

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 import warnings
@@ -35,7 +34,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from regflow import tracking
+from regflow import fileio, paths, tracking
 from regflow.config import Config, SearchParameter, apply_override, validate_config
 from regflow.engine import Trainer
 from regflow.errors import ConfigError
@@ -354,10 +353,7 @@ def best_values(study: optuna.Study, config: Config) -> tuple[dict[str, Any], di
 def write_best_params(path: Path, params: dict[str, Any]) -> None:
     """models/tuning/best_params.yaml: ``{params key: value}`` (``{}`` when none), merged by the
     train stage; written atomically (workers finishing together each use their own temp file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(yaml.safe_dump(params, sort_keys=True) if params else "{}\n")
-    temporary.replace(path)
+    fileio.write_text(path, yaml.safe_dump(params, sort_keys=True) if params else "{}\n")
 
 
 def log_study_pictures(study: optuna.Study, config: Config) -> None:
@@ -417,7 +413,7 @@ def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("mod
         raise ConfigError(f"tune.storage: cannot open {url!r} ({exc.__class__.__name__})") from None
     study, created = open_study(config, storage)
     parent_id = None if created else wait_for_parent_run(study, PARENT_WAIT_S)
-    with tracking.start_or_resume_run(f"regflow-{config.data.dataset}", run_id=parent_id,
+    with tracking.start_or_resume_run(paths.experiment_name(config.data.dataset), run_id=parent_id,
                                       run_name=f"tune-{settings.study_name}") as parent:
         if parent_id is None:
             study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)

@@ -7,8 +7,6 @@ or torch tensors, 3-D (D, H, W) or 2-D (H, W); leading batch/channel axes of siz
 
 from __future__ import annotations
 
-import os
-import tempfile
 from itertools import cycle
 from pathlib import Path
 from typing import Any
@@ -16,18 +14,15 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from regflow.arrays import to_numpy
+from regflow.fileio import atomic_open
+
 LABEL_COLOURS = ("tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:purple", "tab:olive")
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
-        array = array.detach().cpu().float().numpy()
-    return np.asarray(array)
 
 
 def _spatial(image: Any) -> np.ndarray:
     """Drop leading singleton axes of an image: (1, 1, D, H, W) -> (D, H, W); 2-D stays 2-D."""
-    image = _to_numpy(image)
+    image = to_numpy(image)
     while image.ndim > 2 and image.shape[0] == 1:
         image = image[0]
     if image.ndim not in (2, 3):
@@ -41,7 +36,7 @@ def _label_masks(label: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
     A map holding non-integer values is one soft channel (thresholded at 0.5); otherwise each
     non-zero value is a label. Channels are thresholded at 0.5.
     """
-    label = _to_numpy(label)
+    label = to_numpy(label)
     while label.ndim > len(shape) + 1 and label.shape[0] == 1:
         label = label[0]
     if label.shape == shape and not np.array_equal(label, np.round(label)):
@@ -74,7 +69,7 @@ def checkerboard(a: Any, b: Any, tiles: int = 8) -> np.ndarray:
     Returns:
         Array of that shape: ``a`` on tiles whose index sum is even, ``b`` on odd ones.
     """
-    a, b = _to_numpy(a), _to_numpy(b)
+    a, b = to_numpy(a), to_numpy(b)
     if a.shape != b.shape:
         raise ValueError(f"checkerboard needs equal shapes, got {a.shape} and {b.shape}")
     parity = np.zeros(a.shape, dtype=int)
@@ -144,7 +139,7 @@ def deformation_grid_figure(ddf: Any, step: int = 4) -> Figure:
     Returns:
         One panel per plane (3 for 3-D, 1 for 2-D).
     """
-    ddf = _to_numpy(ddf).astype(np.float32)
+    ddf = to_numpy(ddf).astype(np.float32)
     if ddf.ndim in (4, 5) and ddf.shape[0] == 1 and ddf.shape[1] == ddf.ndim - 2:
         ddf = ddf[0]
     if ddf.ndim not in (3, 4) or ddf.shape[0] != ddf.ndim - 1:
@@ -226,14 +221,6 @@ def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
     Returns:
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=dpi)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "wb") as stream:
+        figure.savefig(stream, format="png", dpi=dpi)
+    return Path(path)

@@ -103,5 +103,7 @@ def download(url: str, path: str | Path, sha256: str | None = None,
     if sha256 is not None and actual != sha256:
         part.unlink()
         raise mismatch_error(url, sha256, actual)
+    # Not fileio.atomic_path: the .part file has a fixed name so that the next call resumes
+    # it (HTTP Range), and it is only renamed into place once its sha256 is verified.
     os.replace(part, path)
     return actual

@@ -7,9 +7,7 @@ A checksum list maps a POSIX path relative to a dataset folder to its lower-case
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -72,19 +70,6 @@ def read_sums(path: str | Path) -> dict[str, str]:
 def format_sums(sums: dict[str, str]) -> str:
     """``{path: digest}`` -> ``sha256sum`` text, sorted by path."""
     return "".join(f"{digest}  {rel}\n" for rel, digest in sorted(sums.items()))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temp, 0o644)  # mkstemp's 0o600 is meant for secrets, not checksum lists
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def mismatch_error(name: str | Path, expected: str, actual: str) -> DataError:

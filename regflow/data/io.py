@@ -6,7 +6,7 @@ Arrays come back in the file's own dtype (no float64 surprise for label maps) to
 
 from __future__ import annotations
 
-import os
+import gzip
 import zlib
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from regflow.errors import DataError
+from regflow.fileio import write_bytes
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
@@ -121,7 +122,10 @@ def read_h5_volume(path: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI file atomically (a temporary name in the same folder, then a rename).
+    """Write a NIfTI file atomically (see :func:`regflow.fileio.write_bytes`).
+
+    A ``.nii.gz`` is gzipped at level 1 (nibabel's default) with a zero timestamp, so the same
+    volume always gives the same bytes (and the same sha256 in manifests and dvc.lock).
 
     Args:
         path: target ``.nii`` or ``.nii.gz`` file; its folder must exist.
@@ -136,13 +140,10 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path
     image = nib.Nifti1Image(np.asarray(array), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        nib.save(image, str(temporary))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    payload = image.to_bytes()
+    if path.name.endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=1, mtime=0)
+    return write_bytes(path, payload)
 
 
 def _open_h5(path: Path) -> h5py.File:

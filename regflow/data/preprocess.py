@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from regflow.data.io import write_nifti
 from regflow.data.layouts import ROLES, RawCase, VolumeRef, discover_cases, folder_of, label_role
 from regflow.data.splits import assign_folds, assign_splits
 from regflow.errors import DataError
+from regflow.fileio import atomic_directory
 
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
@@ -264,10 +263,7 @@ def preprocess_folder(raw_root: str | Path, out_root: str | Path, *, layout: str
     spec = _label_spec(cases, pairing, params, msd_labels, label_names)
     splits, folds = _assign(cases, pairing, params, seed)
 
-    out_root.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_root.with_name(f".{out_root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_directory(out_root) as staging:  # replaces an earlier output whole on success
         rows, spacings = [], []
         for case in tqdm(cases, desc=f"preprocess {dataset_name or out_root.name}", unit="case"):
             row, case_spacings = _process_case(case, pairing, params, spec, staging)
@@ -277,9 +273,6 @@ def preprocess_folder(raw_root: str | Path, out_root: str | Path, *, layout: str
         manifest = _manifest(dataset_name or out_root.name, pairing, params, seed, simulated,
                              spec, spacings, rows)
         _write_manifest(staging, manifest)
-        _swap_in(staging, out_root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_root / MANIFEST_JSON
 
 
@@ -443,11 +436,3 @@ def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
         writer.writeheader()
         writer.writerows({key: "" if value is None else value for key, value in row.items()}
                          for row in manifest["cases"])
-
-
-def _swap_in(staging: Path, out_root: Path) -> None:
-    retired = out_root.with_name(f".{out_root.name}.old-{os.getpid()}")
-    if out_root.exists():
-        os.replace(out_root, retired)
-    os.replace(staging, out_root)
-    shutil.rmtree(retired, ignore_errors=True)

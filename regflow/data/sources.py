@@ -14,10 +14,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,9 +34,9 @@ from regflow.data.integrity import (
     read_sums,
     sha256_file,
     verify_files,
-    write_text_atomic,
 )
 from regflow.errors import ConfigError, DataError, RegflowError
+from regflow.fileio import atomic_directory, write_text
 
 Kind = Literal["archive", "files", "local"]
 Layout = Literal["msd", "deepreg-paired", "deepreg-unpaired", "deepreg-grouped"]
@@ -323,32 +320,10 @@ def is_complete(target: Path, name: str, fingerprint: str) -> bool:
 def _seal(folder: Path, name: str, fingerprint: str, source: str) -> None:
     """Write ``SHA256SUMS`` of every file and the completion marker into ``folder``."""
     sums_path = folder / SUMS_NAME
-    write_text_atomic(sums_path, format_sums(hash_tree(folder, exclude=(SUMS_NAME, MARKER_NAME))))
+    write_text(sums_path, format_sums(hash_tree(folder, exclude=(SUMS_NAME, MARKER_NAME))))
     marker = {"dataset": name, "source": source, "fingerprint": fingerprint,
               "sums_sha256": sha256_file(sums_path), "regflow_version": __version__}
-    write_text_atomic(folder / MARKER_NAME, json.dumps(marker, indent=1) + "\n")
-
-
-@contextmanager
-def _staging(raw_dir: Path, name: str) -> Iterator[Path]:
-    """A temporary folder beside the target, removed on exit whatever happens."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=raw_dir))
-    folder.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the dataset folder's mode
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _install(staged: Path, target: Path) -> None:
-    """Rename ``staged`` to ``target``, replacing an earlier incomplete copy."""
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old.tmp")
-        os.replace(target, old)
-        os.replace(staged, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, target)
+    write_text(folder / MARKER_NAME, json.dumps(marker, indent=1) + "\n")
 
 
 def _from_mirror(entry: DatasetEntry, source: Path, staged: Path) -> None:
@@ -409,7 +384,7 @@ def _from_files(entry: DatasetEntry, raw_dir: Path, staged: Path) -> None:
         raise
     for rel in entry.files:
         (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder / rel, staged / rel)
+        shutil.move(folder / rel, staged / rel)
     shutil.rmtree(folder)
 
 
@@ -449,10 +424,9 @@ def fetch_entry(entry: DatasetEntry, raw_dir: str | Path, mirror: str | None = N
     raw_dir.mkdir(parents=True, exist_ok=True)
     source, build = _plan(entry, raw_dir, mirror)
     try:
-        with _staging(raw_dir, entry.name) as staged:
+        with atomic_directory(target) as staged:  # replaces an earlier incomplete copy whole
             build(staged)
             _seal(staged, entry.name, fingerprint, source)
-            _install(staged, target)
     finally:
         _tidy_downloads(raw_dir)
     return target
