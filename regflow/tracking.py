@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from regflow.config import Config, flatten
 from regflow.errors import RegflowError
+from regflow.redact import redact_text, redact_values
 
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -184,14 +185,16 @@ def log_config(config: Config) -> None:
 
     Keys over 250 characters or with characters MLflow refuses are made valid and get a hash
     suffix; values over 6000 characters are cut (MLflow's limits). The YAML artifact always
-    holds the full config.
+    holds the full config. URL passwords (``tune.storage``, any ``scheme://user:password@...``
+    or ``?password=`` value) are masked as ``***`` in both (:mod:`regflow.redact`).
 
     Raises:
         RegflowError: the active (resumed) run already holds a param with another value.
     """
     if not is_rank_zero():
         return
-    params = {_param_key(key): _param_value(value) for key, value in flatten(config).items()}
+    params = {_param_key(key): _param_value(redact_text(str(value)))
+              for key, value in flatten(config).items()}
     try:
         mlflow.log_params(params)
     except MlflowException as exc:
@@ -200,7 +203,8 @@ def log_config(config: Config) -> None:
         run_id = mlflow.active_run().info.run_id
         raise RegflowError(f"MLflow run {run_id}: config differs from the one it was started "
                            "with; resume with the same params or start a new run") from None
-    mlflow.log_text(yaml.safe_dump(config.model_dump(), sort_keys=False), CONFIG_ARTIFACT)
+    mlflow.log_text(yaml.safe_dump(redact_values(config.model_dump()), sort_keys=False),
+                    CONFIG_ARTIFACT)
 
 
 def log_dataset_input(manifest_path: str | Path, name: str, context: str) -> None:
@@ -278,8 +282,8 @@ def start_or_resume_run(experiment_name: str, run_id: str | None = None,
         try:
             mlflow.get_run(run_id)
         except MlflowException:
-            raise RegflowError(f"MLflow run {run_id}: not found in {mlflow.get_tracking_uri()}"
-                               ) from None
+            raise RegflowError(f"MLflow run {run_id}: not found in "
+                               f"{redact_text(mlflow.get_tracking_uri())}") from None
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                           run_name=run_name, nested=nested,
                           log_system_metrics=log_system_metrics) as active:

@@ -9,13 +9,16 @@ PRUNED trials. Heartbeats mark the trial of a killed worker as failed
 (its MLflow run too) and queue a retry with the same parameters, so an interrupted study resumes
 without repeating finished trials. MLflow: one parent run per study (its id kept in the study's
 user attrs), one nested run per trial tagged ``optuna.state``; the parent holds the best trial's
-metrics, its params as ``best.<key>`` tags, and pictures of the study.
+metrics, its params as ``best.<key>`` tags, and pictures of the study. A storage password can
+come from the environment (:func:`connection_url`); wherever the storage URL is shown or logged,
+its password is masked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import warnings
@@ -23,6 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import mlflow
 import optuna
@@ -38,6 +42,7 @@ from regflow import fileio, paths, tracking
 from regflow.config import Config, SearchParameter, apply_override, validate_config
 from regflow.engine import Trainer
 from regflow.errors import ConfigError
+from regflow.redact import redact_url
 
 FOLDING_ATTR = "folding_pct"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -46,6 +51,8 @@ MAX_RETRY = 2  # a trial whose worker keeps dying is given up after this many re
 POLL_S = 1.0  # how often a worker looks at trials RUNNING elsewhere
 PARENT_WAIT_S = 60.0  # how long a joining worker waits for the study's creator to start the run
 SCHEMA_ATTEMPTS = 3  # tries to open a database that other workers may be creating
+STORAGE_PASSWORD_ENV = "REGFLOW_STORAGE_PASSWORD"
+STORAGE_PASSWORD_FILE_ENV = "REGFLOW_STORAGE_PASSWORD_FILE"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -58,14 +65,72 @@ def default_storage(tuning_dir: Path) -> str:
     return f"sqlite:///{(tuning_dir / 'optuna.db').resolve()}"
 
 
+def storage_password() -> str | None:
+    """The storage password from ``$REGFLOW_STORAGE_PASSWORD``, else from the file named by
+    ``$REGFLOW_STORAGE_PASSWORD_FILE`` (its first line; e.g. a mounted secret); None when neither
+    is set (empty values count as unset).
+
+    Raises:
+        ConfigError: the password file cannot be read.
+    """
+    if os.environ.get(STORAGE_PASSWORD_ENV):
+        return os.environ[STORAGE_PASSWORD_ENV]
+    path = os.environ.get(STORAGE_PASSWORD_FILE_ENV)
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{STORAGE_PASSWORD_FILE_ENV}: cannot read {path} ({exc.strerror})"
+                          ) from None
+    return lines[0] if lines else ""
+
+
+def connection_url(url: str) -> str:
+    """The URL to connect to the storage with: ``url`` plus the password of the environment.
+
+    Keep the password out of params.yaml, the command line and every log: give ``tune.storage``
+    (or ``regflow tune --storage``) without one, e.g. ``postgresql://optuna@db:5432/optuna``, and
+    set ``REGFLOW_STORAGE_PASSWORD`` to it, or ``REGFLOW_STORAGE_PASSWORD_FILE`` to a file that
+    holds it (see :func:`storage_password`). The password is percent-encoded into the URL, so any
+    character may appear in it. A URL that already carries a password, or has no host (SQLite),
+    is used as it is. Wherever regflow shows or logs the storage, the password is masked.
+
+    Raises:
+        ConfigError: a password is set but the URL names no user, or the file is unreadable.
+    """
+    parts = urlsplit(url)
+    if not parts.hostname or parts.password is not None:
+        return url
+    password = storage_password()
+    if password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    if not user:
+        raise ConfigError(f"tune.storage: a password is set in the environment but "
+                          f"{redact_url(url)} names no user (write user@host)")
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def study_tags(study_name: str, url: str) -> dict[str, str]:
+    """Tags of a study's MLflow parent run: the study and its storage, password masked."""
+    return {"optuna.study": study_name, "optuna.storage": redact_url(url)}
+
+
 def build_storage(url: str, heartbeat_s: int) -> RDBStorage:
-    """RDB storage with heartbeats every ``heartbeat_s`` seconds.
+    """RDB storage with heartbeats every ``heartbeat_s`` seconds, connected with
+    :func:`connection_url` (the password may come from the environment).
 
     A RUNNING trial without a heartbeat for ``2 * heartbeat_s`` seconds is stale (its worker died):
     it is failed, its MLflow run is closed as FAILED, and a copy with the same parameters is
     queued (at most ``MAX_RETRY`` times per original trial). Workers starting together on a new
     database race to create its tables; the losers see an integrity or operational error and
     retry (``SCHEMA_ATTEMPTS`` tries in all).
+
+    Raises:
+        ConfigError: the storage cannot be opened (bad URL, no driver, no server); the message
+            names the URL with its password masked.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -75,19 +140,24 @@ def build_storage(url: str, heartbeat_s: int) -> RDBStorage:
         close_stale_trial_runs(study, trial)
         retry(study, trial)
 
+    connect_to = connection_url(url)
     attempt = 1
     while True:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
-                return RDBStorage(url, heartbeat_interval=heartbeat_s,
+                return RDBStorage(connect_to, heartbeat_interval=heartbeat_s,
                                   grace_period=2 * heartbeat_s,
                                   heartbeat_stale_trial_callback=on_stale_trial)
         except (IntegrityError, OperationalError):
-            if attempt == SCHEMA_ATTEMPTS:
-                raise
-            attempt += 1
-            time.sleep(0.5)
+            if attempt < SCHEMA_ATTEMPTS:
+                attempt += 1
+                time.sleep(0.5)
+                continue
+            problem = "cannot open"
+        except Exception:  # SQLAlchemy raises many kinds for a bad URL or a missing driver
+            problem = "not a usable storage URL"
+        raise ConfigError(f"tune.storage: {problem}: {redact_url(url)}") from None
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -407,17 +477,14 @@ def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("mod
     check_search_space(config)
     tuning_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url or settings.storage or default_storage(tuning_dir)
-    try:
-        storage = build_storage(url, settings.heartbeat_s)
-    except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL
-        raise ConfigError(f"tune.storage: cannot open {url!r} ({exc.__class__.__name__})") from None
-    study, created = open_study(config, storage)
+    study, created = open_study(config, build_storage(url, settings.heartbeat_s))
     parent_id = None if created else wait_for_parent_run(study, PARENT_WAIT_S)
-    with tracking.start_or_resume_run(paths.experiment_name(config.data.dataset), run_id=parent_id,
+    experiment = paths.experiment_name(config.data.dataset)
+    with tracking.start_or_resume_run(experiment, run_id=parent_id,
                                       run_name=f"tune-{settings.study_name}") as parent:
         if parent_id is None:
             study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
-            mlflow.set_tags({"optuna.study": study.study_name, "optuna.storage": url})
+            mlflow.set_tags(study_tags(study.study_name, url))
             tracking.log_config(config)
         run_study(study, Objective(config, manifest_path, tuning_dir), settings.trials)
         shutil.rmtree(tuning_dir / "trials", ignore_errors=True)  # left there by killed workers

@@ -151,6 +151,21 @@ def test_log_config_flattens_params_and_stores_yaml(store):
     assert yaml.safe_load(text) == config.model_dump()
 
 
+def test_log_config_masks_url_passwords_in_params_and_yaml(store):
+    config = validate_config({
+        "tune": {"storage": "postgresql://optuna:secret@db:5432/optuna"},
+        "train": {"loss": {"image": {"lncc": {"options": {"source": "http://u:secret@h/x"}}}}}})
+    with start_or_resume_run(EXPERIMENT, run_name="masked") as run:
+        log_config(config)
+    logged = mlflow.get_run(run.info.run_id).data
+    assert logged.params["tune.storage"] == "postgresql://optuna:***@db:5432/optuna"
+    assert logged.params["train.loss.image.lncc.options.source"] == "http://u:***@h/x"
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config/params.yaml")
+    assert yaml.safe_load(text)["tune"]["storage"] == "postgresql://optuna:***@db:5432/optuna"
+    everything = json.dumps([logged.params, logged.tags]) + text
+    assert "secret" not in everything
+
+
 def test_run_is_tagged_and_resume_continues_the_same_run(store):
     with start_or_resume_run(EXPERIMENT, run_name="resume", tags={"purpose": "test"}) as run:
         log_config(Config())

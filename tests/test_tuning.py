@@ -11,19 +11,25 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from regflow.config import load_config, load_training_config
+from regflow.errors import ConfigError
 from regflow.tuning import (
     FOLDING_ATTR,
     PARENT_RUN_ATTR,
+    STORAGE_PASSWORD_ENV,
+    STORAGE_PASSWORD_FILE_ENV,
     SURPLUS_ATTR,
     TrialSeededSampler,
     best_values,
     build_storage,
+    connection_url,
     default_storage,
     is_surplus,
     open_study,
     study_key,
+    study_tags,
     tune_stage,
 )
 
@@ -156,6 +162,62 @@ def test_search_key_that_is_not_a_params_key_is_one_line_exit_2(tiny_project):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "tune.search_space.not.a.key: not a valid params key" in result.stderr
+
+
+SECRET_STORAGE = "postgresql+nosuchdriver://optuna:secret@db.invalid:5432/optuna"
+
+
+def test_storage_with_a_password_is_masked_in_tags_and_errors():
+    assert study_tags("regflow-1a2b3c4d", SECRET_STORAGE) == {
+        "optuna.study": "regflow-1a2b3c4d",
+        "optuna.storage": "postgresql+nosuchdriver://optuna:***@db.invalid:5432/optuna"}
+    with pytest.raises(ConfigError) as error:  # no such driver: fails before any connection
+        build_storage(SECRET_STORAGE, 10)
+    assert str(error.value) == ("tune.storage: not a usable storage URL: "
+                                "postgresql+nosuchdriver://optuna:***@db.invalid:5432/optuna")
+
+
+def test_cli_tune_never_prints_the_storage_password(tiny_project):
+    result = subprocess.run(tune_command([*tune_overrides(2), f"tune.storage={SECRET_STORAGE}"]),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "optuna:***@db.invalid" in result.stderr
+    assert "secret" not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def no_storage_password(monkeypatch):
+    monkeypatch.delenv(STORAGE_PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(STORAGE_PASSWORD_FILE_ENV, raising=False)
+    return monkeypatch
+
+
+def test_storage_password_comes_from_the_environment(no_storage_password, tmp_path):
+    url = "postgresql://optuna@db:5432/optuna"
+    assert connection_url(url) == url
+    secret_file = tmp_path / "storage_password"
+    secret_file.write_text("from:file\n")
+    no_storage_password.setenv(STORAGE_PASSWORD_FILE_ENV, str(secret_file))
+    assert connection_url(url) == "postgresql://optuna:from%3Afile@db:5432/optuna"
+    no_storage_password.setenv(STORAGE_PASSWORD_ENV, "p@ss/w:rd %")  # the variable wins
+    with_password = connection_url(url)
+    assert with_password == "postgresql://optuna:p%40ss%2Fw%3Ard%20%25@db:5432/optuna"
+    assert make_url(with_password).password == "p@ss/w:rd %"  # what SQLAlchemy connects with
+    assert connection_url("postgresql://optuna:inline@db/optuna") == (
+        "postgresql://optuna:inline@db/optuna")
+    assert connection_url("sqlite:////abs/optuna.db") == "sqlite:////abs/optuna.db"
+
+
+def test_storage_password_problems_are_config_errors(no_storage_password, tmp_path):
+    no_storage_password.setenv(STORAGE_PASSWORD_FILE_ENV, str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match=rf"^{STORAGE_PASSWORD_FILE_ENV}: cannot read .*absent"
+                                          r" \(No such file or directory\)$"):
+        connection_url("postgresql://optuna@db/optuna")
+    no_storage_password.setenv(STORAGE_PASSWORD_ENV, "secret")
+    with pytest.raises(ConfigError, match=r"^tune.storage: a password is set in the environment "
+                                          r"but postgresql://db/optuna names no user"):
+        connection_url("postgresql://db/optuna")
 
 
 def in_memory_study(directions: list[str]) -> optuna.Study:
