@@ -3,6 +3,7 @@
 import base64
 import gzip
 import io
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
@@ -16,8 +17,10 @@ from regflow.codec import (
     decode_volume,
     encode_volume,
     parse_request,
+    read_request,
 )
-from regflow.errors import RegflowError
+from regflow.errors import RegflowError, RequestTooLarge
+from regflow.limits import Limits
 
 AFFINE = np.array([[1.5, 0, 0, -10], [0, 2.0, 0, 20], [0, 0, 0.5, 3], [0, 0, 0, 1]])
 
@@ -117,7 +120,8 @@ def test_malformed_volume_names_the_field(text, message):
         (np.zeros((2, 4, 4, 4), np.float32), "got shape \\(2, 4, 4, 4\\)"),
         (np.zeros((4, 4, 4), object), "inputs.fixed\\[1\\]: unreadable .npy"),
         (np.full((4, 4, 4), np.nan, np.float32), "inputs.fixed\\[1\\]: contains NaN"),
-        (np.zeros((4, 4, 4), "U3"), "inputs.fixed\\[1\\]: .npy dtype <U3 is not numeric"),
+        (np.zeros((4, 4, 4), "U3"), "inputs.fixed\\[1\\]: dtype <U3 is not a supported number"),
+        (np.zeros((4, 4, 4), np.complex64), "inputs.fixed\\[1\\]: dtype complex64 is not"),
     ],
 )
 def test_bad_npy_volume_names_the_field(array, message):
@@ -127,7 +131,8 @@ def test_bad_npy_volume_names_the_field(array, message):
 
 def test_truncated_nifti_names_the_field(volume):
     raw = gzip.compress(nib.Nifti1Image(volume, AFFINE).to_bytes()[:400])
-    with pytest.raises(RequestError, match="inputs.fixed\\[0\\]: unreadable NIfTI"):
+    with pytest.raises(RequestError,
+                       match="inputs.fixed\\[0\\]: truncated: 400 of the 1,192 bytes"):
         decode_volume(b64(raw), "inputs.fixed[0]")
 
 
@@ -217,3 +222,149 @@ def test_build_response_per_pair_encoding_and_no_ddf(volume):
     response = build_response(results, ["npy", "nii.gz"])
     assert list(response) == ["warped_label"]
     assert [decode_volume(text, "x")[2] for text in response["warped_label"]] == ["npy", "nii.gz"]
+
+
+def nifti_header_only(shape, dtype=np.float32) -> bytes:
+    """The 352 bytes of a NIfTI-1 file (header + empty extension flag) declaring ``shape``."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_data_offset(352)
+    return header.binaryblock + b"\0" * 4
+
+
+def npy_header_only(shape, dtype="<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def peak_bytes(function) -> int:
+    """Peak Python-traced allocation while ``function()`` runs (numpy/zlib buffers included)."""
+    tracemalloc.start()
+    try:
+        function()
+    except RegflowError:
+        pass
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak
+
+
+def test_volume_over_the_voxel_limit_is_refused_from_its_header_alone():
+    # a 1.4 MB .nii.gz (gzip members of 1 MiB of zeros each) that inflates to 700^3 float32
+    member = gzip.compress(b"\0" * 2**20, compresslevel=9)
+    zeros = gzip.compress(nifti_header_only((700, 700, 700))) + member * 1309
+    text = b64(zeros)
+    assert 1.0e6 < len(zeros) < 1.5e6
+    with pytest.raises(RequestTooLarge, match=(
+            r"inputs.moving\[0\]: shape \(700, 700, 700\) is 343,000,000 voxels, over the "
+            r"limit of 16,777,216 per volume \(REGFLOW_MAX_VOXELS\)")):
+        decode_volume(text, "inputs.moving[0]")
+    assert peak_bytes(lambda: decode_volume(text, "inputs.moving[0]")) < 3 * len(text)
+
+
+def test_gzip_bomb_stops_inflating_at_the_size_its_header_declares():
+    declared = nifti_header_only((64, 64, 64))  # 1 MiB of float32 declared
+    bomb = b64(gzip.compress(declared + b"\0" * (64 * 2**20), compresslevel=9))
+    assert len(bomb) < 100_000
+    with pytest.raises(RequestTooLarge, match=(
+            r"inputs.fixed\[0\]: gzip data inflates past the 1,048,928 bytes its NIfTI header "
+            r"declares \(inflating stops there; REGFLOW_MAX_VOXELS bounds it\)")):
+        decode_volume(bomb, "inputs.fixed[0]")
+    assert peak_bytes(lambda: decode_volume(bomb, "inputs.fixed[0]")) < 4 * 2**20
+
+
+def test_npy_over_the_limit_or_truncated_is_refused_before_reading():
+    small = Limits(max_voxels=1000)
+    with pytest.raises(RequestTooLarge, match=r"v: shape \(700, 700, 700\) is 343,000,000"):
+        decode_volume(b64(npy_header_only((700, 700, 700))), "v")
+    with pytest.raises(RequestTooLarge, match=r"v: shape \(11, 10, 10\) is 1,100 voxels, over "
+                                              r"the limit of 1,000"):
+        decode_volume(b64(npy_header_only((11, 10, 10))), "v", limits=small)
+    with pytest.raises(RequestError, match=r"v: truncated: 128 of the 4,128 bytes"):
+        decode_volume(b64(npy_header_only((10, 10, 10))), "v", limits=small)
+
+
+def test_channel_limit_names_its_variable(volume):
+    label = np.stack([volume > threshold for threshold in (-1, 0, 1)])  # (3, D, H, W)
+    with pytest.raises(RequestTooLarge, match=r"lab: 3 channels, over the limit of 2 per volume "
+                                              r"\(REGFLOW_MAX_CHANNELS\)"):
+        decode_volume(encode_volume(label, AFFINE), "lab", channels=True,
+                      limits=Limits(max_channels=2))
+
+
+@pytest.mark.parametrize("encoding", ["nii.gz", "npy"])
+def test_one_hot_and_soft_labels_keep_their_values(volume, encoding):
+    classes = np.digitize(volume, [-0.5, 0.5])  # (D, H, W) in {0, 1, 2}
+    one_hot = np.stack([classes == value for value in range(3)]).astype(np.float32)
+    soft = np.clip(volume, 0, 1)[None] * np.array([0.25, 0.75], np.float32)[:, None, None, None]
+    integer_map = classes.astype(np.float32) * 7  # values 0, 7, 14: not rounded or binarised
+    for label in (one_hot, soft, integer_map[None]):
+        decoded, _, _ = decode_volume(encode_volume(label, AFFINE, encoding), "lab", channels=True)
+        assert decoded.dtype == np.float32
+        np.testing.assert_array_equal(decoded, label)
+    assert set(np.unique(soft)) > {0.0, 0.25, 0.75}
+
+
+def test_nifti_vector_label_and_nifti2_and_fortran_npy(volume):
+    vectors = np.stack([volume, -volume], axis=-1)[:, :, :, None]  # (D, H, W, 1, 2)
+    decoded, _, _ = decode_volume(b64(nib.Nifti2Image(vectors, AFFINE).to_bytes()), "v",
+                                  channels=True)
+    np.testing.assert_array_equal(decoded, np.stack([volume, -volume]))
+    fortran = np.asfortranarray(volume.astype(">f8"))
+    decoded, _, _ = decode_volume(npy_text(fortran), "v")
+    np.testing.assert_array_equal(decoded, volume)
+
+
+def test_multi_member_gzip_is_read_whole(volume):
+    raw = nib.Nifti1Image(volume, AFFINE).to_bytes()
+    members = gzip.compress(raw[:500]) + gzip.compress(raw[500:])
+    decoded, affine, _ = decode_volume(b64(members), "v")
+    np.testing.assert_array_equal(decoded, volume)
+    np.testing.assert_allclose(affine, AFFINE)
+
+
+def test_too_many_pairs_are_refused_before_any_volume_is_read():
+    garbage = ["not base64 at all"] * 3
+    with pytest.raises(RequestTooLarge, match=r"inputs: 3 pairs, over the limit of 2 per request "
+                                              r"\(REGFLOW_MAX_PAIRS\); send several requests"):
+        parse_request({"fixed": garbage, "moving": garbage}, limits=Limits(max_pairs=2))
+
+
+def test_every_header_is_checked_before_any_pair_is_decoded(volume):
+    fields = request_fields(volume, label=False)
+    fields["fixed"][0] = encode_volume(np.full_like(volume, np.nan), AFFINE)  # found on decoding
+    fields["moving"][1] = b64(npy_header_only((20, 20, 20)))  # found from the header
+    pairs = read_request(fields, Limits(max_voxels=8000))
+    assert [pair.encoding for pair in pairs] == ["nii.gz", "nii.gz"]
+    with pytest.raises(RequestTooLarge, match=r"inputs.moving\[1\]: shape \(20, 20, 20\)"):
+        read_request(fields, Limits(max_voxels=7999))
+    with pytest.raises(RequestError, match=r"inputs.fixed\[0\]: contains NaN"):
+        pairs[0].decode()
+
+
+@pytest.mark.parametrize("label", [None, np.array(None), float("nan"), [None, None]])
+def test_null_label_means_no_label(volume, label):
+    fields = {**request_fields(volume, label=False), "moving_label": label}
+    pairs = parse_request({"inputs": fields})
+    assert [pair["moving_label"] for pair in pairs] == [None, None]
+    np.testing.assert_array_equal(pairs[1]["moving"], volume - 1)
+
+
+def test_null_required_field_is_missing(volume):
+    fields = {**request_fields(volume, label=False), "fixed": None}
+    with pytest.raises(RequestError, match=r"^inputs: missing field\(s\) fixed$"):
+        parse_request(fields)
+
+
+def test_unknown_field_names_are_cut_short_in_the_message(volume):
+    fields = {**request_fields(volume), "x" * 10_000: ["a"], **{f"extra{i}": [] for i in range(9)}}
+    with pytest.raises(RequestError) as caught:
+        parse_request({"inputs": fields})
+    message = str(caught.value)
+    assert message.startswith("inputs: unknown field(s) " + "x" * 40 + "..., extra0, extra1")
+    assert message.endswith(" and 5 more; expected fixed, moving, moving_label")
+    assert len(message) < 200
+
