@@ -152,7 +152,7 @@ class LossConfig(Section):
     """Loss map: group -> term name -> {weight, options}."""
 
     image: dict[Literal["ssd", "lncc", "gncc", "gmi"], LossTerm] = Field(default_factory=dict)
-    label: dict[Literal["dice", "jaccard", "cross_entropy"], LossTerm] = Field(
+    label: dict[Literal["dice", "jaccard", "cross_entropy", "ssd"], LossTerm] = Field(
         default_factory=dict
     )
     regularization: dict[Literal["bending_energy", "gradient_norm"], LossTerm] = Field(
@@ -161,8 +161,10 @@ class LossConfig(Section):
 
 
 class OptimizerConfig(Section):
-    """Adam with an optional schedule and gradient clipping."""
+    """An optimiser by name with an optional schedule and gradient clipping."""
 
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    momentum: NonNegativeFloat = 0.0  # sgd and rmsprop only
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     schedule: Literal["constant", "cosine", "step"] = "constant"

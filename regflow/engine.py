@@ -82,17 +82,25 @@ def preprocessing_record(manifest: dict[str, Any]) -> dict[str, Any]:
         "preprocessing", "simulated")}
 
 
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
 def build_optimizer(model: torch.nn.Module, config: Config
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam and the learning-rate schedule of ``train.optimizer``.
+    """The optimiser ``train.optimizer.name`` and the learning-rate schedule of ``train.optimizer``.
 
-    The rate rises linearly over ``warmup_steps`` and then follows ``schedule`` over the
-    remaining steps: "cosine" decays to 1% of ``lr``, "step" multiplies it by 0.3 after every
-    third, "constant" keeps it.
+    Names: "adam", "adamw" (decoupled weight decay), "sgd" and "rmsprop" (both with
+    ``momentum``), with PyTorch's defaults otherwise. The rate rises linearly over
+    ``warmup_steps`` and then follows ``schedule`` over the remaining steps: "cosine" decays to 1%
+    of ``lr``, "step" multiplies it by 0.3 after every third, "constant" keeps it.
     """
     settings = config.train.optimizer
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
-                                 weight_decay=settings.weight_decay)
+    extra = {"momentum": settings.momentum} if settings.name in ("sgd", "rmsprop") else {}
+    optimizer = OPTIMIZERS[settings.name](model.parameters(), lr=settings.lr,
+                                          weight_decay=settings.weight_decay, **extra)
     warmup = settings.warmup_steps
     decay_steps = max(1, config.train.steps - warmup)
 

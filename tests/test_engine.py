@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import torch
 
-from regflow.config import load_config
+from regflow.config import load_config, validate_config
 from regflow.engine import Trainer, build_optimizer, config_digest
 from regflow.models import RegistrationModel
 
@@ -119,3 +119,29 @@ def test_learning_rate_warms_up_linearly_then_follows_the_schedule(tmp_path, sch
     assert rates[:10] == pytest.approx([0.001 * (step + 1) for step in range(10)])
     assert rates[10] == pytest.approx(0.01)
     assert rates[-1] == pytest.approx(0.01 * last_factor)
+
+
+@pytest.mark.parametrize(("name", "settings", "expected"), [
+    # loss 3 w, so the gradient is 3 everywhere: every Adam step is lr * m_hat / sqrt(v_hat) = lr
+    ("adam", {"lr": 0.1}, [1.9, 1.8]),
+    # AdamW: w * (1 - lr * wd) first, then the Adam step: 2 * 0.95 - 0.1 = 1.8
+    ("adamw", {"lr": 0.1, "weight_decay": 0.5}, [1.8, 1.61]),
+    # SGD with momentum: buffer g, then 0.9 * 3 + 3 = 5.7
+    ("sgd", {"lr": 0.1, "momentum": 0.9}, [1.7, 1.13]),
+    # RMSprop: v = 0.01 g^2, step lr * g / sqrt(v) = 0.1; then v = 0.0199 g^2
+    ("rmsprop", {"lr": 0.01}, [1.9, 1.9 - 0.03 / math.sqrt(0.0199 * 9)]),
+])
+def test_optimizers_by_name_take_their_closed_form_steps(name, settings, expected):
+    config = validate_config({"train": {"optimizer": {"name": name, **settings}}})
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    optimizer, _ = build_optimizer(model, config)
+    assert type(optimizer).__name__.lower() == name
+    weights = []
+    for _ in expected:
+        optimizer.zero_grad()
+        model(torch.tensor([[3.0]], dtype=torch.float64)).sum().backward()
+        optimizer.step()
+        weights.append(model.weight.item())
+    assert weights == pytest.approx(expected, rel=1e-6)

@@ -8,7 +8,7 @@ and returns a scalar to minimise. :func:`build_loss` turns ``train.loss`` into a
 from regflow.losses.composite import LOSS_FUNCTIONS, CompositeLoss, build_loss
 from regflow.losses.deform import bending_energy, gradient_norm
 from regflow.losses.image import gmi, gncc, lncc, local_squared_ncc, ssd
-from regflow.losses.label import cross_entropy, dice, jaccard
+from regflow.losses.label import cross_entropy, dice, jaccard, label_ssd
 
 __all__ = [
     "LOSS_FUNCTIONS",
@@ -21,6 +21,7 @@ __all__ = [
     "gncc",
     "gradient_norm",
     "jaccard",
+    "label_ssd",
     "lncc",
     "local_squared_ncc",
     "ssd",

@@ -19,11 +19,11 @@ from regflow.config import LossConfig
 from regflow.errors import ConfigError, RegflowError
 from regflow.losses.deform import bending_energy, gradient_norm
 from regflow.losses.image import gmi, gncc, lncc, ssd
-from regflow.losses.label import cross_entropy, dice, jaccard
+from regflow.losses.label import cross_entropy, dice, jaccard, label_ssd
 
 LOSS_FUNCTIONS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
     "image": {"ssd": ssd, "lncc": lncc, "gncc": gncc, "gmi": gmi},
-    "label": {"dice": dice, "jaccard": jaccard, "cross_entropy": cross_entropy},
+    "label": {"dice": dice, "jaccard": jaccard, "cross_entropy": cross_entropy, "ssd": label_ssd},
     "regularization": {"bending_energy": bending_energy, "gradient_norm": gradient_norm},
 }
 

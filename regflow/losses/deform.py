@@ -5,7 +5,8 @@ The field is (B, ndim, *S) in voxels, ndim 2 or 3. Derivatives are central finit
 stencils are exact for quadratic fields, so an affine field has zero bending energy and a
 translation zero gradient. Both follow DeepReg's reduction: the squared (or absolute) derivatives
 are summed over the derivative directions and averaged over displacement components, voxels and
-batch.
+batch. DeepReg's defaults differ: its gradient norm is ``norm="l2"`` and its bending energy is
+``stencil="wide"`` (first differences applied twice, on a domain two voxels in from every face).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import torch
 
 
-def _check_ddf(ddf: torch.Tensor) -> int:
-    """Return ndim after checking ddf is (B, ndim, *S) with every spatial size >= 3."""
+def _check_ddf(ddf: torch.Tensor, min_size: int = 3) -> int:
+    """Return ndim after checking ddf is (B, ndim, *S) with every spatial size >= ``min_size``."""
     ndim = ddf.dim() - 2
     if ndim not in (2, 3) or ddf.shape[1] != ndim:
         raise ValueError(f"expected a ddf of shape (B, ndim, *S) with ndim 2 or 3, "
                          f"got {tuple(ddf.shape)}")
-    if min(ddf.shape[2:]) < 3:
-        raise ValueError(f"ddf {tuple(ddf.shape)}: every spatial size must be >= 3")
+    if min(ddf.shape[2:]) < min_size:
+        raise ValueError(f"ddf {tuple(ddf.shape)}: every spatial size must be >= {min_size}")
     return ndim
 
 
@@ -69,19 +70,47 @@ def gradient_norm(ddf: torch.Tensor, norm: str = "l1") -> torch.Tensor:
     return magnitude.sum(dim=0).mean()
 
 
-def bending_energy(ddf: torch.Tensor) -> torch.Tensor:
+STENCILS = ("compact", "wide")
+
+
+def _wide_bending_energy(ddf: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Bending energy from central first differences applied twice (DeepReg's stencil).
+
+    Each pass crops one voxel per face on every axis, so the energy lives on (S - 4); the pure
+    second derivative becomes (u(x + 2e) - 2 u(x) + u(x - 2e)) / 4.
+    """
+    first = [_first_derivative(ddf, axis) for axis in range(ndim)]  # each (B, ndim, *(S - 2))
+    total, count = 0, 0
+    for j in range(ndim):
+        for k in range(j, ndim):
+            second = _first_derivative(first[j], k)  # (B, ndim, *(S - 4))
+            total = total + (1 if j == k else 2) * second.square().sum()
+            count = second.numel()
+    return total / count
+
+
+def bending_energy(ddf: torch.Tensor, stencil: str = "compact") -> torch.Tensor:
     """Mean bending energy (thin-plate) of the displacement field.
 
     Per voxel and component: sum_j (d2u/dx_j^2)^2 + 2 * sum_{j<k} (d2u/dx_j dx_k)^2.
 
     Args:
-        ddf: (B, ndim, *S) displacement field in voxels, spatial sizes >= 3.
+        ddf: (B, ndim, *S) displacement field in voxels, spatial sizes >= 3 ("compact") or >= 5
+            ("wide").
+        stencil: "compact": pure second derivatives from [1, -2, 1] and mixed ones from the
+            4-point stencil / 4, on the interior (S - 2). "wide": central first differences
+            applied twice, as DeepReg does, on (S - 4); it sees every other voxel along an axis
+            and so ignores a checkerboard.
 
     Returns:
-        scalar >= 0 in voxel^-2: averaged over components, interior voxels and batch.
+        scalar >= 0 in voxel^-2: averaged over components, voxels and batch.
         0 for any affine field; scales with the amplitude squared.
     """
-    ndim = _check_ddf(ddf)
+    if stencil not in STENCILS:
+        raise ValueError(f"stencil {stencil!r}: expected one of {STENCILS}")
+    ndim = _check_ddf(ddf, 3 if stencil == "compact" else 5)
+    if stencil == "wide":
+        return _wide_bending_energy(ddf, ndim)
     interior = _shifted(ddf, {})
     # Sums of squares, reduced as soon as each term is formed: no per-voxel energy map is kept.
     pure = sum((_shifted(ddf, {axis: 1}) + _shifted(ddf, {axis: -1})).sub_(interior, alpha=2)
@@ -92,9 +121,9 @@ def bending_energy(ddf: torch.Tensor) -> torch.Tensor:
     for second in range(1, ndim):
         along_second = _difference(ddf, 2 + second)
         for first in range(second):
-            stencil = _difference(along_second, 2 + first)
+            cross = _difference(along_second, 2 + first)
             for other in set(range(ndim)) - {first, second}:
-                stencil = stencil.narrow(2 + other, 1, stencil.shape[2 + other] - 2)
-            mixed = mixed + stencil.square().sum()
+                cross = cross.narrow(2 + other, 1, cross.shape[2 + other] - 2)
+            mixed = mixed + cross.square().sum()
     # mixed derivative = stencil / 4, counted twice: 2 / 16 = 1 / 8
     return (pure + mixed / 8) / interior.numel()

@@ -42,19 +42,25 @@ def ssd(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
     return (fixed - warped).square().mean()
 
 
+BORDERS = ("crop", "zero_pad")
+
+
 def local_squared_ncc(fixed: torch.Tensor, warped: torch.Tensor, kernel_size: int = 9,
-                      kernel: str = "rectangular", eps: float = 1e-5) -> torch.Tensor:
+                      kernel: str = "rectangular", eps: float = 1e-5, border: str = "crop",
+                      smooth_nr: float = 0.0) -> torch.Tensor:
     """Local squared normalised cross-correlation map.
 
-    In a window w around each voxel, ``ncc^2 = cross^2 / (var_f * var_w + eps)`` with
-    ``cross = sum w f g - sum w f * sum w g / sum w`` and
-    ``var_f = sum w f^2 - (sum w f)^2 / sum w``
-    (window-weighted sums, not means, as in DeepReg and MONAI). Windows are cropped at the volume
-    border (the statistics use only the voxels inside, with their own total weight ``sum w``), so
-    they are exact everywhere and ``ncc^2(x, a * x + b) = 1`` for any a != 0 (the square makes the
-    sign of a irrelevant) wherever x is not constant over the window. Constant windows give 0.
-    MONAI and DeepReg instead pad with zeros and divide by the full window weight, which differs
-    within kernel_size // 2 voxels of the border.
+    In a window w around each voxel, ``ncc^2 = (cross^2 + smooth_nr) / (var_f * var_w + eps)``
+    with ``cross = sum w f g - sum w f * sum w g / n`` and ``var_f = sum w f^2 - (sum w f)^2 / n``
+    (window-weighted sums, not means, as in DeepReg and MONAI).
+
+    ``border="crop"`` (default): windows are cropped at the volume border (the statistics use only
+    the voxels inside, with their own total weight ``n``), so they are exact everywhere and
+    ``ncc^2(x, a * x + b) = 1`` for any a != 0 (the square makes the sign of a irrelevant)
+    wherever x is not constant over the window. Constant windows give 0.
+    ``border="zero_pad"``: DeepReg's (and MONAI's) form: the images are padded with zeros and
+    ``n`` is the full window weight everywhere, which differs within kernel_size // 2 voxels of
+    the border (and makes the result depend on adding a constant to an image there).
 
     The five local sums are computed in one separable filtering pass over stacked channels.
 
@@ -65,29 +71,38 @@ def local_squared_ncc(fixed: torch.Tensor, warped: torch.Tensor, kernel_size: in
         kernel: window shape, "rectangular", "triangular" or "gaussian" (sigma = kernel_size / 3),
             peak weight 1.
         eps: added to ``var_f * var_w`` (units: intensity^4 times window weight^2).
+        border: "crop" or "zero_pad" (above).
+        smooth_nr: added to ``cross^2`` (DeepReg: 1e-5, so that constant windows give 1).
 
     Returns:
-        (B, C, *S) map with values in [0, 1].
+        (B, C, *S) map with values in [0, 1] (for smooth_nr <= eps).
     """
     spatial_dims = check_pair(fixed, warped)
+    if border not in BORDERS:
+        raise ValueError(f"border {border!r}: expected one of {BORDERS}")
     weights = window(kernel, kernel_size)  # (k,) on the CPU: its taps are Python numbers
-    # ncc is invariant to adding a constant: centring on the global mean keeps the local sums small,
-    # so float32 round-off in sum(f^2) - sum(f)^2 / n stays far below the variance. The mean needs
-    # no gradient for the same reason.
-    fixed = fixed - fixed.mean(dim=spatial_dims, keepdim=True).detach()
-    warped = warped - warped.mean(dim=spatial_dims, keepdim=True).detach()
+    if border == "crop":
+        # ncc is invariant to adding a constant to a cropped window: centring on the global mean
+        # keeps the local sums small, so float32 round-off in sum(f^2) - sum(f)^2 / n stays far
+        # below the variance. The mean needs no gradient for the same reason. Zero padding is not
+        # invariant, so there the raw intensities are used.
+        fixed = fixed - fixed.mean(dim=spatial_dims, keepdim=True).detach()
+        warped = warped - warped.mean(dim=spatial_dims, keepdim=True).detach()
+        count = window_weight(weights, fixed.shape[2:]).to(fixed)  # (1, 1, *S) inside weight
+    else:
+        count = weights.sum().item() ** len(spatial_dims)
     stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
     sums = separable_filter(stacked, weights)  # (B, 5C, *S)
     f_sum, w_sum, ff_sum, ww_sum, fw_sum = sums.chunk(5, dim=1)  # each (B, C, *S)
-    count = window_weight(weights, fixed.shape[2:]).to(fixed)  # (1, 1, *S) weight inside the volume
     cross = fw_sum - f_sum * w_sum / count
     f_var = (ff_sum - f_sum * f_sum / count).clamp_min(0)
     w_var = (ww_sum - w_sum * w_sum / count).clamp_min(0)
-    return cross * cross / (f_var * w_var + eps)
+    return (cross * cross + smooth_nr) / (f_var * w_var + eps)
 
 
 def lncc(fixed: torch.Tensor, warped: torch.Tensor, kernel_size: int = 9,
-         kernel: str = "rectangular", eps: float = 1e-5) -> torch.Tensor:
+         kernel: str = "rectangular", eps: float = 1e-5, border: str = "crop",
+         smooth_nr: float = 0.0) -> torch.Tensor:
     """Negative local squared normalised cross-correlation (see :func:`local_squared_ncc`).
 
     Args:
@@ -96,25 +111,31 @@ def lncc(fixed: torch.Tensor, warped: torch.Tensor, kernel_size: int = 9,
         kernel_size: window width in voxels along every axis, odd.
         kernel: window shape, "rectangular", "triangular" or "gaussian".
         eps: added to ``var_f * var_w`` (units: intensity^4 times window weight^2).
+        border: "crop" (exact windows at the border) or "zero_pad" (DeepReg).
+        smooth_nr: added to ``cross^2`` (DeepReg: 1e-5).
 
     Returns:
         scalar in [-1, 0]: minus the mean over voxels, channels and batch of ncc^2; -1 for
-        ``warped = a * fixed + b`` (a != 0) when no window of ``fixed`` is constant.
+        ``warped = a * fixed + b`` (a != 0) when no window of ``fixed`` is constant (crop).
     """
-    return -local_squared_ncc(fixed, warped, kernel_size, kernel, eps).mean()
+    return -local_squared_ncc(fixed, warped, kernel_size, kernel, eps, border, smooth_nr).mean()
 
 
-def gncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def gncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8,
+         squared: bool = False) -> torch.Tensor:
     """Negative global normalised cross-correlation (Pearson correlation per image and channel).
 
     Args:
         fixed: (B, C, *S) fixed image.
         warped: (B, C, *S) warped moving image.
-        eps: added to ``var_f * var_w`` (intensity^4), so constant images give 0, not NaN.
+        eps: added to ``var_f * var_w`` (intensity^4), so constant images give 0, not NaN
+            (-1 when squared: (0 + eps) / (0 + eps), as in DeepReg).
+        squared: DeepReg's form ``(cov^2 + eps) / (var_f * var_w + eps)`` (the squared
+            correlation, blind to the sign of the relation) instead of ``cov / sqrt(...)``.
 
     Returns:
-        scalar in [-1, 1]: minus the correlation, averaged over batch and channels;
-        ``gncc(x, a * x + b) = -1`` for a > 0 and +1 for a < 0.
+        scalar in [-1, 1]: minus the correlation (or its square), averaged over batch and channels;
+        ``gncc(x, a * x + b) = -1`` for a > 0 and +1 for a < 0 (-1 for both when squared).
     """
     spatial_dims = check_pair(fixed, warped)
     fixed = fixed - fixed.mean(dim=spatial_dims, keepdim=True)
@@ -122,6 +143,8 @@ def gncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8) -> torch.
     cov = (fixed * warped).mean(dim=spatial_dims)  # (B, C)
     f_var = fixed.square().mean(dim=spatial_dims)
     w_var = warped.square().mean(dim=spatial_dims)
+    if squared:
+        return -((cov.square() + eps) / (f_var * w_var + eps)).mean()
     return -(cov / torch.sqrt(f_var * w_var + eps)).mean()
 
 

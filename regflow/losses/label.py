@@ -1,4 +1,4 @@
-"""Label losses: soft dice, soft jaccard, binary cross-entropy, with multi-scale smoothing.
+"""Label losses: soft dice, soft jaccard, binary cross-entropy, ssd, with multi-scale smoothing.
 
 Labels are (B, L, *S) binary or probabilistic, one channel per foreground label, 2 or 3 spatial
 axes. Every function returns a scalar to minimise, called as ``loss(target, pred)``.
@@ -7,8 +7,10 @@ Multi-scale: with ``scales=[s1, s2, ...]`` both labels are smoothed by a Gaussia
 (separable, zero padding; s = 0 is no smoothing), the per-label value is computed at every scale and
 the scales are averaged. This widens the capture range of a label loss (DeepReg's multi-scale dice).
 
-Soft scores use squared sums in the denominator (the V-Net form): for binary labels they equal the
-set formulas, and identical soft labels (smoothed ones included) still score exactly 1.
+Soft scores use squared sums in the denominator by default (the V-Net form): for binary labels they
+equal the set formulas, and identical soft labels (smoothed ones included) still score exactly 1.
+``denominator="linear"`` sums the labels themselves, as DeepReg does; identical soft labels then
+score below 1.
 
 Background: labels carry no background channel. ``background_weight`` > 0 adds the implicit
 background ``clamp(1 - sum over foreground channels, 0, 1)`` as an extra channel; the result is the
@@ -18,6 +20,7 @@ the background. With the default 0 only foreground labels count.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -58,20 +61,52 @@ def _weighted_channel_mean(score: ChannelScore, target: torch.Tensor, pred: torc
     return ((channel_score * weights).sum(dim=1) / weights.sum()).mean()
 
 
-def _dice_score(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...],
-                eps: float = 1e-6) -> torch.Tensor:
-    """Soft dice (2 sum tp + eps) / (sum t^2 + sum p^2 + eps) per (B, L); empty pairs give 1."""
+DENOMINATORS = ("squared", "linear")
+
+
+def _overlap_and_total(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...],
+                       denominator: str, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (B, L): sum t p, and sum t^2 + sum p^2 ("squared") or sum t + sum p ("linear").
+
+    With ``binary`` both labels are first thresholded at 0.5 (no gradient flows through that).
+    """
+    if binary:
+        target, pred = (target >= 0.5).to(target.dtype), (pred >= 0.5).to(pred.dtype)
     overlap = (target * pred).sum(dim=spatial_dims)
-    total = target.square().sum(dim=spatial_dims) + pred.square().sum(dim=spatial_dims)
-    return (2 * overlap + eps) / (total + eps)
+    if denominator == "squared":
+        target, pred = target.square(), pred.square()
+    return overlap, target.sum(dim=spatial_dims) + pred.sum(dim=spatial_dims)
+
+
+def _dice_score(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...],
+                denominator: str, binary: bool, smooth_nr: float, smooth_dr: float
+                ) -> torch.Tensor:
+    """Soft dice (2 sum tp + smooth_nr) / (total + smooth_dr) per (B, L); empty pairs give 1."""
+    overlap, total = _overlap_and_total(target, pred, spatial_dims, denominator, binary)
+    return (2 * overlap + smooth_nr) / (total + smooth_dr)
 
 
 def _jaccard_score(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...],
-                   eps: float = 1e-6) -> torch.Tensor:
-    """Soft jaccard (sum tp + eps) / (sum t^2 + sum p^2 - sum tp + eps) per (B, L)."""
-    overlap = (target * pred).sum(dim=spatial_dims)
-    total = target.square().sum(dim=spatial_dims) + pred.square().sum(dim=spatial_dims)
-    return (overlap + eps) / (total - overlap + eps)
+                   denominator: str, binary: bool, smooth_nr: float, smooth_dr: float
+                   ) -> torch.Tensor:
+    """Soft jaccard (sum tp + smooth_nr) / (total - sum tp + smooth_dr) per (B, L)."""
+    overlap, total = _overlap_and_total(target, pred, spatial_dims, denominator, binary)
+    return (overlap + smooth_nr) / (total - overlap + smooth_dr)
+
+
+def _overlap_score(score: Callable[..., torch.Tensor], denominator: str, binary: bool,
+                   smooth_nr: float, smooth_dr: float) -> ChannelScore:
+    """Bind the options of a dice/jaccard score after checking ``denominator``."""
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"denominator {denominator!r}: expected one of {DENOMINATORS}")
+    return functools.partial(score, denominator=denominator, binary=binary,
+                             smooth_nr=smooth_nr, smooth_dr=smooth_dr)
+
+
+def _squared_difference(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...]
+                        ) -> torch.Tensor:
+    """Mean of (t - p)^2 per (B, L)."""
+    return (target - pred).square().mean(dim=spatial_dims)
 
 
 def _binary_cross_entropy(target: torch.Tensor, pred: torch.Tensor, spatial_dims: tuple[int, ...],
@@ -83,7 +118,8 @@ def _binary_cross_entropy(target: torch.Tensor, pred: torch.Tensor, spatial_dims
 
 
 def dice(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | None = None,
-         background_weight: float = 0.0) -> torch.Tensor:
+         background_weight: float = 0.0, denominator: str = "squared", binary: bool = False,
+         smooth_nr: float = 1e-6, smooth_dr: float = 1e-6) -> torch.Tensor:
     """One minus the soft dice score.
 
     Args:
@@ -91,17 +127,46 @@ def dice(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | Non
         pred: (B, L, *S) warped (or predicted) label, values in [0, 1].
         scales: Gaussian sigmas in voxels for multi-scale smoothing; None means [0] (no smoothing).
         background_weight: weight of the implicit background channel (module docstring).
+        denominator: "squared" (sum t^2 + sum p^2, V-Net) or "linear" (sum t + sum p, DeepReg).
+        binary: threshold both labels at 0.5 after smoothing (DeepReg's ``binary``; no gradient).
+        smooth_nr: added to the numerator 2 sum t p (DeepReg: 1e-5).
+        smooth_dr: added to the denominator (DeepReg: 1e-5).
 
     Returns:
-        scalar in [0, 1]: 0 for identical labels (and for two empty labels), about 1 for
-        disjoint ones; for binary labels 1 - 2|A and B| / (|A| + |B|) per label.
+        scalar in [0, 1]: 0 for identical binary labels (and for two empty labels), about 1 for
+        disjoint ones; for binary labels 1 - 2|A and B| / (|A| + |B|) per label with either
+        denominator.
     """
-    return 1 - _weighted_channel_mean(_dice_score, target, pred, scales, background_weight)
+    score = _overlap_score(_dice_score, denominator, binary, smooth_nr, smooth_dr)
+    return 1 - _weighted_channel_mean(score, target, pred, scales, background_weight)
 
 
 def jaccard(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | None = None,
-            background_weight: float = 0.0) -> torch.Tensor:
+            background_weight: float = 0.0, denominator: str = "squared", binary: bool = False,
+            smooth_nr: float = 1e-6, smooth_dr: float = 1e-6) -> torch.Tensor:
     """One minus the soft jaccard (intersection over union) score.
+
+    Args:
+        target: (B, L, *S) fixed label, values in [0, 1].
+        pred: (B, L, *S) warped (or predicted) label, values in [0, 1].
+        scales: Gaussian sigmas in voxels for multi-scale smoothing; None means [0].
+        background_weight: weight of the implicit background channel (module docstring).
+        denominator: "squared" or "linear" (DeepReg), as in :func:`dice`.
+        binary: threshold both labels at 0.5 after smoothing.
+        smooth_nr: added to the numerator sum t p (DeepReg: 1e-5).
+        smooth_dr: added to the denominator (DeepReg: 1e-5).
+
+    Returns:
+        scalar in [0, 1]: 0 for identical binary labels (and for two empty labels); for binary
+        labels 1 - |A and B| / |A or B| per label.
+    """
+    score = _overlap_score(_jaccard_score, denominator, binary, smooth_nr, smooth_dr)
+    return 1 - _weighted_channel_mean(score, target, pred, scales, background_weight)
+
+
+def label_ssd(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | None = None,
+              background_weight: float = 0.0) -> torch.Tensor:
+    """Mean squared difference between labels (DeepReg's label ``ssd``), with multi-scale smoothing.
 
     Args:
         target: (B, L, *S) fixed label, values in [0, 1].
@@ -110,10 +175,10 @@ def jaccard(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | 
         background_weight: weight of the implicit background channel (module docstring).
 
     Returns:
-        scalar in [0, 1]: 0 for identical labels (and for two empty labels); for binary labels
-        1 - |A and B| / |A or B| per label.
+        scalar in [0, 1]: mean over voxels of (t - p)^2, averaged over scales, labels and batch;
+        for binary labels the fraction of voxels where they disagree.
     """
-    return 1 - _weighted_channel_mean(_jaccard_score, target, pred, scales, background_weight)
+    return _weighted_channel_mean(_squared_difference, target, pred, scales, background_weight)
 
 
 def cross_entropy(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | None = None,

@@ -1,5 +1,6 @@
 """Tests for regflow.losses.deform: exactness on affine/quadratic fields, scaling, gradients."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,55 @@ def test_bad_fields_are_rejected():
         gradient_norm(torch.zeros(1, 3, 5, 2, 5))
     with pytest.raises(ValueError, match="norm 'l3'"):
         gradient_norm(torch.zeros(1, 2, 5, 5), "l3")
+
+
+# DeepReg-compatible options: NumPy re-implementations of deepreg/loss/deform.py (channels last,
+# (B, D, H, W, 3)), which differences the field along array axes 1, 2, 3 and crops every axis.
+
+
+def deepreg_gradient(field, axis):
+    """DeepReg's central difference (f[x + 1] - f[x - 1]) / 2 along ``axis`` (1..3), all axes
+    cropped by one voxel per face."""
+    inner = [slice(None)] + [slice(1, -1)] * 3 + [slice(None)]
+    ahead, behind = list(inner), list(inner)
+    ahead[axis], behind[axis] = slice(2, None), slice(None, -2)
+    return (field[tuple(ahead)] - field[tuple(behind)]) / 2
+
+
+def deepreg_field(seed):
+    """A random (1, 3, 6, 5, 7) ddf and its channels-last NumPy copy."""
+    field = np.random.default_rng(seed).normal(size=(1, 3, 6, 5, 7))
+    return torch.from_numpy(field), np.moveaxis(field, 1, -1)
+
+
+def test_gradient_norm_l2_matches_deepreg_formula():
+    ddf, field = deepreg_field(11)
+    dx, dy, dz = (deepreg_gradient(field, axis) for axis in (1, 2, 3))
+    expected = (dx**2 + dy**2 + dz**2).mean()
+    assert expected == pytest.approx(1.7251122, rel=1e-6)
+    assert gradient_norm(ddf, norm="l2").item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_wide_bending_energy_matches_deepreg_formula():
+    ddf, field = deepreg_field(12)
+    first = {axis: deepreg_gradient(field, axis) for axis in (1, 2, 3)}
+    second = {(j, k): deepreg_gradient(first[j], k) for j in (1, 2, 3) for k in (1, 2, 3)}
+    expected = (second[1, 1]**2 + second[2, 2]**2 + second[3, 3]**2
+                + 2 * second[1, 2]**2 + 2 * second[1, 3]**2 + 2 * second[2, 3]**2).mean()
+    assert expected == pytest.approx(2.3255638, rel=1e-6)
+    assert bending_energy(ddf, stencil="wide").item() == pytest.approx(expected, rel=1e-12)
+    assert bending_energy(ddf).item() != pytest.approx(expected, rel=1e-2)
+
+
+def test_wide_bending_energy_is_blind_to_a_checkerboard_along_one_axis():
+    field = torch.zeros(1, 2, 8, 8, dtype=torch.float64)
+    field[:, :, ::2] = 1.0  # alternates along axis 0 only
+    assert bending_energy(field, stencil="wide").item() == 0.0
+    assert bending_energy(field, stencil="compact").item() == pytest.approx(4.0)  # (1 - 0 + 1)^2
+
+
+def test_bending_energy_rejects_unknown_stencils_and_small_fields():
+    with pytest.raises(ValueError, match="stencil"):
+        bending_energy(torch.zeros(1, 2, 6, 6), stencil="five-point")
+    with pytest.raises(ValueError, match=">= 5"):
+        bending_energy(torch.zeros(1, 2, 4, 6), stencil="wide")

@@ -182,3 +182,59 @@ def test_gradcheck(loss, options, shape):
     warped = unit_interval(smooth_image(shape, seed=12)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda f, w: loss(f, w, **options), (fixed, warped),
                                     fast_mode=True)
+
+
+# DeepReg-compatible options: NumPy re-implementations of deepreg/loss/image.py (EPS = 1e-5).
+
+
+def deepreg_lncc(fixed, warped, kernel_size):
+    """DeepReg's LNCC loss with a rectangular window on (D, H, W) volumes: zero padding, sums
+    over the window, means by the full window volume, (cross^2 + EPS) / (var * var + EPS)."""
+    half = kernel_size // 2
+
+    def window_sum(volume):
+        padded = np.pad(volume, half)
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (kernel_size,) * 3)
+        return windows.sum(axis=(-3, -2, -1))
+
+    volume = kernel_size**3
+    t_sum, p_sum = window_sum(fixed), window_sum(warped)
+    t2_sum, p2_sum, tp_sum = window_sum(fixed**2), window_sum(warped**2), window_sum(fixed * warped)
+    cross = tp_sum - p_sum / volume * t_sum
+    t_var = np.maximum(t2_sum - t_sum / volume * t_sum, 0)
+    p_var = np.maximum(p2_sum - p_sum / volume * p_sum, 0)
+    return -((cross**2 + 1e-5) / (t_var * p_var + 1e-5)).mean()
+
+
+def test_zero_padded_lncc_matches_deepreg_formula():
+    rng = np.random.default_rng(31)
+    fixed, warped = rng.uniform(size=(6, 5, 7)), rng.uniform(size=(6, 5, 7))
+    expected = deepreg_lncc(fixed, warped, 3)
+    assert expected == pytest.approx(-0.32566646, rel=1e-6)
+    value = lncc(torch.from_numpy(fixed)[None, None], torch.from_numpy(warped)[None, None],
+                 kernel_size=3, border="zero_pad", smooth_nr=1e-5, eps=1e-5)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+    cropped = lncc(torch.from_numpy(fixed)[None, None], torch.from_numpy(warped)[None, None],
+                   kernel_size=3)
+    assert cropped.item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_squared_gncc_matches_deepreg_formula():
+    rng = np.random.default_rng(32)
+    fixed, warped = rng.uniform(size=(2, 4, 5, 3)), rng.uniform(size=(2, 4, 5, 3))
+    axes = (1, 2, 3)
+    centred_f = fixed - fixed.mean(axis=axes, keepdims=True)
+    centred_w = warped - warped.mean(axis=axes, keepdims=True)
+    numerator = np.abs((centred_f * centred_w).mean(axis=axes))
+    ratio = (numerator**2 + 1e-5) / (fixed.var(axis=axes) * warped.var(axis=axes) + 1e-5)
+    expected = -ratio.mean()
+    assert expected == pytest.approx(-0.02557703, rel=1e-6)
+    value = gncc(torch.from_numpy(fixed)[:, None], torch.from_numpy(warped)[:, None],
+                 eps=1e-5, squared=True)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_lncc_rejects_an_unknown_border():
+    image = torch.rand(1, 1, 5, 5)
+    with pytest.raises(ValueError, match="border"):
+        lncc(image, image, kernel_size=3, border="reflect")

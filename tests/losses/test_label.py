@@ -2,10 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from regflow.losses.label import cross_entropy, dice, jaccard
+from regflow.losses.label import cross_entropy, dice, jaccard, label_ssd
 
 LOSSES = [dice, jaccard, cross_entropy]
 
@@ -125,3 +126,97 @@ def test_gradcheck(loss, shape):
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         dice(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))
+
+
+# DeepReg-compatible options: NumPy re-implementations of deepreg/loss/label.py, which scores one
+# label at a time over the flattened volume, smoothing with a normalised Gaussian truncated at
+# int(3 sigma) (zero padding) and EPS = 1e-5.
+
+
+def deepreg_smooth(volume, sigma):
+    """DeepReg's multi-scale Gaussian smoothing of a (D, H, W) volume."""
+    if sigma == 0:
+        return volume
+    tail = int(3 * sigma)
+    kernel = np.exp([-0.5 * x**2 / sigma**2 for x in range(-tail, tail + 1)])
+    kernel = kernel / kernel.sum()
+    for axis in range(3):  # "SAME" zero padding, correlation (the kernel is symmetric)
+        padding = [(0, 0)] * 3
+        padding[axis] = (tail, tail)
+        padded = np.pad(volume, padding)
+        size = volume.shape[axis]
+        volume = sum(weight * padded.take(range(offset, offset + size), axis=axis)
+                     for offset, weight in enumerate(kernel))
+    return volume
+
+
+def deepreg_label_loss(score, target, pred, scales):
+    """Mean over labels of the mean over scales of ``score`` on the smoothed labels."""
+    return np.mean([np.mean([score(deepreg_smooth(t, s), deepreg_smooth(p, s)) for s in scales])
+                    for t, p in zip(target[0], pred[0], strict=True)])
+
+
+def deepreg_dice_score(target, pred, binary=False):
+    if binary:
+        target, pred = (target >= 0.5) * 1.0, (pred >= 0.5) * 1.0
+    return (2 * (target * pred).sum() + 1e-5) / (target.sum() + pred.sum() + 1e-5)
+
+
+def soft_labels(seed):
+    """Two random soft (1, 2, 5, 6, 4) labels in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(1, 2, 5, 6, 4)), rng.uniform(size=(1, 2, 5, 6, 4))
+
+
+DEEPREG_DICE = {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5}
+
+
+def test_linear_dice_matches_deepreg_formula_over_scales():
+    target, pred = soft_labels(21)
+    expected = 1 - deepreg_label_loss(deepreg_dice_score, target, pred, [0, 1, 2])
+    assert expected == pytest.approx(0.67113907, rel=1e-6)
+    value = dice(torch.from_numpy(target), torch.from_numpy(pred), scales=[0, 1, 2],
+                 **DEEPREG_DICE)
+    assert value.item() == pytest.approx(expected, rel=1e-6)  # regflow's kernels are float32
+
+
+def test_binary_dice_matches_deepreg_formula():
+    target, pred = soft_labels(22)
+    expected = 1 - deepreg_label_loss(lambda t, p: deepreg_dice_score(t, p, binary=True),
+                                      target, pred, [0])
+    assert expected == pytest.approx(0.51961661, rel=1e-6)
+    value = dice(torch.from_numpy(target), torch.from_numpy(pred), binary=True, **DEEPREG_DICE)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_linear_jaccard_matches_deepreg_formula():
+    target, pred = soft_labels(23)
+
+    def score(t, p):
+        overlap = (t * p).sum()
+        return (overlap + 1e-5) / (t.sum() + p.sum() - overlap + 1e-5)
+
+    expected = 1 - deepreg_label_loss(score, target, pred, [0])
+    assert expected == pytest.approx(0.64786949, rel=1e-6)
+    value = jaccard(torch.from_numpy(target), torch.from_numpy(pred), **DEEPREG_DICE)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_label_ssd_matches_deepreg_formula_over_scales():
+    target, pred = soft_labels(24)
+    expected = deepreg_label_loss(lambda t, p: ((t - p) ** 2).mean(), target, pred, [0, 1])
+    assert expected == pytest.approx(0.07424994, rel=1e-6)
+    value = label_ssd(torch.from_numpy(target), torch.from_numpy(pred), scales=[0, 1])
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_squared_and_linear_dice_agree_on_binary_labels_and_differ_on_soft_ones():
+    first, second = box((6, 6), (1, 1), (4, 4)), box((6, 6), (2, 2), (5, 5))
+    # |A| = |B| = 9, |A and B| = 4: 1 - 8 / 18
+    for denominator in ("squared", "linear"):
+        assert dice(first, second, denominator=denominator).item() == pytest.approx(10 / 18)
+    soft = torch.full((1, 1, 4, 4), 0.5, dtype=torch.float64)
+    assert dice(soft, soft).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice(soft, soft, denominator="linear").item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="denominator"):
+        dice(soft, soft, denominator="cubic")
