@@ -1,14 +1,15 @@
 """The ``regflow`` command line: one command per DVC stage plus predict/warp/request.
 
-Commands only parse options, load the config and call the library; a :class:`RegflowError` becomes
-one line on stderr and exit code 2.
+Commands only parse options, load the config and call the library; a :class:`RegflowError` or an
+``OSError`` (permission denied, disk full, ...) becomes one line on stderr and exit code 2.
+Commands that write files check their output locations before they compute anything.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,57 @@ import click
 from regflow import __version__
 from regflow.config import Config, load_config, load_training_config
 from regflow.errors import RegflowError
+from regflow.fileio import check_writable_dir, check_writable_file
+from regflow.redact import redact_text
 
 MIRROR_ENV = "REGFLOW_DATA_MIRROR"
+OUTPUTS_META = "regflow.outputs"
+
+
+def claim_output(path: str | Path, folder: bool = False,
+                 suffixes: Sequence[str] = ()) -> Path:
+    """Check an output file (or ``folder``) is writable before any work starts; remember it.
+
+    An OSError that carries no file name (a ``write`` failing with ENOSPC) is then reported
+    against the outputs claimed so far.
+
+    Raises:
+        RegflowError: see :func:`regflow.fileio.check_writable_file` / ``check_writable_dir``.
+    """
+    target = check_writable_dir(path) if folder else check_writable_file(path, suffixes)
+    click.get_current_context().meta.setdefault(OUTPUTS_META, []).append(str(target))
+    return target
+
+
+def describe_os_error(exc: OSError, outputs: Sequence[str] = ()) -> str:
+    """``PATH: reason`` (``SOURCE -> TARGET: reason`` for a rename) of an OSError.
+
+    Args:
+        exc: the error.
+        outputs: the command's output locations, named when the error itself names no file.
+    """
+    paths = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    if paths:
+        return f"{' -> '.join(paths)}: {reason}"
+    return f"{reason} (while writing {', '.join(outputs)})" if outputs else reason
 
 
 class RegflowGroup(click.Group):
-    """A click group that turns user errors into one line and exit code 2."""
+    """A click group that turns user errors, bad options and OS errors into one line, exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except RegflowError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(2)
+            message = str(exc)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else ctx.command_path
+            message = f"{exc.format_message()} (see '{command} -h')"
+        except OSError as exc:
+            message = describe_os_error(exc, ctx.meta.get(OUTPUTS_META, ()))
+        click.echo(f"Error: {redact_text(' '.join(message.splitlines()))}", err=True)
+        ctx.exit(2)
 
 
 def config_options(loader: Callable[..., Config] = load_config
@@ -130,7 +169,11 @@ def train(config: Config, resume: bool) -> None:
 @config_options(load_training_config)
 def evaluate(config: Config) -> None:
     """Evaluate the trained model and no registration on the test split (metrics/, plots/)."""
-    from regflow.pipeline import evaluate_stage
+    from regflow.paths import METRICS_DIR, PLOTS_DIR
+
+    claim_output(METRICS_DIR, folder=True)
+    claim_output(PLOTS_DIR, folder=True)
+    from regflow.pipeline import evaluate_stage  # only now: torch takes seconds
 
     headline = evaluate_stage(config)
     if headline.get("simulated_data"):
@@ -148,7 +191,10 @@ def evaluate(config: Config) -> None:
 @click.option("--nearest", is_flag=True, help="Nearest-neighbour interpolation (labels).")
 def warp(image: str, ddf: str, out: str, nearest: bool) -> None:
     """Warp IMAGE with a DDF: warped[x] = image[x + ddf[x]] (DeepReg's deepreg_warp)."""
-    from regflow.predict import warp_file
+    from regflow.data.io import NIFTI_SUFFIXES
+
+    claim_output(out, suffixes=NIFTI_SUFFIXES)
+    from regflow.predict import warp_file  # only now: importing torch takes seconds
 
     warp_file(Path(image), Path(ddf), Path(out), nearest=nearest)
     click.echo(f"wrote {out}")
@@ -171,16 +217,17 @@ def predict(config: Config, model_spec: str, fixed: str | None, moving: str | No
             moving_label: str | None, fixed_label: str | None, split: str | None,
             learn2reg: bool, out: str) -> None:
     """Register a raw pair (any size/spacing) or a dataset split with a trained model."""
-    from regflow.predict import predict_files, predict_split
+    if not split and not (fixed and moving):
+        raise RegflowError("predict: give --fixed and --moving, or --split")
+    claim_output(out, folder=True)
+    from regflow.predict import predict_files, predict_split  # only now: torch takes seconds
 
     if split:
         written = predict_split(model_spec, config, split, Path(out), learn2reg)
-    elif fixed and moving:
+    else:
         written = predict_files(model_spec, Path(fixed), Path(moving), Path(out),
                                 Path(moving_label) if moving_label else None,
                                 Path(fixed_label) if fixed_label else None, learn2reg)
-    else:
-        raise RegflowError("predict: give --fixed and --moving, or --split")
     click.echo(f"wrote {len(written)} files to {out}")
 
 
@@ -219,8 +266,10 @@ def register(config: Config) -> None:
 def request(url: str, fixed: str, moving: str, moving_label: str | None, out: str,
             timeout: float) -> None:
     """Send a pair to a running `mlflow models serve` (URL) and write the answer as NIfTI."""
-    from regflow.client import request_registration
+    from regflow.client import invocations_endpoint, request_registration
 
+    invocations_endpoint(url)
+    claim_output(out, folder=True)
     written = request_registration(url, Path(fixed), Path(moving),
                                    Path(moving_label) if moving_label else None, Path(out),
                                    timeout)

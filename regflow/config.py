@@ -277,16 +277,32 @@ class Config(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error becomes one line naming ``source`` and the problem.
+
+    Raises:
+        ConfigError: not valid YAML.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML ({problem}{where})") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``key.path=value`` into its key path and YAML-parsed value.
 
     Raises:
-        ConfigError: when there is no ``=`` or the key is empty.
+        ConfigError: no ``=``, an empty key or key segment, or a value that is not valid YAML.
     """
     key, sep, raw_value = text.partition("=")
-    if not sep or not key.strip():
+    keys = key.strip().split(".")
+    if not sep or not all(part.strip() for part in keys):
         raise ConfigError(f"override {text!r}: expected key.path=value")
-    return key.strip().split("."), yaml.safe_load(raw_value) if raw_value else None
+    return keys, parse_yaml(raw_value, f"override {text!r}") if raw_value else None
 
 
 def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -321,9 +337,23 @@ def validate_config(tree: dict[str, Any], source: str = "params.yaml") -> Config
         raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
 
 
+def read_config_text(path: Path) -> str:
+    """The UTF-8 text of a config file.
+
+    Raises:
+        ConfigError: the file cannot be read or is not UTF-8 text.
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
                 presets: dict[str, Any] | None = None) -> Config:
-    """Read params.yaml (missing file -> all defaults), apply presets and overrides, validate.
+    """Read params.yaml (missing -> all defaults; empty -> error), apply presets and overrides.
 
     Args:
         path: the YAML file.
@@ -331,15 +361,15 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         presets: ``{"key.path": value}`` applied before the overrides (tuned parameters).
 
     Raises:
-        ConfigError: unreadable YAML, bad override, unknown key or bad value.
+        ConfigError: unreadable or empty file, bad YAML, bad override, unknown key or bad value.
     """
     path = Path(path)
     tree: dict[str, Any] = {}
     if path.exists():
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        tree = parse_yaml(read_config_text(path), str(path))
+        if tree is None:
+            raise ConfigError(f"{path}: the file is empty (give at least one section, or remove "
+                              f"the file to use the defaults)")
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     elif path.name != "params.yaml":
@@ -362,10 +392,7 @@ def load_training_config(path: str | Path = "params.yaml",
     best_path = config.train.best_params
     if not best_path or not Path(best_path).exists():
         return config
-    try:
-        best = yaml.safe_load(Path(best_path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{best_path}: not valid YAML ({exc.__class__.__name__})") from None
+    best = parse_yaml(read_config_text(Path(best_path)), best_path) or {}
     if not isinstance(best, dict):
         raise ConfigError(f"{best_path}: expected a mapping of params key -> value")
     return load_config(path, overrides, presets=best)

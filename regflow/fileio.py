@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -151,18 +151,22 @@ def check_writable_dir(path: str | Path) -> Path:
     The folder is created when missing; writability is probed with a one-byte hidden temporary
     file that is removed again, so a full disk (ENOSPC), a read-only or forbidden location (EROFS,
     EACCES) or a file in the way fails here, in one line, rather than after a long computation.
+    When the check fails, the folders it created are removed again.
 
     Raises:
-        RegflowError: ``path`` is a file, cannot be created or cannot be written to.
+        RegflowError: ``path`` or a folder above it is a file, or ``path`` cannot be created or
+            written to.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise RegflowError(f"{path}: exists and is not a folder")
+    lineage = [path, *path.parents]
+    missing = [folder for folder in lineage if not folder.exists()]  # deepest first
+    existing = next((folder for folder in lineage if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RegflowError(f"{existing}: exists and is not a folder")
+    action = "create the folder"
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RegflowError(f"{path}: cannot create the folder ({exc.strerror})") from None
-    try:
+        action = "write into the folder"
         handle, name = tempfile.mkstemp(prefix=".write-probe.", suffix=TEMPORARY_SUFFIX,
                                         dir=path)
         try:
@@ -171,7 +175,10 @@ def check_writable_dir(path: str | Path) -> Path:
             os.close(handle)
             os.unlink(name)
     except OSError as exc:
-        raise RegflowError(f"{path}: cannot write into the folder ({exc.strerror})") from None
+        for folder in missing:
+            with suppress(OSError):
+                folder.rmdir()
+        raise RegflowError(f"{path}: cannot {action} ({exc.strerror})") from None
     return path
 
 
@@ -191,5 +198,8 @@ def check_writable_file(path: str | Path, suffixes: Sequence[str] = ()) -> Path:
         raise RegflowError(f"{path}: the file name must end in {' or '.join(suffixes)}")
     if path.exists() and not path.is_file():
         raise RegflowError(f"{path}: exists and is not a regular file")
-    check_writable_dir(path.parent)
+    try:
+        check_writable_dir(path.parent)
+    except RegflowError as exc:
+        raise RegflowError(f"{path}: {exc}") from None
     return path

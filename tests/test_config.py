@@ -46,3 +46,50 @@ def test_training_config_merges_best_params_below_overrides(tmp_path):
     config = load_training_config(params, ["train.optimizer.lr=0.005"])
     assert config.train.loss.image["lncc"].weight == 0.25
     assert config.train.optimizer.lr == 0.005
+
+
+def test_empty_params_file_is_an_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("# every key commented out\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: the file is empty"):
+        load_config(path)
+
+
+def test_explicit_empty_mapping_means_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("{}\n")
+    assert load_config(path).seed == 42
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.steps={", r"override 'train\.steps=\{': not valid YAML \(.* line 1, column 2\)"),
+    ("train.name=!!python/object:os.system", "not valid YAML"),
+    ("train..steps=3", "expected key.path=value"),
+    ("train.steps.=3", "expected key.path=value"),
+    ("train.steps", "expected key.path=value"),
+])
+def test_malformed_override_is_one_line(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(tmp_path / "params.yaml", [override])
+    assert "\n" not in str(caught.value)
+
+
+def test_override_without_value_sets_null(tmp_path):
+    config = load_config(tmp_path / "params.yaml", ["train.best_params="])
+    assert config.train.best_params is None
+
+
+def test_params_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("train:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+
+
+def test_malformed_best_params_names_the_file(tmp_path):
+    best = tmp_path / "best.yaml"
+    best.write_text("train.optimizer.lr: [0.1\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"train:\n  best_params: {best}\n")
+    with pytest.raises(ConfigError, match=r"best\.yaml: not valid YAML"):
+        load_training_config(params)
