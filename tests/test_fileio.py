@@ -2,153 +2,162 @@ import hashlib
 import json
 import multiprocessing
 import os
-from pathlib import Path
+import stat
+import threading
 
 import pytest
 
 from regflow import fileio
 
-RACE_WRITES = 300
+WRITES_PER_PROCESS = 300
 
 
-def hidden_temporaries(folder: Path) -> list[str]:
-    return sorted(path.name for path in folder.iterdir() if path.name.endswith(".tmp"))
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def test_temporary_names_are_unique_hidden_siblings(tmp_path):
+def test_temporary_siblings_are_unique_hidden_and_beside_the_target(tmp_path):
     target = tmp_path / "out" / "metrics.json"
+    first, second = fileio.temporary_sibling(target), fileio.temporary_sibling(target)
+    assert first != second
+    for temporary in (first, second):
+        assert temporary.parent == target.parent
+        assert temporary.name.startswith(".metrics.json.") and temporary.name.endswith(".tmp")
+        assert stat.S_IMODE(temporary.stat().st_mode) == 0o666 & ~_umask()
+    folder = fileio.temporary_sibling(target, directory=True)
+    assert folder.is_dir() and folder.name.endswith(".tmp")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_umask()
+
+
+def test_two_open_writers_of_one_path_get_different_temporaries(tmp_path):
+    target = tmp_path / "best_params.yaml"
     with fileio.atomic_path(target) as first, fileio.atomic_path(target) as second:
         assert first != second
-        assert first.parent == second.parent == target.parent  # same file system: rename is atomic
-        for temporary in (first, second):
-            assert temporary.name.startswith(".metrics.json.")
-            assert temporary.name.endswith(".tmp")
-        first.write_text("first")
-        second.write_text("second")
-    assert target.read_text() == "first"  # the outer block renames last: the last rename wins
-    assert hidden_temporaries(target.parent) == []
+        first.write_text("a: 1\n")
+        second.write_text("a: 2\n")
+    assert target.read_text() == "a: 1\n"  # the outer block renames last: its content wins whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best_params.yaml"]
 
 
-def test_written_file_gets_the_umask_mode(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        path = fileio.write_text(tmp_path / "a.txt", "x")
-    finally:
-        os.umask(previous)
-    assert path.stat().st_mode & 0o777 == 0o644
+def test_a_failed_write_keeps_the_old_content_and_leaves_no_temporary(tmp_path):
+    target = fileio.write_text(tmp_path / "run.json", '{"run_id": "old"}')
+    with pytest.raises(RuntimeError, match="disk full"):
+        with fileio.atomic_open(target) as handle:
+            handle.write('{"run_id": "ne')
+            raise RuntimeError("disk full")
+    assert target.read_text() == '{"run_id": "old"}'
+    assert [path.name for path in tmp_path.iterdir()] == ["run.json"]
 
 
-def test_failure_keeps_the_old_content_and_leaves_no_temporary(tmp_path):
-    path = fileio.write_text(tmp_path / "best_params.yaml", "old\n")
-    with pytest.raises(RuntimeError, match="killed"), fileio.atomic_open(path) as handle:
-        handle.write("new, half written")
-        raise RuntimeError("killed")
-    assert path.read_text() == "old\n"
-    assert hidden_temporaries(tmp_path) == []
+def test_write_json_and_csv_give_the_documented_text(tmp_path):
+    fileio.write_json(tmp_path / "a.json", {"b": 1, "a": [2]})
+    assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
+    fileio.write_csv(tmp_path / "a.csv", [{"case": "x", "dice": 0.5}, {"case": "y", "hd95": 2}])
+    assert (tmp_path / "a.csv").read_text() == "case,dice,hd95\nx,0.5,\ny,,2\n"
 
 
-def test_failure_before_the_first_write_leaves_no_file(tmp_path):
-    path = tmp_path / "registered.json"
-    with pytest.raises(ValueError), fileio.atomic_path(path):
-        raise ValueError
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_write_helpers_round_trip(tmp_path):
-    assert fileio.write_bytes(tmp_path / "a.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
-    fileio.write_json(tmp_path / "a.json", {"b": 1, "a": [1.5]})
-    assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
-    fileio.write_csv(tmp_path / "a.csv", [{"case": "c1", "dice": 0.5}, {"case": "c2", "hd95": 2}])
-    assert (tmp_path / "a.csv").read_text() == "case,dice,hd95\nc1,0.5,\nc2,,2\n"
-
-
-def test_atomic_directory_replaces_the_folder_whole(tmp_path):
+def test_atomic_directory_replaces_the_old_folder_whole(tmp_path):
     target = tmp_path / "processed"
-    (target / "old").mkdir(parents=True)
-    (target / "old" / "case.nii.gz").write_bytes(b"old")
+    (target / "images").mkdir(parents=True)
+    (target / "images" / "old.nii.gz").write_bytes(b"old")
     (target / "manifest.json").write_text("{}")
     with fileio.atomic_directory(target) as staging:
-        assert staging.parent == tmp_path and staging != target
+        assert not (staging / "manifest.json").exists()  # starts empty, not as a copy
         (staging / "manifest.json").write_text('{"cases": []}')
     assert sorted(path.name for path in target.iterdir()) == ["manifest.json"]
     assert (target / "manifest.json").read_text() == '{"cases": []}'
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["processed"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~_umask()
+    assert [path.name for path in tmp_path.iterdir()] == ["processed"]
 
 
-def test_atomic_directory_failure_keeps_the_old_folder(tmp_path):
+def test_a_failed_atomic_directory_leaves_the_old_folder(tmp_path):
     target = tmp_path / "raw"
     target.mkdir()
-    (target / "SHA256SUMS").write_text("old")
-    with pytest.raises(OSError), fileio.atomic_directory(target) as staging:
-        (staging / "partial").write_text("half")
-        raise OSError("disk full")
+    (target / "SHA256SUMS").write_text("abc  x\n")
+    with pytest.raises(ValueError, match="checksum"):
+        with fileio.atomic_directory(target) as staging:
+            (staging / "half.nii.gz").write_bytes(b"\x1f")
+            raise ValueError("checksum mismatch")
     assert [path.name for path in target.iterdir()] == ["SHA256SUMS"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["raw"]
+    assert [path.name for path in tmp_path.iterdir()] == ["raw"]
 
 
-def test_atomic_directory_replaces_a_link_not_its_target(tmp_path):
-    elsewhere = tmp_path / "elsewhere"
+def test_atomic_directory_replaces_a_link(tmp_path):
+    elsewhere = tmp_path / "mirror"
     elsewhere.mkdir()
-    (elsewhere / "keep.txt").write_text("keep")
-    link = tmp_path / "dataset"
-    link.symlink_to(elsewhere)
-    with fileio.atomic_directory(link) as staging:
-        (staging / "new.txt").write_text("new")
-    assert not link.is_symlink() and (link / "new.txt").read_text() == "new"
-    assert (elsewhere / "keep.txt").read_text() == "keep"
+    (elsewhere / "kept").write_text("mirror file")
+    target = tmp_path / "dataset"
+    target.symlink_to(elsewhere)
+    with fileio.atomic_directory(target) as staging:
+        (staging / "new").write_text("fetched")
+    assert not target.is_symlink() and [p.name for p in target.iterdir()] == ["new"]
+    assert (elsewhere / "kept").read_text() == "mirror file"  # the link's target is untouched
+
+
+def _payload(writer: int, count: int) -> dict:
+    """A self-checking document of about 40 kB: ``digest`` is the sha256 of its ``body``."""
+    body = f"{writer}:{count}:" + "x" * (40_000 + 997 * writer + count)
+    return {"writer": writer, "count": count, "body": body,
+            "digest": hashlib.sha256(body.encode()).hexdigest()}
+
+
+def _write_many(path: str, writer: int) -> None:
+    for count in range(WRITES_PER_PROCESS):
+        fileio.write_json(path, _payload(writer, count))
+
+
+def _check(text: str) -> bool:
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return False
+    return hashlib.sha256(document["body"].encode()).hexdigest() == document["digest"]
+
+
+def test_two_processes_racing_on_one_path_never_show_a_torn_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    fileio.write_json(target, _payload(9, 0))
+    reads, torn = [0], []
+    done = threading.Event()
+
+    def read_until_done() -> None:
+        while not done.is_set():
+            text = target.read_text()
+            reads[0] += 1
+            if not _check(text):
+                torn.append(text[:80])
+
+    reader = threading.Thread(target=read_until_done)
+    reader.start()
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_many, args=(str(target), writer))
+               for writer in (0, 1)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=120)
+    done.set()
+    reader.join()
+    assert [process.exitcode for process in writers] == [0, 0]
+    assert torn == []
+    assert reads[0] > 0
+    final = json.loads(target.read_text())
+    assert (final["writer"], final["count"]) in {(0, WRITES_PER_PROCESS - 1),
+                                                 (1, WRITES_PER_PROCESS - 1)}
+    assert _check(target.read_text())
+    assert [path.name for path in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_remove_stale_temporaries_clears_only_hidden_tmp_entries(tmp_path):
-    (tmp_path / ".best.pt.k3j2.tmp").write_bytes(b"half a checkpoint")
-    (tmp_path / ".processed.x9.tmp").mkdir()
-    (tmp_path / ".processed.x9.tmp" / "case.nii.gz").write_bytes(b"")
-    (tmp_path / "notes.tmp").write_text("not ours: not hidden")
-    (tmp_path / "best.pt").write_bytes(b"whole")
+    stale_file = fileio.temporary_sibling(tmp_path / "best.pt")
+    stale_folder = fileio.temporary_sibling(tmp_path / "processed", directory=True)
+    (stale_folder / "images").mkdir()
+    kept = [tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / "best.pt"]
+    for path in kept:
+        path.write_text("keep")
     removed = fileio.remove_stale_temporaries(tmp_path)
-    assert sorted(path.name for path in removed) == [".best.pt.k3j2.tmp", ".processed.x9.tmp"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "notes.tmp"]
+    assert sorted(removed) == sorted([stale_file, stale_folder])
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
     assert fileio.remove_stale_temporaries(tmp_path / "absent") == []
-
-
-def race_payload(writer: int, index: int) -> dict:
-    """A payload that checks itself: its values' length varies and their digest is stored."""
-    values = [writer * 100_000 + index * 7 + offset for offset in range(1 + (index * 37) % 500)]
-    digest = hashlib.sha256(json.dumps(values).encode()).hexdigest()
-    return {"writer": writer, "index": index, "values": values, "sha256": digest}
-
-
-def race_writer(path: str, writer: int, start, errors) -> None:
-    start.wait()
-    for index in range(RACE_WRITES):
-        try:
-            fileio.write_json(path, race_payload(writer, index))
-        except Exception:  # counted, so that the parent sees every failure
-            with errors.get_lock():
-                errors.value += 1
-
-
-def test_two_processes_racing_on_one_path_never_tear_it(tmp_path):
-    path = tmp_path / "best_params.json"
-    fileio.write_json(path, race_payload(0, 0))
-    context = multiprocessing.get_context("fork")
-    start, errors = context.Barrier(3), context.Value("i", 0)
-    writers = [context.Process(target=race_writer, args=(str(path), writer, start, errors))
-               for writer in (1, 2)]
-    for process in writers:
-        process.start()
-    start.wait()
-    reads, torn, seen = 0, 0, set()
-    while any(process.is_alive() for process in writers) or reads == 0:
-        payload = json.loads(path.read_text())  # a torn file would not parse
-        reads += 1
-        if hashlib.sha256(json.dumps(payload["values"]).encode()).hexdigest() != payload["sha256"]:
-            torn += 1
-        seen.add(payload["writer"])
-    for process in writers:
-        process.join()
-    assert [process.exitcode for process in writers] == [0, 0]
-    assert (errors.value, torn) == (0, 0)
-    assert reads > 10 and seen & {1, 2}
-    final = json.loads(path.read_text())
-    assert final == race_payload(final["writer"], RACE_WRITES - 1)
-    assert hidden_temporaries(tmp_path) == []
