@@ -7,7 +7,6 @@ in a private user + mount namespace (``unshare``), which vanishes with the comma
 """
 
 import os
-import socket
 import subprocess
 import sys
 from functools import cache
@@ -18,7 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from regflow.cli import cli
+from regflow.client import encode_file
 from regflow.data.io import write_nifti
+from tests.test_client import StubServer, free_port
 
 FORBIDDEN = "/sys/regflow-test-output"  # sysfs: EACCES/EPERM for every user, root included
 TMPFS_SCRIPT = """
@@ -26,16 +27,9 @@ mount -t tmpfs -o size=64k tmpfs "$1" || exit 97
 if [ "$2" = full ]; then head -c 1M /dev/zero > "$1/filler" 2>/dev/null; fi
 disk=$1; shift 2
 "$@"; status=$?
-ls -A "$disk"
+find "$disk" -mindepth 1
 exit $status
 """
-
-
-def closed_port() -> int:
-    """A local TCP port nobody listens on (connection refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @cache
@@ -51,7 +45,8 @@ def can_mount_tmpfs() -> bool:
 
 @pytest.fixture
 def inputs(tmp_path, monkeypatch):
-    """A working folder with an image, a zero DDF of its grid and a plain file named ``afile``.
+    """A working folder with an image, a zero DDF of its grid, and things in an output's way:
+    a plain file ``afile``, a FIFO ``fifo.nii.gz`` and a folder ``folder.nii.gz``.
 
     The image is 32^3 random noise: its .nii.gz (about 120 kB) does not fit the 64 kB disk.
     """
@@ -109,7 +104,7 @@ ROWS = [
      "http://host:abc: not a valid URL", None),
     ("request-bad-ipv6", ["request", "http://[::1", *PAIR, "--out", "out"], "not a valid URL",
      None),
-    ("request-unreachable", ["request", f"http://127.0.0.1:{closed_port()}", *PAIR, "--out",
+    ("request-unreachable", ["request", f"http://127.0.0.1:{free_port()}", *PAIR, "--out",
                              "out"], "no answer", None),
     ("request-password-masked", ["request", "ftp://me:s3cret@host/x", *PAIR, "--out", "out"],
      "ftp://me:***@host/x: unsupported scheme", None),
@@ -136,7 +131,7 @@ ROWS = [
 
 
 def run_regflow(args: list[str], workdir: Path, tmpfs: str | None) -> tuple[int, str, set[str]]:
-    """Run the CLI; returns (exit code, stderr, names left on the small disk).
+    """Run the CLI; returns (exit code, stderr, paths left on the small disk).
 
     Without ``tmpfs`` the real click CLI runs in process; with it, ``python -m regflow.cli`` runs
     in a namespace where ``disk/`` is a 64 kB tmpfs (``full`` to the last byte, or ``probe``:
@@ -172,7 +167,7 @@ def test_error_is_exit_2_and_one_line(inputs, args, expected, tmpfs):
     assert expected in stderr
     assert "Traceback" not in stderr and "s3cret" not in stderr
     assert files_under(inputs) == before
-    assert on_disk <= {"filler"}
+    assert on_disk <= {"disk/filler"}
 
 
 def test_predict_checks_out_before_loading_a_model(tmp_path):
@@ -195,3 +190,22 @@ def test_warp_writes_when_the_output_is_fine(inputs):
     assert result.exit_code == 0, result.output
     assert (inputs / "new" / "warped.nii.gz").is_file()
     assert [path.name for path in (inputs / "new").iterdir()] == ["warped.nii.gz"]
+
+
+@pytest.mark.parametrize(("status", "answer", "expected", "tmpfs"), [
+    (500, {"error_code": "INTERNAL_ERROR"}, "/invocations: HTTP 500: ", None),
+    (200, [1, 2], "/invocations: the answer is not a JSON object", None),
+    (200, "warped", "No space left on device (while writing disk/out)", "probe"),
+], ids=["http-error", "answer-not-an-object", "disk-full-while-writing-the-answer"])
+def test_request_answer_failures_are_exit_2_and_one_line(inputs, status, answer, expected,
+                                                         tmpfs):
+    if answer == "warped":  # the 32^3 noise image back: about 120 kB for the 64 kB disk
+        answer = {"predictions": {"warped": [encode_file(inputs / "image.nii.gz")]}}
+    before = files_under(inputs)
+    with StubServer(lambda body: (status, answer)) as server:
+        code, stderr, on_disk = run_regflow(["request", server.url, *PAIR, "--out", "disk/out"],
+                                            inputs, tmpfs)
+    assert code == 2, stderr
+    assert len(stderr.splitlines()) == 1 and expected in stderr, stderr
+    assert files_under(inputs) == before
+    assert on_disk <= {"disk/out"}  # an empty folder: no temporary, no partial file
