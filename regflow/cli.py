@@ -200,6 +200,26 @@ def warp(image: str, ddf: str, out: str, nearest: bool) -> None:
     click.echo(f"wrote {out}")
 
 
+@cli.command("import-deepreg")
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="The regflow params file to write, e.g. params.yaml.")
+def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
+    """Translate DeepReg CONFIGS (merged in order, like --config_path) into a params file.
+
+    Every DeepReg key that has no regflow translation is printed with the reason; the losses get
+    the options that reproduce DeepReg's formulas.
+    """
+    from regflow.deepreg import import_deepreg
+
+    translation = import_deepreg(list(configs), Path(out))
+    for note in translation.notes:
+        click.echo(f"note: {note}")
+    for key, reason in translation.skipped:
+        click.echo(f"not translated: {key}: {reason}")
+    click.echo(f"wrote {out} ({len(translation.skipped)} keys not translated)")
+
+
 @cli.command()
 @click.option("--model", "model_spec", required=True,
               help="Checkpoint path, or an MLflow URI such as models:/regflow@champion.")

@@ -1,0 +1,544 @@
+"""DeepReg YAML configs -> a regflow params file.
+
+DeepReg runs ``deepreg_train --config_path a.yaml b.yaml``: the files are merged in order, a later
+file overriding an earlier one key by key (maps merge recursively, anything else is replaced).
+:func:`merge_configs` does the same; :func:`translate` maps the merged tree onto regflow's params
+and picks the loss options that reproduce DeepReg's formulas. Every DeepReg key is either used or
+reported with the reason it was not; nothing is dropped silently.
+
+All translation tables live at the top of this module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from regflow import fileio
+from regflow.config import validate_config
+from regflow.data.layouts import discover_cases
+from regflow.errors import ConfigError, RegflowError
+
+# the order of the sections in the written params file, as in params.yaml
+SECTION_ORDER = ("data", "preprocess", "loader", "train", "tune")
+
+# DeepReg split name -> the folder name regflow reads under the dataset root
+SPLIT_FOLDERS = {"train": "train", "valid": "val", "test": "test"}
+
+# DeepReg loss group -> name -> (regflow term, options that give DeepReg's formula)
+LOSS_NAMES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "image": {
+        "lncc": ("lncc", {"border": "zero_pad", "smooth_nr": 1e-5, "eps": 1e-5}),
+        "ssd": ("ssd", {}),
+        "gmi": ("gmi", {"eps": 1e-5}),
+        "gncc": ("gncc", {"squared": True, "eps": 1e-5}),
+    },
+    "label": {
+        "dice": ("dice", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5}),
+        "jaccard": ("jaccard", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5}),
+        "ssd": ("ssd", {}),
+        "cross-entropy": ("cross_entropy", {}),
+    },
+    "regularization": {
+        "bending": ("bending_energy", {"stencil": "wide"}),
+        "gradient": ("gradient_norm", {"norm": "l2"}),
+    },
+}
+
+# DeepReg loss option -> regflow option, per regflow term (DeepReg's own defaults are above)
+LOSS_OPTIONS: dict[str, dict[str, str]] = {
+    "lncc": {"kernel_size": "kernel_size", "kernel_type": "kernel", "smooth_nr": "smooth_nr",
+             "smooth_dr": "eps"},
+    "gmi": {"num_bins": "num_bins", "sigma_ratio": "sigma_ratio"},
+    "dice": {"scales": "scales", "binary": "binary", "smooth_nr": "smooth_nr",
+             "smooth_dr": "smooth_dr"},
+    "jaccard": {"scales": "scales", "binary": "binary", "smooth_nr": "smooth_nr",
+                "smooth_dr": "smooth_dr"},
+    "ssd": {"scales": "scales"},
+    "cross_entropy": {"scales": "scales"},
+}
+
+LOSS_OPTION_REASONS = {
+    "background_weight": "DeepReg mixes a background term into each label's score (generalised "
+                         "dice); regflow's background_weight adds an implicit background channel "
+                         "instead: set train.loss.label.<term>.options.background_weight yourself",
+    "kernel": "regflow's multi-scale smoothing is Gaussian only (no cauchy)",
+    "smooth": "regflow's cross_entropy clamps probabilities to [1e-7, 1 - 1e-7] instead",
+}
+
+OPTIMIZER_NAMES = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "rms": "rmsprop",
+                   "rmsprop": "rmsprop"}
+
+BACKBONE_NAMES = ("local", "unet", "global")
+
+AUGMENTATIONS = {"affine": "affine", "ddf": "elastic"}
+
+# train.preprocess keys with a reason they are not translated
+PREPROCESS_REASONS = {
+    "shuffle_buffer_num_batch": "regflow reshuffles the whole training set every epoch",
+    "num_parallel_calls": "regflow loads in the main process (loader.num_workers)",
+}
+
+
+@dataclass
+class Translation:
+    """The result of :func:`translate`.
+
+    Attributes:
+        params: the regflow params tree (what params.yaml holds).
+        skipped: ``(DeepReg key path, reason)`` for every key that was not translated.
+        notes: conversions worth knowing (steps from epochs, renamed methods, ...).
+    """
+
+    params: dict[str, Any]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def merge_configs(trees: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Merge DeepReg config trees in order: later maps merge into earlier ones recursively,
+    any other value (lists included) replaces the earlier one.
+
+    Returns:
+        a new tree; the inputs are not modified.
+    """
+
+    def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(base)
+        for key, value in update.items():
+            if isinstance(value, dict):
+                earlier = merged.get(key)
+                merged[key] = merge(earlier if isinstance(earlier, dict) else {}, value)
+            else:
+                merged[key] = value
+        return merged
+
+    result: dict[str, Any] = {}
+    for tree in trees:
+        result = merge(result, tree)
+    return result
+
+
+def read_deepreg_configs(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Read and merge DeepReg YAML files in order (see :func:`merge_configs`).
+
+    Raises:
+        ConfigError: a missing or unreadable file, invalid YAML, or a file that is not a mapping.
+    """
+    trees = []
+    for path in map(Path, paths):
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})"
+                              ) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a DeepReg config is a mapping with dataset/train sections")
+        trees.append(tree)
+    return merge_configs(trees)
+
+
+def _leaves(node: Any, prefix: str = "") -> list[str]:
+    """Key paths of every leaf; maps and lists of maps are walked (list items as ``key[i]``)."""
+    if isinstance(node, dict) and node:
+        return [leaf for key, child in node.items()
+                for leaf in _leaves(child, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+        return [leaf for index, item in enumerate(node)
+                for leaf in _leaves(item, f"{prefix}[{index}]")]
+    return [prefix]
+
+
+class _Reader:
+    """Reads a DeepReg tree by key path and remembers which leaves were used or reported."""
+
+    def __init__(self, tree: dict[str, Any]) -> None:
+        self.tree = tree
+        self.handled: set[str] = set()
+        self.skipped: list[tuple[str, str]] = []
+
+    def node(self, path: str) -> Any:
+        """The value at a dotted path (``[i]`` indexes lists), or None."""
+        node: Any = self.tree
+        for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+            if part.startswith("["):
+                index = int(part[1:-1])
+                node = node[index] if isinstance(node, list) and index < len(node) else None
+            else:
+                node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    def get(self, path: str, default: Any = None) -> Any:
+        """The value at ``path`` (``default`` when absent); its leaves count as translated."""
+        value = self.node(path)
+        self._mark(path)
+        return default if value is None else value
+
+    def skip(self, path: str, reason: str) -> None:
+        """Report every leaf under ``path`` (if present) with ``reason``."""
+        if self.node(path) is None:
+            return
+        for leaf in _leaves(self.node(path), path):
+            if leaf not in self.handled:
+                self.skipped.append((leaf, reason))
+        self._mark(path)
+
+    def _mark(self, path: str) -> None:
+        if self.node(path) is not None:
+            self.handled.update(_leaves(self.node(path), path))
+
+    def unhandled(self) -> list[str]:
+        """Leaves neither translated nor reported, in file order."""
+        return [leaf for leaf in _leaves(self.tree) if leaf not in self.handled]
+
+
+def _split_settings(reader: _Reader) -> dict[str, dict[str, Any]]:
+    """{deepreg split: {dir, format, labeled}} from either DeepReg dataset layout.
+
+    DeepReg 1.x: ``dataset.<split>.{dir,format,labeled}``; 0.1.x: ``dataset.dir.<split>`` with
+    ``dataset.format`` and ``dataset.labeled`` shared.
+    """
+    settings = {}
+    for split in SPLIT_FOLDERS:
+        if isinstance(reader.node(f"dataset.{split}"), dict):
+            settings[split] = {key: reader.get(f"dataset.{split}.{key}")
+                               for key in ("dir", "format", "labeled")}
+        else:
+            settings[split] = {"dir": reader.get(f"dataset.dir.{split}"),
+                               "format": reader.get("dataset.format"),
+                               "labeled": reader.get("dataset.labeled")}
+    return settings
+
+
+def _one_dir(reader: _Reader, split: str, value: Any) -> str | None:
+    """A split's DeepReg directory as one path; lists of several folders are reported."""
+    if isinstance(value, list):
+        if len(value) > 1:
+            reader.skipped.append((f"dataset.{split}.dir", "several folders per split: regflow "
+                                   "reads one folder per split; merge them into one"))
+        value = value[0] if value else None
+    return None if value is None else str(value)
+
+
+def _train_samples(folder: Path, pairing: str, file_format: str, sample_image_in_group: bool
+                   ) -> int | None:
+    """Training samples per DeepReg epoch: pairs (paired), images // 2 (unpaired), groups
+    (grouped, one pair per group) or images (grouped without sampling); None if unreadable."""
+    try:
+        cases, _ = discover_cases(folder, f"deepreg-{pairing}", pairing, file_format)
+    except RegflowError:
+        return None
+    if pairing == "unpaired":
+        return max(1, len(cases) // 2)
+    if pairing == "grouped" and sample_image_in_group:
+        return len({case.group for case in cases})
+    return len(cases)
+
+
+def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: list[str]
+                    ) -> tuple[str, bool, str, Path]:
+    """Fill data, preprocess and loader; return (pairing, labeled, file format, train folder)."""
+    pairing = reader.get("dataset.type")
+    if pairing not in ("paired", "unpaired", "grouped"):
+        raise ConfigError(f"dataset.type: expected paired, unpaired or grouped, got {pairing!r}")
+    splits = _split_settings(reader)
+    dirs = {split: _one_dir(reader, split, values["dir"]) for split, values in splits.items()}
+    if not dirs["train"]:
+        raise ConfigError("dataset.train.dir: DeepReg configs need a training folder")
+    file_format = splits["train"]["format"] or "nifti"
+    labeled = splits["train"]["labeled"]
+    labeled = True if labeled is None else bool(labeled)
+    for split in ("valid", "test"):
+        for key, value in (("format", file_format), ("labeled", labeled)):
+            other = splits[split][key]
+            if other is not None and other != value:
+                reader.skipped.append((f"dataset.{split}.{key}", f"regflow uses the train "
+                                       f"split's {key} ({value}) for every split"))
+    train_path = Path(dirs["train"])
+    root = str(train_path.parent)
+    for split, folder in SPLIT_FOLDERS.items():
+        path = dirs[split]
+        if path is None:
+            continue
+        if split == "valid" and path == dirs["test"]:
+            reader.skipped.append(("dataset.valid.dir", "the test folder doubles as validation "
+                                   "in DeepReg; regflow never validates on test data and carves "
+                                   "val out of train (preprocess.val_fraction)"))
+        elif Path(path).parent != train_path.parent or Path(path).name != folder:
+            reader.skipped.append((f"dataset.{split}.dir", f"regflow reads <root>/{folder} with "
+                                   f"root {root}; move or link {path} there"))
+    if train_path.name != "train":
+        reader.skipped.append(("dataset.train.dir", f"regflow reads <root>/train with root "
+                               f"{root}; rename {train_path.name} to train"))
+    params["data"] = {"dataset": name, "local": {name: {"path": root, "pairing": pairing,
+                                                        "format": file_format}}}
+    shape = (reader.get("dataset.fixed_image_shape") if pairing == "paired"
+             else reader.get("dataset.image_shape"))
+    if pairing == "paired":
+        moving_shape = reader.get("dataset.moving_image_shape")
+        reader.skip("dataset.image_shape", "paired data use fixed_image_shape")
+        if moving_shape is not None and moving_shape != shape:
+            reader.skipped.append(("dataset.moving_image_shape", "regflow crops/pads moving and "
+                                   f"fixed images to one shape, the fixed one ({shape})"))
+    params["preprocess"] = {"normalise": "minmax"}
+    if shape is not None:
+        params["preprocess"]["shape"] = list(shape)
+        notes.append(f"preprocess.shape {list(shape)}: regflow crops/pads to this shape where "
+                     "DeepReg resizes (interpolates) to it")
+    loader: dict[str, Any] = {"sample_label": reader.get("dataset.sample_label", "sample")}
+    if pairing == "grouped":
+        loader["intra_group_prob"] = reader.get("dataset.intra_group_prob", 1.0)
+        loader["intra_group_option"] = reader.get("dataset.intra_group_option", "forward")
+        if reader.get("dataset.sample_image_in_group", True) is False:
+            reader.skipped.append(("dataset.sample_image_in_group", "regflow always samples "
+                                   "one pair per group and step"))
+    params["loader"] = loader
+    return pairing, labeled, file_format, train_path
+
+
+def _channels(reader: _Reader, backbone: str) -> list[int]:
+    """Backbone widths: num_channel_initial doubling per level; DeepReg's depth (or the deepest
+    extract level for local) is the number of poolings, as regflow's ``len(channels)``."""
+    initial = int(reader.get("train.backbone.num_channel_initial", 16))
+    if backbone == "local":
+        levels = reader.get("train.backbone.extract_levels", [0, 1, 2, 3])
+        depth = max(levels)
+        if sorted(levels) != list(range(depth + 1)):
+            reader.skipped.append(("train.backbone.extract_levels", "regflow's LocalNet sums the "
+                                   f"fields of every level 0..{depth}"))
+        reader.skip("train.backbone.depth", "local uses extract_levels")
+    else:
+        depth = int(reader.get("train.backbone.depth", 3))
+        reader.skip("train.backbone.extract_levels", f"{backbone} uses depth")
+    return [initial * 2**level for level in range(max(1, depth))]
+
+
+def _translate_model(reader: _Reader, params: dict[str, Any], notes: list[str]) -> str:
+    """Fill train.model; return the regflow method."""
+    method = reader.get("train.method", "ddf")
+    if method not in ("ddf", "dvf", "conditional", "affine"):
+        raise ConfigError(f"train.method: expected ddf, dvf or conditional, got {method!r}")
+    backbone = reader.get("train.backbone.name", "local")
+    if backbone not in BACKBONE_NAMES:
+        raise ConfigError(f"train.backbone.name: regflow has {', '.join(BACKBONE_NAMES)}, "
+                          f"not {backbone!r}")
+    if backbone == "global" and method != "affine":
+        notes.append(f"train.method {method} with backbone global -> regflow method affine "
+                     "(GlobalNet's affine turned into a DDF, as in DeepReg)")
+        method = "affine"
+    for key in ("pooling", "concat_skip", "control_points", "encode_kernel_sizes",
+                "decode_kernel_sizes", "strides", "padding", "out_kernel_initializer",
+                "out_activation", "encode_num_channels", "decode_num_channels"):
+        reader.skip(f"train.backbone.{key}", "no regflow equivalent (fixed by the backbone)")
+    params["train"]["model"] = {
+        "method": method,
+        "backbone": {"name": backbone, "channels": _channels(reader, backbone),
+                     "norm": "batch"},
+    }
+    notes.append("train.model.backbone.norm batch: DeepReg's conv blocks use batch norm")
+    return method
+
+
+def _loss_entries(reader: _Reader, group: str) -> list[tuple[str, dict[str, Any]]]:
+    """(key path, entry) for a DeepReg loss group: one ``{name, weight, ...}`` map or a list."""
+    path = f"train.loss.{group}"
+    node = reader.node(path)
+    if node is None:
+        return []
+    if isinstance(node, dict):
+        return [(path, node)]
+    if isinstance(node, list):
+        return [(f"{path}[{index}]", entry) for index, entry in enumerate(node)
+                if isinstance(entry, dict)]
+    raise ConfigError(f"{path}: expected a loss map or a list of them")
+
+
+def _translate_loss(reader: _Reader, params: dict[str, Any], labeled: bool) -> None:
+    """Fill train.loss with the DeepReg-compatible options of every term."""
+    loss: dict[str, dict[str, Any]] = {}
+    for group in ("image", "label", "regularization"):
+        for path, entry in _loss_entries(reader, group):
+            name = reader.node(f"{path}.name")
+            if name not in LOSS_NAMES[group]:
+                reader.skip(path, f"unknown DeepReg {group} loss {name!r}; regflow has "
+                            f"{', '.join(LOSS_NAMES[group])}")
+                continue
+            if group == "label" and not labeled:
+                reader.skip(path, "the data are unlabeled (DeepReg skips label losses too)")
+                continue
+            reader.get(f"{path}.name")
+            term, options = LOSS_NAMES[group][name]
+            options = dict(options)
+            weight = float(reader.get(f"{path}.weight", 1.0))
+            for key in entry:
+                if key in ("name", "weight"):
+                    continue
+                if term == "gradient_norm" and key == "l1":
+                    options["norm"] = "l1" if reader.get(f"{path}.l1") else "l2"
+                elif key == "kernel" and entry[key] == "gaussian":
+                    reader.get(f"{path}.kernel")  # DeepReg's default smoothing, as regflow's
+                elif key in LOSS_OPTIONS.get(term, {}):
+                    value = reader.get(f"{path}.{key}")
+                    if key == "scales" and not isinstance(value, list):
+                        value = [value]
+                    options[LOSS_OPTIONS[term][key]] = value
+                else:
+                    reader.skip(f"{path}.{key}", LOSS_OPTION_REASONS.get(
+                        key, f"{term} has no such option in regflow"))
+            terms = loss.setdefault(group, {})
+            if term in terms and terms[term]["options"] != options:
+                reader.skip(path, f"a second {term} term with other options; regflow keeps one "
+                            "term per name")
+                continue
+            if term in terms:
+                terms[term]["weight"] += weight
+            else:
+                terms[term] = {"weight": weight, "options": options}
+    params["train"]["loss"] = loss
+
+
+def _translate_optimizer(reader: _Reader, params: dict[str, Any]) -> None:
+    """Fill train.optimizer: name, learning rate, momentum, DeepReg's constant schedule."""
+    given = str(reader.get("train.optimizer.name", "adam"))
+    name = OPTIMIZER_NAMES.get(given.lower())
+    if name is None:
+        raise ConfigError(f"train.optimizer.name: regflow has adam, adamw, sgd and rmsprop, "
+                          f"not {given!r}")
+    settings = reader.node("train.optimizer") or {}
+    # DeepReg 0.1.x nests the settings under the optimiser's name
+    nested = next((f"train.optimizer.{key}" for key in settings
+                   if isinstance(settings[key], dict) and key.lower() == given.lower()), None)
+    optimizer: dict[str, Any] = {"name": name, "schedule": "constant", "warmup_steps": 0,
+                                 "clip_grad_norm": 0.0, "weight_decay": 0.0}
+    for prefix in filter(None, ("train.optimizer", nested)):
+        if reader.node(f"{prefix}.learning_rate") is not None:
+            optimizer["lr"] = float(reader.get(f"{prefix}.learning_rate"))
+        if reader.node(f"{prefix}.momentum") is not None:
+            if name in ("sgd", "rmsprop"):
+                optimizer["momentum"] = float(reader.get(f"{prefix}.momentum"))
+            else:
+                reader.skip(f"{prefix}.momentum", f"{name} takes no momentum")
+    for key, value in settings.items():
+        if isinstance(value, dict) and f"train.optimizer.{key}" != nested:
+            reader.skip(f"train.optimizer.{key}", f"unused by DeepReg too (optimizer is {given})")
+    params["train"]["optimizer"] = optimizer
+
+
+def _translate_schedule(reader: _Reader, params: dict[str, Any], notes: list[str],
+                        samples: int | None) -> None:
+    """Fill loader.batch_size, train.steps/checkpoint_every/val_every from epochs."""
+    batch = int(reader.get("train.preprocess.batch_size", 1))
+    params["loader"]["batch_size"] = batch
+    epochs = int(reader.get("train.epochs", 1))
+    save_period = int(reader.get("train.save_period", epochs))
+    if samples is None:
+        per_epoch = 1
+        notes.append("train.steps: the training folder could not be read, so steps = epochs "
+                     "(one step per epoch); set train.steps yourself")
+    else:
+        per_epoch = math.ceil(samples / batch)
+        notes.append(f"train.steps = epochs x ceil(train samples / batch) = {epochs} x "
+                     f"ceil({samples} / {batch}) = {epochs * per_epoch}; checkpoint_every = "
+                     f"save_period x {per_epoch} = {save_period * per_epoch}")
+    params["train"]["steps"] = epochs * per_epoch
+    params["train"]["checkpoint_every"] = max(1, save_period * per_epoch)
+    params["train"]["val_every"] = params["train"]["checkpoint_every"]
+    notes.append("train.val_every = checkpoint_every: DeepReg validates every epoch")
+    for key, reason in PREPROCESS_REASONS.items():
+        reader.skip(f"train.preprocess.{key}", reason)
+
+
+def _translate_augmentation(reader: _Reader, params: dict[str, Any]) -> None:
+    """DeepReg's data_augmentation entries -> loader.augment (TorchIO's own parameters)."""
+    path = "train.preprocess.data_augmentation"
+    node = reader.node(path)
+    entries = node if isinstance(node, list) else [node] if isinstance(node, dict) else []
+    enabled = {"affine": False, "elastic": False}
+    for index, entry in enumerate(entries):
+        entry_path = f"{path}[{index}]" if isinstance(node, list) else path
+        kind = AUGMENTATIONS.get(entry.get("name"))
+        if kind is None:
+            reader.skip(entry_path, f"unknown augmentation {entry.get('name')!r}")
+            continue
+        enabled[kind] = True
+        reader.get(f"{entry_path}.name")
+        for key in entry:
+            if key != "name":
+                reader.skip(f"{entry_path}.{key}", "regflow's augmentation has its own "
+                            "parameters (loader.augment)")
+    params["loader"]["augment"] = {
+        "enabled": any(enabled.values()),
+        "affine": {"enabled": enabled["affine"]},
+        "elastic": {"enabled": enabled["elastic"]},
+        "intensity": {"enabled": False},
+    }
+
+
+def translate(deepreg: dict[str, Any], name: str) -> Translation:
+    """Translate a merged DeepReg config into a regflow params tree.
+
+    Args:
+        deepreg: the merged DeepReg tree (:func:`read_deepreg_configs`).
+        name: the dataset and training name to use (data.local key, train.name).
+
+    Returns:
+        the params tree, every DeepReg key that was not translated with its reason, and notes.
+
+    Raises:
+        ConfigError: the config lacks what any DeepReg run needs (dataset.type, a train folder)
+            or names a method, backbone or optimiser regflow does not have.
+    """
+    reader = _Reader(deepreg)
+    notes: list[str] = []
+    params: dict[str, Any] = {"train": {"name": name, "amp": False, "best_params": None},
+                              "tune": {"enabled": False}}
+    pairing, labeled, file_format, train_path = _translate_data(reader, name, params, notes)
+    method = _translate_model(reader, params, notes)
+    if method == "conditional" and not labeled:
+        raise ConfigError("train.method conditional needs labeled data")
+    _translate_loss(reader, params, labeled)
+    _translate_optimizer(reader, params)
+    samples = _train_samples(train_path, pairing, file_format,
+                             reader.node("dataset.sample_image_in_group") is not False)
+    _translate_schedule(reader, params, notes, samples)
+    _translate_augmentation(reader, params)
+    notes.append("train.amp false (DeepReg trains in float32); train.best_params null and "
+                 "tune.enabled false (no tuned weights from another experiment)")
+    skipped = reader.skipped + [(leaf, "no regflow equivalent") for leaf in reader.unhandled()]
+    ordered = {section: params[section] for section in SECTION_ORDER if section in params}
+    return Translation(ordered, skipped, notes)
+
+
+def dataset_name(path: str | Path) -> str:
+    """A dataset/training name from a config file name: ``demos/x/paired_ct.yaml`` -> paired_ct."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(path).stem).strip("-") or "deepreg"
+
+
+def import_deepreg(paths: Sequence[str | Path], out: str | Path) -> Translation:
+    """Merge DeepReg configs, translate, validate and write a regflow params file atomically.
+
+    The file starts with a comment naming the sources, the conversions and every key that was
+    not translated.
+
+    Raises:
+        ConfigError: unreadable input, a config DeepReg itself would reject, or a translation
+            that regflow's schema rejects (nothing is written then).
+    """
+    if not paths:
+        raise ConfigError("import-deepreg: give at least one DeepReg config file")
+    translation = translate(read_deepreg_configs(paths), dataset_name(paths[0]))
+    validate_config(translation.params, source="translated DeepReg config")
+    header = [f"# regflow params translated from DeepReg: {' + '.join(map(str, paths))}"]
+    header += [f"# note: {note}" for note in translation.notes]
+    header += [f"# not translated: {key}: {reason}" for key, reason in translation.skipped]
+    body = yaml.safe_dump(translation.params, sort_keys=False)
+    fileio.write_text(out, "\n".join(header) + "\n" + body)
+    return translation

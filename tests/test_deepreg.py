@@ -1,0 +1,174 @@
+"""Tests for regflow.deepreg: DeepReg's config merge, the translation tables, the command, and
+real DeepReg configs (tests/deepreg_configs) trained for two steps on synthetic data."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from regflow.cli import cli
+from regflow.config import load_config
+from regflow.data.io import write_nifti
+from regflow.data.preprocess import preprocess_dataset
+from regflow.data.sources import fetch_dataset
+from regflow.deepreg import merge_configs, read_deepreg_configs, translate
+from regflow.engine import Trainer
+from tests.synthetic import make_case
+
+CONFIGS = Path(__file__).parent / "deepreg_configs"
+
+
+def write_layout(root: Path, pairing: str, cases: dict[str, int], seed: int = 0) -> None:
+    """Synthetic volumes in DeepReg's folder layout: ``cases`` maps split folder -> cases (paired,
+    unpaired) or groups of two images (grouped)."""
+    rng = np.random.default_rng(seed)
+    identity = np.eye(4)
+    for folder, count in cases.items():
+        for number in range(count):
+            if pairing == "paired":
+                files = {side: make_case(rng) for side in ("fixed", "moving")}
+                for side, (image, label) in files.items():
+                    case = f"{folder}{number}.nii.gz"  # case ids are unique across splits
+                    write_nifti(root / folder / f"{side}_images" / case, image, identity)
+                    write_nifti(root / folder / f"{side}_labels" / case, label, identity)
+                continue
+            names = ([f"{folder}{number}/image{index}" for index in range(2)]
+                     if pairing == "grouped" else [f"{folder}{number}"])
+            for name in names:
+                image, label = make_case(rng)
+                write_nifti(root / folder / "images" / f"{name}.nii.gz", image, identity)
+                write_nifti(root / folder / "labels" / f"{name}.nii.gz", label, identity)
+
+
+def test_merge_overrides_keys_recursively_in_order():
+    first = {"dataset": {"type": "paired", "dir": {"train": "a", "test": "b"}},
+             "train": {"loss": {"scales": [0, 1]}}}
+    second = {"dataset": {"dir": {"train": "c"}}, "train": {"loss": {"scales": [2]}}}
+    assert merge_configs([first, second]) == {
+        "dataset": {"type": "paired", "dir": {"train": "c", "test": "b"}},
+        "train": {"loss": {"scales": [2]}},
+    }
+    assert first["dataset"]["dir"]["train"] == "a"  # inputs untouched
+
+
+def test_paired_ddf_translation_selects_deepreg_semantics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_layout(Path("data/test/nifti/paired"), "paired", {"train": 3, "test": 1})
+    merged = read_deepreg_configs([CONFIGS / "config_test_paired_nifti.yaml",
+                                   CONFIGS / "config_test_ddf.yaml"])
+    result = translate(merged, "paired")
+    params = result.params
+    assert params["data"]["local"]["paired"] == {"path": "data/test/nifti/paired",
+                                                 "pairing": "paired", "format": "nifti"}
+    assert params["preprocess"]["shape"] == [8, 8, 8]
+    assert params["loader"]["batch_size"] == 2
+    assert params["loader"]["sample_label"] == "sample"
+    model = params["train"]["model"]
+    assert model["method"] == "ddf"
+    assert model["backbone"]["channels"] == [1, 2, 4, 8]  # extract levels 0..4: 4 poolings
+    loss = params["train"]["loss"]
+    assert loss["image"]["lncc"] == {"weight": 0.1, "options": {
+        "border": "zero_pad", "smooth_nr": 1e-5, "eps": 1e-5}}
+    assert loss["label"]["dice"]["options"]["denominator"] == "linear"
+    assert loss["label"]["dice"]["options"]["scales"] == [0, 1, 2, 4, 8, 16, 32]
+    assert loss["regularization"]["bending_energy"] == {"weight": 0.5,
+                                                        "options": {"stencil": "wide"}}
+    assert params["train"]["optimizer"]["name"] == "adam"
+    assert params["train"]["optimizer"]["lr"] == 1e-5
+    # 3 pairs, batch 2: ceil(3 / 2) = 2 steps per epoch; 2 epochs, saved every 2 epochs
+    assert (params["train"]["steps"], params["train"]["checkpoint_every"]) == (4, 4)
+    skipped = dict(result.skipped)
+    assert set(skipped) == {
+        "dataset.valid.dir", "dataset.moving_image_shape", "train.optimizer.sgd.learning_rate",
+        "train.optimizer.sgd.momentum", "train.optimizer.rms.learning_rate",
+        "train.optimizer.rms.momentum", "train.preprocess.shuffle_buffer_num_batch"}
+    assert "unused by DeepReg too" in skipped["train.optimizer.sgd.momentum"]
+
+
+def test_unknown_keys_and_old_layouts_are_reported_key_by_key():
+    merged = {"dataset": {"dir": {"train": "x/train", "valid": "x/val", "test": "x/test"},
+                          "format": "h5", "type": "unpaired", "labeled": True,
+                          "image_shape": [8, 8, 8], "magic": 3},
+              "train": {"method": "dvf",
+                        "loss": {"label": [{"name": "dice", "weight": 1.0, "kernel": "cauchy"},
+                                           {"name": "hausdorff", "weight": 1.0}]},
+                        "optimizer": {"name": "RMSprop", "learning_rate": 0.1,
+                                      "momentum": 0.5}}}
+    result = translate(merged, "x")
+    skipped = dict(result.skipped)
+    assert "cauchy" in skipped["train.loss.label[0].kernel"]
+    assert "hausdorff" in skipped["train.loss.label[1].name"]
+    assert skipped["dataset.magic"] == "no regflow equivalent"
+    assert result.params["data"]["local"]["x"]["format"] == "h5"
+    assert result.params["train"]["optimizer"]["name"] == "rmsprop"
+    assert result.params["train"]["optimizer"]["momentum"] == 0.5
+    assert any("could not be read" in note for note in result.notes)
+
+
+def test_command_writes_a_valid_params_file_and_names_untranslated_keys(tmp_path):
+    out = tmp_path / "params.yaml"
+    files = ["config_test_grouped_nifti.yaml", "config_test_ddf.yaml", "config_test_dvf.yaml"]
+    result = CliRunner().invoke(cli, ["import-deepreg", *[str(CONFIGS / name) for name in files],
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "not translated: dataset.valid.dir:" in result.output
+    config = load_config(out)
+    assert config.train.model.method == "dvf"  # the last file wins
+    assert config.loader.intra_group_option == "forward"
+    assert yaml.safe_load(out.read_text())["train"]["name"] == "config_test_grouped_nifti"
+
+
+@pytest.mark.parametrize("arguments", [
+    ["missing.yaml"],
+    [str(CONFIGS / "config_test_ddf.yaml")],  # no dataset section
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, arguments):
+    out = tmp_path / "params.yaml"
+    result = CliRunner().invoke(cli, ["import-deepreg", *arguments, "-o", str(out)])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+SCENARIOS = {
+    "paired-ddf": (["config_test_paired_nifti.yaml", "config_test_ddf.yaml"],
+                   "data/test/nifti/paired", "paired", []),
+    "unpaired-affine": (["config_test_unpaired_nifti.yaml", "config_test_affine.yaml"],
+                        "data/test/nifti/unpaired", "unpaired", []),
+    "grouped-dvf": (["config_test_grouped_nifti.yaml", "config_test_ddf.yaml",
+                     "config_test_dvf.yaml"], "data/test/nifti/grouped", "grouped", []),
+    # the demos' full-size volumes and widths are shrunk to test size; losses, method, optimiser
+    # and schedule are the translated ones
+    "grouped-mr-heart": (["demos_grouped_mr_heart.yaml"], "demos/grouped_mr_heart/dataset",
+                         "grouped", ["preprocess.shape=[16,16,16]",
+                                     "train.model.backbone.channels=[2,4,8,16]"]),
+    "unpaired-ct-abdomen": (["demos_unpaired_ct_abdomen_comb.yaml"],
+                            "demos/unpaired_ct_abdomen/dataset", "unpaired",
+                            ["preprocess.shape=[16,16,16]",
+                             "train.model.backbone.channels=[2,4,8]"]),
+}
+
+
+@pytest.mark.slow  # 9-40 s each on two shared cores (preprocess, MLflow run, validation)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_real_deepreg_configs_translate_validate_and_train_two_steps(
+        scenario, tmp_path, monkeypatch, mlflow_store):
+    files, root, pairing, shrink = SCENARIOS[scenario]
+    monkeypatch.chdir(tmp_path)
+    folders = {"train": 4, "test": 2}
+    if "val" in yaml.safe_dump(read_deepreg_configs([CONFIGS / name for name in files])):
+        folders["val"] = 2
+    write_layout(Path(root), pairing, folders)
+    result = CliRunner().invoke(cli, ["import-deepreg", *[str(CONFIGS / name) for name in files],
+                                      "-o", "params.yaml"])
+    assert result.exit_code == 0, result.output
+    config = load_config("params.yaml", [*shrink, "train.steps=2", "train.val_every=2",
+                                         "train.checkpoint_every=2", "loader.eval_pairs=2"])
+    name = config.data.dataset
+    fetch_dataset(name, config)
+    manifest = preprocess_dataset(name, config)
+    outcome = Trainer(config, Path(manifest), Path("models") / name).fit()
+    assert outcome.steps == 2
+    assert np.isfinite(outcome.best_score)
