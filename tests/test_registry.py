@@ -1,10 +1,16 @@
 import json
+import logging
+import os
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from regflow import tracking
 from regflow.codec import decode_volume
@@ -12,7 +18,17 @@ from regflow.config import load_config
 from regflow.engine import Trainer
 from regflow.errors import RegflowError
 from regflow.pipeline import evaluate_stage
-from regflow.registry import pip_requirements, register_stage, should_promote
+from regflow.registry import (
+    CHALLENGER,
+    CHAMPION,
+    DECISION_TAG,
+    create_version,
+    is_evaluated,
+    pip_requirements,
+    reconcile,
+    register_stage,
+    should_promote,
+)
 from regflow.serving import input_example
 
 DVC_LOCK = """\
@@ -73,6 +89,17 @@ def test_pip_requirements_take_the_lock_file_pins(tmp_path):
 def test_register_without_a_trained_model_is_one_line(tiny_project):
     config = load_config(tiny_project)
     with pytest.raises(RegflowError, match=r"models/tiny/best.pt: no trained model"):
+        register_stage(config)
+
+
+def test_register_without_an_evaluation_is_one_line(tiny_project):
+    config = load_config(tiny_project)
+    Path("models/tiny").mkdir(parents=True)
+    Path("models/tiny/best.pt").write_bytes(b"")
+    Path("metrics").mkdir()
+    Path("metrics/eval.json").write_text('{"folding_pct": 0.0}')
+    with pytest.raises(RegflowError, match=r"metrics/eval.json: no dice_mean; run `regflow "
+                                           r"evaluate` first"):
         register_stage(config)
 
 
@@ -145,3 +172,111 @@ def test_register_gates_champion_on_evaluation_metrics(tiny_project):
     assert (ddf.shape, warped.shape, encoding) == ((3, 9, 11, 7), (9, 11, 7), "nii.gz")
     np.testing.assert_allclose(affine, np.eye(4))
     assert np.isfinite(ddf).all()
+
+
+HEADLINE = {"dice_mean": 0.6, "folding_pct": 0.0}
+
+
+def trained_project(tiny_project) -> tuple[str, list[str]]:
+    """Train the tiny model for 2 steps and write its evaluation; (model name, overrides)."""
+    name = f"regflow-test-{uuid.uuid4().hex[:8]}"
+    overrides = [f"registry.model_name={name}", "train.steps=2", "train.val_every=2"]
+    config = load_config(tiny_project, overrides)
+    Trainer(config, Path("data/processed/tiny/manifest.json"), Path("models/tiny")).fit()
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/eval.json").write_text(json.dumps(HEADLINE))
+    return name, overrides
+
+
+def latest_version(name: str) -> str:
+    """The version ``models:/<name>/latest`` resolves to, as MLflow resolves it."""
+    return get_model_name_and_version(mlflow.MlflowClient(), f"models:/{name}/latest")[1]
+
+
+def test_the_served_model_code_imports_without_warnings():
+    result = subprocess.run([sys.executable, "-W", "default", "-c", "import regflow.pyfunc_model"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.slow
+def test_register_prints_no_warning_and_never_shows_an_unevaluated_version(tiny_project,
+                                                                           tmp_path):
+    name, overrides = trained_project(tiny_project)
+    log = tmp_path / "register.log"
+    command = [sys.executable, "-c", "from regflow.cli import main; main()", "register",
+               "-c", str(tiny_project), *[item for key in overrides for item in ("-S", key)]]
+    client = mlflow.MlflowClient()
+    first_sight = {}
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                   env=os.environ.copy())
+        while process.poll() is None:  # every version, the moment it becomes visible
+            for version in client.search_model_versions(f"name = '{name}'"):
+                first_sight.setdefault(str(version.version), is_evaluated(version))
+            time.sleep(0.02)
+    text = log.read_text()
+    assert process.returncode == 0, text
+    assert "warning" not in text.lower(), text
+    assert text.strip().splitlines()[-1].startswith(f"{name} version 1 is now @champion")
+    assert first_sight == {"1": True}
+    assert aliases(name) == {CHAMPION: "1", CHALLENGER: "1"}
+
+
+def test_next_register_deletes_an_orphan_and_finishes_an_interrupted_one(tiny_project, recwarn,
+                                                                         caplog):
+    name, overrides = trained_project(tiny_project)
+    config = load_config(tiny_project, overrides)
+    client = mlflow.MlflowClient()
+    recwarn.clear()
+    caplog.clear()
+    first = register_stage(config)
+    assert [str(w.message) for w in recwarn
+            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))] == []
+    assert [record.getMessage() for record in caplog.records
+            if record.levelno >= logging.WARNING] == []
+    assert (first["version"], first["reconciled"]) == ("1", [])
+    model_id = client.get_model_version(name, "1").source.removeprefix("models:/")
+    run_id = first["run_id"]
+
+    # A crash of a register that created the version first and tagged it afterwards:
+    orphan = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id)
+    assert (orphan.version, orphan.tags) == (2, {})
+    assert latest_version(name) == "2"  # the hazard: latest names an unevaluated model
+    assert reconcile(client, name) == ["2"]
+    assert latest_version(name) == "1"
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+    # A crash after the version (with its tags) but before the aliases: the next run sets them.
+    interrupted = create_version(client, name, model_id, run_id, {
+        "eval.dice_mean": "0.7", DECISION_TAG: "promoted: Dice 0.7000 not below the champion's"})
+    assert interrupted == "3"
+    assert aliases(name) == {CHAMPION: "1", CHALLENGER: "1"}
+    assert reconcile(client, name) == []
+    assert aliases(name) == {CHAMPION: "3", CHALLENGER: "3"}
+
+    # A champion rolled back by hand stays where it was put.
+    client.set_registered_model_alias(name, CHAMPION, "1")
+    assert reconcile(client, name) == []
+    assert aliases(name) == {CHAMPION: "1", CHALLENGER: "3"}
+    client.set_registered_model_alias(name, CHAMPION, "3")
+
+    # An interrupted registration that kept the champion only becomes the challenger.
+    kept = create_version(client, name, model_id, run_id, {
+        "eval.dice_mean": "0.1", DECISION_TAG: "kept champion: Dice 0.1000 below ..."})
+    orphan = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id)
+    second = register_stage(config)  # reconciles first: deletes 5, sets @challenger on 4
+    assert second["reconciled"] == [str(orphan.version)] == ["5"]
+    assert kept == "4"
+    assert (second["version"], second["champion"], second["champion_before"]) == ("6", False, "3")
+    assert aliases(name) == {CHAMPION: "3", CHALLENGER: "6"}
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 3, 4, 6]
+    assert all(is_evaluated(version) for version in versions)
+    assert latest_version(name) == "6"
+    latest = client.get_model_version(name, "6")
+    assert latest.tags["eval.dice_mean"] == str(HEADLINE["dice_mean"])
+    assert latest.tags[DECISION_TAG] == "kept champion: Dice 0.6000 below the champion's 0.7000"
+    for key, value in tracking.run_tags().items():
+        assert latest.tags[key] == value
+
