@@ -3,6 +3,11 @@
 A run is resumable: ``models/<name>/last.pt`` carries the weights, optimiser, scheduler, step and
 MLflow run id, so a restarted ``regflow train`` continues the same run from that step (losing at
 most ``train.checkpoint_every`` steps). A checkpoint made under a different config is not resumed.
+
+Under ``torchrun`` (see :mod:`regflow.distributed`) every rank runs the same loop on its own shard
+of each epoch, ``loader.batch_size`` pairs per rank and step, so the global batch is
+``loader.batch_size x world size``; DDP averages the gradients. Rank 0 alone logs to MLflow,
+validates and writes best.pt / last.pt / run.json; every rank resumes from last.pt.
 """
 
 from __future__ import annotations
@@ -11,18 +16,18 @@ import hashlib
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from regflow import fileio, paths, tracking, viz
+from regflow import distributed, fileio, paths, tracking, viz
 from regflow.config import Config
 from regflow.data.loader import build_dataloader, read_manifest
 from regflow.evaluation import as_device, evaluate_pairs, summarise
@@ -152,7 +157,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.on_validation = on_validation
         self.log_pictures = log_pictures
-        self.device = select_device(config.train.device)
+        self.device = distributed.worker_device(select_device(config.train.device))
         self.label_names = label_names_of(self.manifest)
         self.spacing = self.manifest.get("spacing") or [1.0] * len(self.manifest["shape"])
         self.digest = config_digest(config)
@@ -161,6 +166,7 @@ class Trainer:
             config.train.model, ndim=len(self.manifest["shape"]),
             label_channels=model_label_channels(config, self.manifest)).to(self.device)
         self.loss = build_loss(config.train.loss)
+        self.network: torch.nn.Module = self.model  # what trains: the model or its DDP wrapper
         self.optimizer, self.scheduler = build_optimizer(self.model, config)
         self.use_amp = config.train.amp and self.device.type == "cuda"
         self.step = 0
@@ -232,11 +238,11 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimisation step; returns the total and every weighted term as floats."""
         batch = as_device(batch, self.device)
-        self.model.train()
+        self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            outputs = self.model(batch["moving_image"], batch["fixed_image"],
-                                 batch.get("moving_label"))
+            outputs = self.network(batch["moving_image"], batch["fixed_image"],
+                                   batch.get("moving_label"))
         outputs = {key: value.float() for key, value in outputs.items()}
         total, terms = self.loss(batch["fixed_image"], outputs.get("warped"),
                                  fixed_label=batch.get("fixed_label"),
@@ -293,8 +299,8 @@ class Trainer:
 
     def after_validation(self, summary: dict[str, float]) -> bool:
         """Log, checkpoint the best, update early stopping; True when training should stop."""
-        mlflow.log_metrics({f"val/{key}": value for key, value in summary.items()
-                            if math.isfinite(value)}, step=self.step)
+        tracking.log_metrics({f"val/{key}": value for key, value in summary.items()
+                              if math.isfinite(value)}, step=self.step)
         current = self.score(summary)
         if current > self.best_score:
             self.best_score, self.bad_validations = current, 0
@@ -310,13 +316,29 @@ class Trainer:
             tags: dict[str, str] | None = None) -> TrainResult:
         """Train to ``train.steps`` (or early stop), resuming from last.pt when possible.
 
+        Under torchrun this joins the process group for the run and leaves it at the end; each
+        rank trains on its shard with ``loader.batch_size`` pairs per step (global batch
+        ``batch_size x world size``), rank 0 logs, validates and checkpoints, and the other ranks
+        wait for its early-stopping decision at every validation and for its final checkpoint.
+        Every rank returns the same result.
+
         Args:
             run_name: MLflow run name (default ``train.name``).
             nested: start the run nested under the active run (Optuna trials).
             tags: extra MLflow tags for the run.
         """
+        with distributed.process_group(self.device):
+            return self._fit(run_name, nested, tags)
+
+    def _fit(self, run_name: str | None, nested: bool, tags: dict[str, str] | None
+             ) -> TrainResult:
         settings = self.config.train
+        main = distributed.is_main_process()
         resumed = self.resume_if_possible()
+        resumed_from = self.step
+        if main:
+            fileio.remove_stale_temporaries(self.out_dir)  # left by a killed save
+        self.network = distributed.wrap(self.model, self.device)
         experiment = paths.experiment_name(self.manifest.get("dataset", self.config.data.dataset))
         loader = build_dataloader(self.manifest_path, "train", self.config, train=True)
         stopped_early = False
@@ -324,39 +346,58 @@ class Trainer:
                                           run_name=run_name or settings.name,
                                           nested=nested, tags=tags,
                                           log_system_metrics=not nested) as run:
-            self.run_id = run.info.run_id
+            self.run_id = distributed.broadcast_from_main(run.info.run_id if main else None)
             if not resumed:
                 tracking.log_config(self.config)
                 tracking.log_dataset_input(self.manifest_path, self.manifest.get("dataset", ""),
                                            "training")
             else:
-                mlflow.set_tag("regflow.resumed_from_step", str(self.step))
-            self.write_run_record()
+                tracking.set_tag("regflow.resumed_from_step", str(self.step))
+            if main:
+                self.write_run_record()
             batches = endless_batches(loader, self.epoch)
             progress = tqdm(total=settings.steps, initial=self.step, desc="train",
-                            dynamic_ncols=True, disable=None)
+                            dynamic_ncols=True, disable=None if main else True)
             while self.step < settings.steps:
                 self.epoch, batch = next(batches)
                 started = time.perf_counter()
                 values = self.train_step(batch)
+                elapsed = time.perf_counter() - started
+                values = distributed.mean_over_ranks(values, self.device)  # the global batch's
                 self.step += 1
                 metrics = {f"train/{name}": value for name, value in values.items()}
                 metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-                metrics["train/step_time_s"] = time.perf_counter() - started
-                mlflow.log_metrics(metrics, step=self.step)
+                metrics["train/step_time_s"] = elapsed
+                tracking.log_metrics(metrics, step=self.step)
                 progress.update(1)
                 progress.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
                 if self.step % settings.val_every == 0 or self.step == settings.steps:
-                    stopped_early = self.after_validation(self.validate())
-                if self.step % settings.checkpoint_every == 0 or stopped_early:
+                    stopped_early = distributed.broadcast_from_main(
+                        main and self.after_validation(self.validate()))
+                if main and (self.step % settings.checkpoint_every == 0 or stopped_early):
                     self.save(self.last_path)
                 if stopped_early:
                     break
             progress.close()
-            self.save(self.last_path)
-            if not self.best_path.exists():
-                self.save(self.best_path)
-            mlflow.log_artifact(str(self.best_path), artifact_path="checkpoints")
-            mlflow.log_metric("train/steps_done", self.step)
+            if main:
+                self.save(self.last_path)
+                if not self.best_path.exists():
+                    self.save(self.best_path)
+            tracking.log_artifact(self.best_path, artifact_path="checkpoints")
+            tracking.log_metrics({"train/steps_done": self.step})
+            self.best_score = distributed.broadcast_from_main(self.best_score)
+        self.report_rank(resumed_from if resumed else None)
         return TrainResult(self.run_id, self.step, self.best_score, self.best_path,
                            self.last_path, stopped_early)
+
+    def report_rank(self, resumed_from: int | None) -> None:
+        """Under DDP, one line per rank on stderr: its step, where it resumed, its weights' hash.
+
+        The hashes agree on every rank when DDP kept the replicas in step.
+        """
+        if not distributed.is_active():
+            return
+        start = "fresh" if resumed_from is None else f"resumed from step {resumed_from}"
+        print(f"regflow train: rank {distributed.rank()}/{distributed.world_size()} "
+              f"step {self.step} ({start}) weights sha256 {distributed.state_checksum(self.model)}",
+              file=sys.stderr, flush=True)

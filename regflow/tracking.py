@@ -5,8 +5,8 @@ Store: ``$MLFLOW_TRACKING_URI``, else a SQLite file at the repository root with 
 (``dvc exp run --temp/--queue``, run under ``.dvc/tmp/exps/``) log to the same store; DVC passes
 the parent repository there as ``$DVC_ROOT``. A run records: flattened params + the config YAML,
 tags (git commit and dirty flag, DVC stage/experiment/baseline, data md5 from dvc.lock), the
-dataset manifest as an input, figures and metrics. Only rank 0 logs: on other ranks (``$RANK`` /
-``$LOCAL_RANK`` not 0) every function here does nothing and the run context yields None.
+dataset manifest as an input, figures and metrics. Only rank 0 logs: on other ranks every function
+here does nothing and the run context yields None, so training code calls them on every rank.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch.distributed as dist
 import yaml
 from mlflow.exceptions import MlflowException
 
@@ -42,7 +43,10 @@ _UNSAFE_KEY_CHARS = re.compile(r"[^\w\-. :/]")  # MLflow allows alphanumerics an
 
 
 def is_rank_zero() -> bool:
-    """True unless ``$RANK`` (else ``$LOCAL_RANK``) names a process other than 0 (torchrun)."""
+    """True on the process that logs: global rank 0 of the ``torch.distributed`` group, or before
+    the group exists, unless ``$RANK`` (else ``$LOCAL_RANK``, as torchrun sets them) is not 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
     rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
     return int(rank or 0) == 0
 
@@ -244,6 +248,24 @@ def log_figure(figure: Any, artifact_file: str) -> None:
     """Log a matplotlib figure as an artifact of the active run (e.g. ``"overlays/pair0.png"``)."""
     if is_rank_zero():
         mlflow.log_figure(figure, artifact_file)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log metrics (name -> value) to the active run at ``step``."""
+    if is_rank_zero():
+        mlflow.log_metrics(metrics, step=step)
+
+
+def set_tag(key: str, value: str) -> None:
+    """Set one tag on the active run."""
+    if is_rank_zero():
+        mlflow.set_tag(key, value)
+
+
+def log_artifact(local_path: str | Path, artifact_path: str | None = None) -> None:
+    """Copy a local file into the active run's artifacts (under ``artifact_path``)."""
+    if is_rank_zero():
+        mlflow.log_artifact(str(local_path), artifact_path=artifact_path)
 
 
 @contextmanager

@@ -31,12 +31,13 @@ def make_case(rng: np.random.Generator, shape=SHAPE) -> tuple[np.ndarray, np.nda
     return image.astype(np.float32), label
 
 
-def write_unpaired_dataset(root: Path, seed: int = 0) -> Path:
-    """Write {train,val,test}/{images,labels}/case_NNN.nii.gz under ``root``; return root."""
+def write_unpaired_dataset(root: Path, seed: int = 0, splits: dict[str, int] = SPLITS) -> Path:
+    """Write {train,val,test}/{images,labels}/case_NNN.nii.gz under ``root`` (``splits``: cases
+    per split); return root."""
     rng = np.random.default_rng(seed)
     number = 0
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    for split, count in SPLITS.items():
+    for split, count in splits.items():
         for folder in ("images", "labels"):
             (root / split / folder).mkdir(parents=True, exist_ok=True)
         for _ in range(count):

@@ -322,7 +322,12 @@ class EpochSampler(Sampler[int]):
     """Yields the item keys of one epoch per pass, ``epoch * length + i``; each pass is the next.
 
     Under DDP each of ``world_size`` ranks takes every ``world_size``-th key from ``rank`` on; the
-    epoch is padded by wrapping around so that every rank gets the same number of items.
+    epoch is padded by wrapping around so that every rank gets the same number of items. With
+    ``B`` items per rank and batch, the ``k``-th batches of all ranks together hold exactly the
+    items of the ``k``-th batch of one process with batch ``B x world_size`` (in another order),
+    so a data-parallel step sees what a single-process step would; only in an epoch whose length
+    is not a multiple of ``B x world_size`` does the last step differ (wrapped padding on the
+    ranks, a short batch in one process).
     """
 
     def __init__(self, length: int, rank: int = 0, world_size: int = 1):
@@ -405,9 +410,10 @@ def build_dataloader(manifest_path: str | Path, split: str, config: Config,
         config: uses ``seed`` and ``loader`` (batch size, workers, label sampling, grouping,
             ``eval_pairs``, augmentation, patches).
         train: a new random pairing each epoch, augmentation and patches when configured, and
-            under ``torch.distributed`` each rank its share of the epoch; otherwise the fixed
-            evaluation pairs of :func:`pair_list` (all of them on every rank), whole volumes, no
-            augmentation.
+            under ``torch.distributed`` each rank its share of the epoch (see
+            :class:`EpochSampler`; ``loader.batch_size`` is per rank, so the global batch is
+            ``batch_size x world size``); otherwise the fixed evaluation pairs of
+            :func:`pair_list` (all of them on every rank), whole volumes, no augmentation.
 
     Returns:
         A DataLoader of batch dicts (see :func:`collate_pairs`).
