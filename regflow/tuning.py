@@ -36,7 +36,7 @@ from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from regflow import fileio, paths, tracking
 from regflow.config import Config, SearchParameter, apply_override, validate_config
@@ -125,8 +125,8 @@ def build_storage(url: str, heartbeat_s: int) -> RDBStorage:
     A RUNNING trial without a heartbeat for ``2 * heartbeat_s`` seconds is stale (its worker died):
     it is failed, its MLflow run is closed as FAILED, and a copy with the same parameters is
     queued (at most ``MAX_RETRY`` times per original trial). Workers starting together on a new
-    database race to create its tables; the losers see an integrity or operational error and
-    retry (``SCHEMA_ATTEMPTS`` tries in all).
+    database race to create its tables; the losers see an integrity, operational or (PostgreSQL:
+    "relation already exists") programming error and retry (``SCHEMA_ATTEMPTS`` tries in all).
 
     Raises:
         ConfigError: the storage cannot be opened (bad URL, no driver, no server); the message
@@ -149,7 +149,7 @@ def build_storage(url: str, heartbeat_s: int) -> RDBStorage:
                 return RDBStorage(connect_to, heartbeat_interval=heartbeat_s,
                                   grace_period=2 * heartbeat_s,
                                   heartbeat_stale_trial_callback=on_stale_trial)
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError, ProgrammingError):
             if attempt < SCHEMA_ATTEMPTS:
                 attempt += 1
                 time.sleep(0.5)
@@ -176,15 +176,18 @@ def mark_trial_run(run_id: str, state: TrialState) -> None:
 
 
 def close_stale_trial_runs(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Mark the MLflow runs of a trial whose worker died (still RUNNING there) as FAILED."""
+    """Mark the MLflow runs of a trial whose worker died as FAILED, tagged ``optuna.state`` FAIL.
+
+    Whatever state the run reached (a worker killed while pruning has ended it and tagged it
+    PRUNED, but never told Optuna), Optuna's FAIL is the trial's final state.
+    """
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent_id is None:
         return
     experiment_id = mlflow.get_run(parent_id).info.experiment_id
     runs = mlflow.MlflowClient().search_runs(
         [experiment_id], filter_string=(f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                                        f"tags.`optuna.trial_number` = '{trial.number}' and "
-                                        "attributes.status = 'RUNNING'"))
+                                        f"tags.`optuna.trial_number` = '{trial.number}'"))
     for run in runs:
         mark_trial_run(run.info.run_id, TrialState.FAIL)
 
