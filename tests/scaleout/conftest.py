@@ -77,7 +77,7 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout_s: flo
     pytest.fail(f"{url} not up after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def stop_process_group(process: subprocess.Popen, timeout_s: float = 10) -> None:
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 5) -> None:
     """SIGTERM the process group this test started (server and its workers), then SIGKILL."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
