@@ -159,7 +159,7 @@ def test_parse_request_forms_mlflow_passes_to_predict(volume):
     fields = request_fields(volume)
     check_pairs(parse_request({"inputs": fields}), volume)  # raw JSON body
     check_pairs(parse_request({k: np.array(v) for k, v in fields.items()}), volume)  # no signature
-    check_pairs(parse_request(pd.DataFrame(fields)), volume)  # column signature
+    check_pairs(parse_request(pd.DataFrame(fields)), volume)  # dataframe_split / _records
 
 
 def test_parse_request_without_label_and_scalar_string(volume):
