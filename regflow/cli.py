@@ -130,10 +130,10 @@ def fetch(config: Config, dataset: str | None) -> None:
     in DeepReg layout). Every file is checked against SHA-256 checksums; data/raw/DATASET is
     written only when all of them match, with a SHA256SUMS listing every file.
     """
-    from regflow.data.sources import fetch_dataset
+    from regflow.stages import fetch_stage
 
     name = dataset or config.data.dataset
-    target = fetch_dataset(name, config, mirror=os.environ.get(MIRROR_ENV))
+    target = fetch_stage(config, name, mirror=os.environ.get(MIRROR_ENV))
     click.echo(f"{name}: ready in {target}")
 
 
@@ -142,11 +142,10 @@ def fetch(config: Config, dataset: str | None) -> None:
 @config_options()
 def preprocess(config: Config, dataset: str | None) -> None:
     """Resample, crop/pad and normalise DATASET into data/processed/ with a manifest."""
-    from regflow.data.preprocess import preprocess_dataset
+    from regflow.stages import preprocess_stage
 
-    name = dataset or config.data.dataset
-    manifest = preprocess_dataset(name, config)
-    click.echo(f"{name}: manifest written to {Path(manifest)}")
+    manifest = preprocess_stage(config, dataset)
+    click.echo(f"{dataset or config.data.dataset}: manifest written to {Path(manifest)}")
 
 
 @cli.command()
@@ -155,12 +154,9 @@ def preprocess(config: Config, dataset: str | None) -> None:
 @config_options(load_training_config)
 def train(config: Config, resume: bool) -> None:
     """Train a RegistrationModel on the processed dataset (merging tuned best params)."""
-    from regflow.pipeline import model_dir, train_stage
+    from regflow.stages import train_stage
 
-    if not resume:
-        (model_dir(config) / "last.pt").unlink(missing_ok=True)
-        (model_dir(config) / "run.json").unlink(missing_ok=True)
-    result = train_stage(config)
+    result = train_stage(config, resume)
     click.echo(f"trained {result.steps} steps; best validation score {result.best_score:.4f}; "
                f"MLflow run {result.run_id}; checkpoint {result.best_checkpoint}")
 
@@ -173,7 +169,7 @@ def evaluate(config: Config) -> None:
 
     claim_output(METRICS_DIR, folder=True)
     claim_output(PLOTS_DIR, folder=True)
-    from regflow.pipeline import evaluate_stage  # only now: torch takes seconds
+    from regflow.stages import evaluate_stage  # only now: torch takes seconds
 
     headline = evaluate_stage(config)
     if headline.get("simulated_data"):
@@ -222,7 +218,14 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
 
 @cli.command()
 @click.option("--model", "model_spec", required=True,
-              help="Checkpoint path, or an MLflow URI such as models:/regflow@champion.")
+              help="Checkpoint path, an MLflow URI such as models:/regflow@champion, or 'none' "
+                   "(classical registration: affine, then non-rigid optimisation).")
+@click.option("--refine-steps", type=click.IntRange(min=0),
+              help="Test-time optimisation steps of the field (overrides evaluate.refine.steps; "
+                   "0 returns the network's field unchanged).")
+@click.option("--init", type=click.Choice(["centre", "header"]), default="centre",
+              show_default=True, help="Initial alignment of a raw pair: image centres aligned "
+                                      "in world space (as in training), or the affines alone.")
 @click.option("--fixed", type=click.Path(dir_okay=False), help="Fixed image (.nii/.nii.gz).")
 @click.option("--moving", type=click.Path(dir_okay=False), help="Moving image.")
 @click.option("--moving-label", type=click.Path(dir_okay=False), help="Moving label (optional).")
@@ -233,21 +236,23 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
 @click.option("--learn2reg", is_flag=True, help="Also write disp_FFFF_MMMM.npz (float16).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_options()
-def predict(config: Config, model_spec: str, fixed: str | None, moving: str | None,
-            moving_label: str | None, fixed_label: str | None, split: str | None,
-            learn2reg: bool, out: str) -> None:
+def predict(config: Config, model_spec: str, refine_steps: int | None, init: str,
+            fixed: str | None, moving: str | None, moving_label: str | None,
+            fixed_label: str | None, split: str | None, learn2reg: bool, out: str) -> None:
     """Register a raw pair (any size/spacing) or a dataset split with a trained model."""
     if not split and not (fixed and moving):
         raise RegflowError("predict: give --fixed and --moving, or --split")
     claim_output(out, folder=True)
-    from regflow.predict import predict_files, predict_split  # only now: torch takes seconds
+    from regflow.predict import predict_command  # only now: torch takes seconds
 
-    if split:
-        written = predict_split(model_spec, config, split, Path(out), learn2reg)
-    else:
-        written = predict_files(model_spec, Path(fixed), Path(moving), Path(out),
-                                Path(moving_label) if moving_label else None,
-                                Path(fixed_label) if fixed_label else None, learn2reg)
+    def optional(path: str | None) -> Path | None:
+        return Path(path) if path else None
+
+    written = predict_command(config, model_spec, Path(out), refine_steps=refine_steps,
+                              fixed=optional(fixed), moving=optional(moving),
+                              moving_label=optional(moving_label),
+                              fixed_label=optional(fixed_label), split=split,
+                              learn2reg=learn2reg, init=init)
     click.echo(f"wrote {len(written)} files to {out}")
 
 
@@ -257,10 +262,9 @@ def predict(config: Config, model_spec: str, fixed: str | None, moving: str | No
 @config_options()
 def tune(config: Config, storage: str | None) -> None:
     """Optuna study over tune.search_space; best params -> models/tuning/best_params.yaml."""
-    from regflow.pipeline import manifest_path
-    from regflow.tuning import tune_stage
+    from regflow.stages import tune_stage
 
-    best = tune_stage(config, manifest_path(config), storage_url=storage)
+    best = tune_stage(config, storage_url=storage)
     click.echo(f"best params: {best}" if best else "tuning disabled or no feasible trial")
 
 
@@ -268,7 +272,7 @@ def tune(config: Config, storage: str | None) -> None:
 @config_options(load_training_config)
 def register(config: Config) -> None:
     """Log the trained model as a pyfunc, register it and gate the @champion alias."""
-    from regflow.registry import register_stage
+    from regflow.stages import register_stage
 
     decision = register_stage(config)
     state = "is now @champion" if decision["champion"] else "is @challenger only"

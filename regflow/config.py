@@ -188,9 +188,22 @@ class TrainConfig(Section):
     best_params: str | None = "models/tuning/best_params.yaml"
 
 
+class RefineConfig(Section):
+    """Test-time instance optimisation of the DDF (no labels): the training's image similarity
+    and regulariser, coarse to fine (see regflow.refine). Used by evaluate, predict and serving."""
+
+    steps: NonNegativeInt = 0
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    levels: Annotated[int, Field(ge=1, le=4)] = 2
+    regularization_scale: NonNegativeFloat = 1.0
+    affine_steps: NonNegativeInt = 0
+    affine_lr: Annotated[float, Field(gt=0)] = 0.01
+
+
 class EvaluateConfig(Section):
     """Evaluation of the trained model (and of no registration) on a split."""
 
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     split: Literal["val", "test"] = "test"
     checkpoint: Literal["best", "last"] = "best"
     hd95: bool = True

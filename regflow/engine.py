@@ -29,10 +29,13 @@ from tqdm import tqdm
 
 from regflow import distributed, fileio, paths, tracking, viz
 from regflow.config import Config
-from regflow.data.loader import build_dataloader, read_manifest
+from regflow.data.loader import build_dataloader
+from regflow.data.manifest import Manifest
 from regflow.evaluation import as_device, evaluate_pairs, summarise
+from regflow.inference import Registrar
 from regflow.losses import build_loss
 from regflow.models import RegistrationModel, select_device
+from regflow.refine import RefineSettings
 
 ValidationCallback = Callable[[int, dict[str, float]], None]
 
@@ -56,20 +59,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def label_names_of(manifest: dict[str, Any]) -> list[str]:
-    """Names of the label channels (``label_<i>`` where the manifest has none)."""
-    names = manifest.get("label_names")
-    if names:
-        return list(names)
-    values = manifest.get("label_values") or []
-    return [f"label_{value}" for value in values]
-
-
-def model_label_channels(config: Config, manifest: dict[str, Any]) -> int:
+def model_label_channels(config: Config, manifest: Manifest) -> int:
     """How many label channels a batch carries: all of them when stacked, else one."""
-    if config.loader.sample_label != "stack" or not manifest.get("label_format"):
+    if config.loader.sample_label != "stack" or not manifest.label_format:
         return 1
-    return max(1, len(label_names_of(manifest)))
+    return max(1, len(manifest.channel_names))
 
 
 def config_digest(config: Config) -> str:
@@ -78,13 +72,6 @@ def config_digest(config: Config) -> str:
     relevant["data"].pop("local", None)
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def preprocessing_record(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What predict/serving need to prepare raw inputs as training saw them."""
-    return {key: manifest.get(key) for key in (
-        "dataset", "shape", "spacing", "label_format", "label_values", "label_names",
-        "preprocessing", "simulated")}
 
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -153,17 +140,17 @@ class Trainer:
                  on_validation: ValidationCallback | None = None, log_pictures: bool = True):
         self.config = config
         self.manifest_path = Path(manifest_path)
-        self.manifest = read_manifest(self.manifest_path)
+        self.manifest = Manifest.read(self.manifest_path)
         self.out_dir = Path(out_dir)
         self.on_validation = on_validation
         self.log_pictures = log_pictures
         self.device = distributed.worker_device(select_device(config.train.device))
-        self.label_names = label_names_of(self.manifest)
-        self.spacing = self.manifest.get("spacing") or [1.0] * len(self.manifest["shape"])
+        self.label_names = self.manifest.channel_names
+        self.spacing = self.manifest.voxel_size
         self.digest = config_digest(config)
         seed_everything(config.seed)
         self.model = RegistrationModel.from_config(
-            config.train.model, ndim=len(self.manifest["shape"]),
+            config.train.model, ndim=len(self.manifest.shape),
             label_channels=model_label_channels(config, self.manifest)).to(self.device)
         self.loss = build_loss(config.train.loss)
         self.network: torch.nn.Module = self.model  # what trains: the model or its DDP wrapper
@@ -225,7 +212,8 @@ class Trainer:
         """Write a self-describing checkpoint with everything resume needs."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save(path, extra={
-            "preprocessing": preprocessing_record(self.manifest),
+            "preprocessing": self.manifest.record().model_dump(mode="json"),
+            "loss": self.config.train.loss.model_dump(mode="json"),
             "training": {
                 "config_digest": self.digest, "step": self.step, "epoch": self.epoch,
                 "optimizer": self.optimizer.state_dict(),
@@ -266,7 +254,9 @@ class Trainer:
             if not pictures and index == 0:
                 pictures.append((batch, outputs))
 
-        rows = evaluate_pairs(self.model, loader, self.device, self.spacing, self.label_names,
+        registrar = Registrar(self.model, self.manifest.record(), self.config.train.loss,
+                              RefineSettings(), self.device)
+        rows = evaluate_pairs(registrar, loader, self.spacing, self.label_names,
                               on_pair=keep_first)
         summary = summarise(rows)
         if self.log_pictures and pictures:
@@ -339,7 +329,7 @@ class Trainer:
         if main:
             fileio.remove_stale_temporaries(self.out_dir)  # left by a killed save
         self.network = distributed.wrap(self.model, self.device)
-        experiment = paths.experiment_name(self.manifest.get("dataset", self.config.data.dataset))
+        experiment = paths.experiment_name(self.manifest.dataset)
         loader = build_dataloader(self.manifest_path, "train", self.config, train=True)
         stopped_early = False
         with tracking.start_or_resume_run(experiment, run_id=self.run_id,
@@ -349,7 +339,7 @@ class Trainer:
             self.run_id = distributed.broadcast_from_main(run.info.run_id if main else None)
             if not resumed:
                 tracking.log_config(self.config)
-                tracking.log_dataset_input(self.manifest_path, self.manifest.get("dataset", ""),
+                tracking.log_dataset_input(self.manifest_path, self.manifest.dataset,
                                            "training")
             else:
                 tracking.set_tag("regflow.resumed_from_step", str(self.step))

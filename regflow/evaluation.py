@@ -6,7 +6,6 @@ plus "no registration" on the same pairs as the baseline).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from regflow import metrics
-from regflow.models import RegistrationModel
+from regflow.inference import Registrar
 
 
 def as_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -24,30 +23,6 @@ def as_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         if isinstance(value, torch.Tensor) and key != "fixed_affine" else value
         for key, value in batch.items()
     }
-
-
-@torch.no_grad()
-def register_batch(model: RegistrationModel, batch: dict[str, Any],
-                   device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
-    """Run the model on a batch; return its outputs on the CPU and the seconds per pair.
-
-    Args:
-        model: a RegistrationModel in eval mode.
-        batch: a loader batch (see regflow.data.loader).
-        device: where to run.
-
-    Returns:
-        (outputs, seconds_per_pair): outputs as in ``RegistrationModel.forward``.
-    """
-    batch = as_device(batch, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    outputs = model(batch["moving_image"], batch["fixed_image"], batch.get("moving_label"))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / batch["moving_image"].shape[0]
-    return {key: value.float().cpu() for key, value in outputs.items()}, seconds
 
 
 def pair_metrics(fixed_label: np.ndarray | None, warped_label: np.ndarray | None,
@@ -94,17 +69,16 @@ def pair_metrics(fixed_label: np.ndarray | None, warped_label: np.ndarray | None
     return row
 
 
-def evaluate_pairs(model: RegistrationModel, batches: Iterable[dict[str, Any]],
-                   device: torch.device, spacing: Sequence[float], label_names: Sequence[str],
+def evaluate_pairs(registrar: Registrar, batches: Iterable[dict[str, Any]],
+                   spacing: Sequence[float], label_names: Sequence[str],
                    with_hd95: bool = False, baseline: bool = False,
                    on_pair: Callable[[dict[str, Any], dict[str, torch.Tensor], int], None]
                    | None = None) -> list[dict[str, Any]]:
-    """Register every pair of ``batches`` and measure it.
+    """Register every pair of ``batches`` through the inference path and measure it.
 
     Args:
-        model: the trained model (put in eval mode here; the caller restores train mode).
-        batches: loader batches.
-        device: where to run the model.
+        registrar: the model (put in eval mode) with its refinement settings.
+        batches: loader batches (the model's frame).
         spacing: voxel size in mm.
         label_names: names of the label channels.
         with_hd95: compute HD95 too.
@@ -113,12 +87,14 @@ def evaluate_pairs(model: RegistrationModel, batches: Iterable[dict[str, Any]],
             volumes or pictures).
 
     Returns:
-        One row per pair (and method): ids, ``method``, metrics, ``time_s``.
+        One row per pair (and method): ids, ``method``, metrics, ``time_s`` (seconds per pair,
+        network and refinement).
     """
-    model.eval()
     rows: list[dict[str, Any]] = []
     for batch in batches:
-        outputs, seconds = register_batch(model, batch, device)
+        outputs = registrar.register_tensors(batch["moving_image"], batch["fixed_image"],
+                                             batch.get("moving_label"))
+        seconds = float(outputs.pop("time_s"))
         fixed_labels = batch.get("fixed_label")
         for index in range(batch["fixed_image"].shape[0]):
             fixed_label = None if fixed_labels is None else fixed_labels[index].numpy()
@@ -157,3 +133,34 @@ def summarise(rows: list[dict[str, Any]], method: str = "regflow") -> dict[str, 
         values = np.array([row.get(key, np.nan) for row in selected], dtype=float)
         summary[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     return summary
+
+
+def dice_plot_rows(rows: list[dict[str, Any]], label_names: Sequence[str]
+                   ) -> list[dict[str, Any]]:
+    """Mean Dice per label and method ("none", "regflow"), for the DVC bar plot."""
+    table = []
+    for method in ("none", "regflow"):
+        selected = [row for row in rows if row["method"] == method]
+        for name in label_names:
+            values = [row[f"dice/{name}"] for row in selected if f"dice/{name}" in row]
+            if values:
+                table.append({"label": name, "method": method, "dice": float(np.mean(values))})
+    return table
+
+
+def headline_metrics(rows: list[dict[str, Any]], label_names: Sequence[str]
+                     ) -> dict[str, float]:
+    """metrics/eval.json: means over pairs after registration, and before where it means
+    something (Dice, HD95, TRE; folding and SDlogJ of no registration are 0)."""
+    after, before = summarise(rows, "regflow"), summarise(rows, "none")
+    headline = {"pairs": float(len([row for row in rows if row["method"] == "regflow"]))}
+    for key in ("dice_mean", "hd95_mean", "tre_mm", "folding_pct", "sdlogj"):
+        if key in after:
+            headline[key] = after[key]
+        if key in before and key not in ("folding_pct", "sdlogj"):
+            headline[f"{key}_before"] = before[key]
+    for name in label_names:
+        if f"dice/{name}" in after:
+            headline[f"dice_{name}"] = after[f"dice/{name}"]
+    headline["time_ms_per_pair"] = 1000.0 * after.get("time_s", float("nan"))
+    return {key: round(value, 6) for key, value in headline.items()}

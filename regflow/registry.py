@@ -14,17 +14,20 @@ registration. A later run first reconciles what an interrupted one left (:func:`
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from regflow import fileio, paths, tracking
 from regflow.config import Config
 from regflow.errors import RegflowError
-from regflow.serving import CHECKPOINT_ARTIFACT, input_example, signature
+from regflow.redact import redact_values
+from regflow.serving import CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT, input_example, signature
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DECISION_TAG = "regflow.decision"
@@ -168,11 +171,16 @@ def register_model(checkpoint: Path, run_id: str | None, metrics: dict[str, floa
     client = mlflow.MlflowClient()
     reconciled = reconcile(client, name)
     with tracking.start_or_resume_run(experiment, run_id=run_id,
-                                      run_name=config.train.name) as run:
+                                      run_name=config.train.name) as run, \
+            tempfile.TemporaryDirectory() as scratch:
+        config_file = Path(scratch) / "params.yaml"  # refinement settings for the server
+        config_file.write_text(yaml.safe_dump(redact_values(config.model_dump(mode="json")),
+                                              sort_keys=False))
         model = mlflow.pyfunc.log_model(
             name="model", python_model=str(MODEL_CODE),
-            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)}, signature=signature(),
-            input_example=input_example(), pip_requirements=pip_requirements())
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), CONFIG_ARTIFACT: str(config_file)},
+            signature=signature(), input_example=input_example(),
+            pip_requirements=pip_requirements())
         run_id = run.info.run_id
     previous, champion = champion_metrics(client, name)
     promote, reason = should_promote(metrics, champion, config.registry.max_folding_pct)

@@ -28,33 +28,39 @@ def _voxel_to_grid_scale(shape: Sequence[int]) -> list[float]:
 
 
 @functools.lru_cache(maxsize=16)
-def _normalised_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+def _normalised_identity(shape: tuple[int, ...], image_shape: tuple[int, ...],
+                         device: torch.device, dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Identity grid and per-axis scale in grid_sample order, cached per (shape, device, dtype).
+    """Identity grid of ``shape`` in the normalised units of ``image_shape``, cached.
 
     Returns:
-        identity: (*S, ndim) normalised coordinates of every voxel, last axis reversed.
-        scale: (ndim,) normalised units per voxel, reversed to match.
+        identity: (*shape, ndim) normalised coordinates of every voxel index of ``shape`` as a
+            position in an image of ``image_shape``, last axis reversed (grid_sample order).
+        scale: (ndim,) normalised units per voxel of ``image_shape``, reversed to match.
     """
     with torch.inference_mode(False):
-        scale = torch.tensor(_voxel_to_grid_scale(shape), device=device, dtype=dtype)
+        scale = torch.tensor(_voxel_to_grid_scale(image_shape), device=device, dtype=dtype)
         axes = [torch.arange(size, device=device, dtype=dtype) for size in shape]
-        voxels = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*S, ndim)
+        voxels = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*shape, ndim)
         identity = (voxels * scale - 1.0).flip(-1).contiguous()
         return identity, scale.flip(0).contiguous()
 
 
-def ddf_to_grid(ddf: torch.Tensor) -> torch.Tensor:
+def ddf_to_grid(ddf: torch.Tensor, image_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Turn a DDF in voxels into a ``grid_sample`` sampling grid.
 
     Args:
         ddf: (B, ndim, *S) displacement in voxels, channel i along array axis i.
+        image_shape: spatial shape of the image to be sampled (default S): the positions
+            ``x + ddf[x]`` are voxel coordinates of that image.
 
     Returns:
         (B, *S, ndim) sampling positions ``x + ddf[x]`` in normalised coordinates
         (``align_corners=True``), last axis in reversed array-axis order.
     """
-    identity, scale = _normalised_identity(tuple(ddf.shape[2:]), ddf.device, ddf.dtype)
+    shape = tuple(ddf.shape[2:])
+    image_shape = shape if image_shape is None else tuple(image_shape)
+    identity, scale = _normalised_identity(shape, image_shape, ddf.device, ddf.dtype)
     # One fused multiply-add over the channel-last, axis-reversed view of the DDF.
     return torch.addcmul(identity, ddf.movedim(1, -1).flip(-1), scale)
 
@@ -78,13 +84,16 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, interp: str = "linear",
          padding: str = "zeros") -> torch.Tensor:
     """Resample ``image`` at ``x + ddf[x]``: ``warped[x] = image[x + ddf[x]]``.
 
-    Matches ``scipy.ndimage.map_coordinates(order=1, mode="grid-constant", cval=0)`` for
+    The one resampler of regflow: training, evaluation, ``regflow warp``, predict, serving and
+    the geometry of raw inputs all go through it. Matches
+    ``scipy.ndimage.map_coordinates(order=1, mode="grid-constant", cval=0)`` for
     ``padding="zeros"`` (values outside the volume are zeros and are interpolated with the border
     voxels) and ``mode="nearest"`` for ``padding="border"``.
 
     Args:
-        image: (B, C, *S) floating-point image or multi-channel label; any number of channels
-            (the same DDF moves every channel).
+        image: (B, C, *S_image) floating-point image or multi-channel label; any number of
+            channels (the same DDF moves every channel). S_image may differ from S: ``x + ddf[x]``
+            is then a voxel coordinate of the image's own grid.
         ddf: (B, ndim, *S) displacement in voxels. A batch of 1 on either side is broadcast.
         interp: "linear" (bi/trilinear) or "nearest" (labels: keeps the set of values).
         padding: "zeros" (outside the volume is 0) or "border" (repeat the edge voxel).
@@ -103,17 +112,33 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, interp: str = "linear",
     if ndim not in (2, 3) or ddf.shape[1] != ndim or image.ndim != ddf.ndim:
         raise ValueError(f"expected image (B, C, *S) and ddf (B, {ndim}, *S) with 2 or 3 spatial "
                          f"axes, got {tuple(image.shape)} and {tuple(ddf.shape)}")
-    if image.shape[2:] != ddf.shape[2:]:
-        raise ValueError(f"image spatial shape {tuple(image.shape[2:])} != ddf spatial shape "
-                         f"{tuple(ddf.shape[2:])}")
     batch = torch.broadcast_shapes(image.shape[:1], ddf.shape[:1])[0]
     # Sample in at least float32: half-precision grid coordinates are off by ~0.1 voxel at 128^3.
     dtype = torch.promote_types(torch.promote_types(image.dtype, ddf.dtype), torch.float32)
-    grid = ddf_to_grid(ddf.to(dtype)).expand(batch, *ddf.shape[2:], ndim)
+    grid = ddf_to_grid(ddf.to(dtype), image.shape[2:]).expand(batch, *ddf.shape[2:], ndim)
     moving = image.to(dtype).expand(batch, *image.shape[1:])
     warped = F.grid_sample(moving, grid, mode=_GRID_MODES[interp], padding_mode=padding,
                            align_corners=True)
     return warped.to(image.dtype)
+
+
+def voxel_map_ddf(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The DDF of a voxel map: ``ddf[x] = M x - x`` for every voxel x of a grid of ``shape``.
+
+    Args:
+        matrix: (ndim + 1, ndim + 1) homogeneous map from this grid's voxel indices to another
+            grid's voxel coordinates (e.g. ``inv(A_moving) @ A_fixed``).
+        shape: spatial shape S of this grid.
+
+    Returns:
+        (1, ndim, *S) displacement; ``warp(image, ddf)`` resamples an image of the other grid onto
+        this one.
+    """
+    ndim = len(shape)
+    voxels = identity_grid(shape, device=matrix.device, dtype=matrix.dtype)  # (ndim, *S)
+    linear, shift = matrix[:ndim, :ndim], matrix[:ndim, ndim]
+    mapped = torch.einsum("ij,j...->i...", linear, voxels) + shift.reshape(ndim, *[1] * ndim)
+    return (mapped - voxels)[None]
 
 
 def integrate_dvf(dvf: torch.Tensor, steps: int = 7) -> torch.Tensor:

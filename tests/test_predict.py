@@ -11,7 +11,6 @@ from regflow.data.io import write_nifti
 from regflow.engine import Trainer
 from regflow.errors import DataError
 from regflow.predict import (
-    ddf_on_original_grid,
     learn2reg_name,
     read_ddf,
     warp_array,
@@ -53,28 +52,30 @@ def test_warp_file_nearest_keeps_label_values_and_affine(tmp_path):
 def test_read_ddf_accepts_nifti_vector_images(tmp_path):
     ddf = np.random.default_rng(2).normal(size=(3, 5, 6, 7)).astype(np.float32)
     write_nifti(tmp_path / "ddf.nii.gz", np.moveaxis(ddf, 0, -1), np.eye(4))
-    np.testing.assert_allclose(read_ddf(tmp_path / "ddf.nii.gz"), ddf)
+    read, affine = read_ddf(tmp_path / "ddf.nii.gz")
+    np.testing.assert_allclose(read, ddf)
+    np.testing.assert_allclose(affine, np.eye(4))
 
 
-def test_warp_file_rejects_a_ddf_on_another_grid(tmp_path):
+def test_warp_file_samples_an_image_on_another_grid_and_keeps_the_ddf_affine(tmp_path):
+    image = np.arange(6 * 7 * 9, dtype=np.float32).reshape(6, 7, 9)
+    write_nifti(tmp_path / "image.nii.gz", image, np.eye(4))
+    ddf = np.zeros((4, 5, 3, 3), np.float32)  # a 4x5x3 fixed grid, one voxel along axis 2
+    ddf[2] = 1.0
+    fixed_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    write_nifti(tmp_path / "ddf.nii.gz", np.moveaxis(ddf, 0, -1), fixed_affine)
+    out = nib.load(warp_file(tmp_path / "image.nii.gz", tmp_path / "ddf.nii.gz",
+                             tmp_path / "out.nii.gz"))
+    np.testing.assert_allclose(np.asarray(out.dataobj), image[:4, :5, 1:4])
+    np.testing.assert_allclose(out.affine, fixed_affine)
+
+
+def test_warp_file_rejects_a_ddf_of_other_dimensionality(tmp_path):
     write_nifti(tmp_path / "image.nii.gz", np.zeros((6, 7, 8), np.float32), np.eye(4))
-    np.save(tmp_path / "ddf.npy", np.zeros((3, 6, 7, 9), np.float32))
-    with pytest.raises(DataError, match="does not match"):
+    np.save(tmp_path / "ddf.npy", np.zeros((2, 6, 7), np.float32))
+    with pytest.raises(DataError, match="cannot warp"):
         warp_file(tmp_path / "image.nii.gz", tmp_path / "ddf.npy", tmp_path / "out.nii.gz")
     assert not (tmp_path / "out.nii.gz").exists()
-
-
-def test_ddf_on_original_grid_composes_the_preprocessing_maps():
-    # processed index p -> raw index 2p + 1 (fixed) and p - 3 (moving); a constant DDF of 1.5
-    fixed_map = np.diag([2.0, 2.0, 2.0, 1.0])
-    fixed_map[:3, 3] = 1.0
-    moving_map = np.eye(4)
-    moving_map[:3, 3] = -3.0
-    ddf = np.full((3, 10, 10, 10), 1.5, np.float32)
-    raw = ddf_on_original_grid(ddf, fixed_map, moving_map, (19, 19, 19))
-    x = np.arange(19.0)
-    expected_moving = (x - 1) / 2 + 1.5 - 3   # p = (x - 1) / 2; moving raw = p + 1.5 - 3
-    np.testing.assert_allclose(raw[0, :, 4, 4], expected_moving - x, atol=1e-5)
 
 
 def test_learn2reg_name_uses_case_digits():

@@ -17,7 +17,7 @@ from regflow.codec import decode_volume
 from regflow.config import load_config
 from regflow.engine import Trainer
 from regflow.errors import RegflowError
-from regflow.pipeline import evaluate_stage
+from regflow.stages import evaluate_stage
 from regflow.registry import (
     CHALLENGER,
     CHAMPION,

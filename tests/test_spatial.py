@@ -127,8 +127,34 @@ def test_warp_rejects_bad_arguments():
         spatial.warp(image, torch.zeros(1, 3, 4, 4, 4), interp="cubic")
     with pytest.raises(ValueError, match="padding"):
         spatial.warp(image, torch.zeros(1, 3, 4, 4, 4), padding="reflect")
-    with pytest.raises(ValueError, match="spatial shape"):
-        spatial.warp(image, torch.zeros(1, 3, 4, 4, 5))
+    with pytest.raises(ValueError, match="spatial axes"):
+        spatial.warp(image, torch.zeros(1, 2, 4, 4))
+
+
+def test_warp_onto_another_grid_samples_the_images_own_voxels():
+    image = torch.arange(4 * 5 * 6, dtype=torch.float32).reshape(1, 1, 4, 5, 6)
+    ddf = torch.zeros(1, 3, 2, 3, 2)
+    ddf[:, 0] = 1.0  # one voxel along axis 0 of the image grid
+    warped = spatial.warp(image, ddf)
+    assert warped.shape == (1, 1, 2, 3, 2)
+    torch.testing.assert_close(warped, image[:, :, 1:3, :3, :2])
+
+
+def test_voxel_map_ddf_of_a_flip_and_shift():
+    shape = (4, 5, 6)
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[0, 0], matrix[0, 3] = -1.0, 3.0  # axis 0 reversed: x -> 3 - x
+    matrix[2, 3] = 0.5
+    ddf = spatial.voxel_map_ddf(matrix, shape)
+    voxels = spatial.identity_grid(shape, dtype=torch.float64)
+    torch.testing.assert_close(ddf[0, 0], 3.0 - 2 * voxels[0])
+    torch.testing.assert_close(ddf[0, 1], torch.zeros(shape, dtype=torch.float64))
+    torch.testing.assert_close(ddf[0, 2], torch.full(shape, 0.5, dtype=torch.float64))
+    flip = matrix.clone()
+    flip[2, 3] = 0.0
+    image = torch.rand(1, 1, *shape, dtype=torch.float64)
+    torch.testing.assert_close(spatial.warp(image, spatial.voxel_map_ddf(flip, shape)),
+                               image.flip(2))
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -29,7 +29,6 @@ corner). Evaluation always serves whole volumes.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regflow.config import AugmentConfig, Config
 from regflow.data.io import read_volume, volume_shape
+from regflow.data.manifest import Case, Manifest
 from regflow.data.pairs import (
     STACK,
     LabelItem,
@@ -55,33 +55,6 @@ from regflow.data.pairs import (
 from regflow.errors import ConfigError, DataError
 
 SIDES = ("fixed", "moving")
-PAIRINGS = ("paired", "unpaired", "grouped")
-LABEL_FORMATS = ("integer", "channels", None)
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and check the top level of a processed dataset's ``manifest.json``.
-
-    Raises:
-        DataError: missing or unreadable file, unknown pairing or label format, no cases.
-    """
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no manifest; run `regflow preprocess` first") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), list):
-        raise DataError(f"{path}: manifest has no list of cases")
-    if manifest.get("pairing") not in PAIRINGS:
-        raise DataError(f"{path}: pairing {manifest.get('pairing')!r} is not one of {PAIRINGS}")
-    if manifest.get("label_format") not in LABEL_FORMATS:
-        raise DataError(f"{path}: label_format {manifest.get('label_format')!r} is not one of "
-                        f"{LABEL_FORMATS}")
-    if manifest["label_format"] == "integer" and not manifest.get("label_values"):
-        raise DataError(f"{path}: label_format integer needs label_values")
-    return manifest
 
 
 def label_to_channels(label: np.ndarray, label_format: str,
@@ -173,14 +146,13 @@ class PairDataset(Dataset):
 
     def __init__(self, manifest_path: str | Path, split: str, config: Config, train: bool):
         self.manifest_path = Path(manifest_path)
-        manifest = read_manifest(self.manifest_path)
+        manifest = Manifest.read(self.manifest_path)
         self.root = self.manifest_path.parent
-        self.pairing: str = manifest["pairing"]
-        self.shape: list[int] = list(manifest["shape"])
-        self.label_format: str | None = manifest["label_format"]
-        self.label_values: list[int] | None = manifest.get("label_values")
-        self.cases = {case["case_id"]: case for case in manifest["cases"]
-                      if case.get("split") == split}
+        self.pairing: str = manifest.pairing
+        self.shape: list[int] = list(manifest.shape)
+        self.label_format: str | None = manifest.label_format
+        self.label_values: list[int] | None = manifest.label_values
+        self.cases = manifest.split_cases(split)
         if not self.cases:
             raise DataError(f"{self.manifest_path}: no cases in split {split!r}")
         self.seed = config.seed
@@ -203,10 +175,8 @@ class PairDataset(Dataset):
         if self._length == 0:
             raise DataError(f"{self.manifest_path}: split {split!r} gives no pairs")
 
-    def _files(self, case: dict[str, Any], side: str) -> tuple[str, str | None]:
-        if self.pairing == "paired":
-            return case[f"{side}_image"], case.get(f"{side}_label")
-        return case["image"], case.get("label")
+    def _files(self, case: Case, side: str) -> tuple[str, str | None]:
+        return case.files(side, self.pairing == "paired")
 
     def _read(self, relative_path: str, channels: bool) -> tuple[np.ndarray, np.ndarray]:
         """A processed volume and its affine, decoded once per dataset when caching is on.
@@ -248,7 +218,7 @@ class PairDataset(Dataset):
             return unpaired_pairs(ids, rng, count), rng
         groups: dict[str, list[str]] = {}
         for case_id in ids:
-            group = self.cases[case_id].get("group")
+            group = self.cases[case_id].group
             if group is None:
                 raise DataError(f"{self.manifest_path}: grouped case {case_id!r} has no group")
             groups.setdefault(str(group), []).append(case_id)

@@ -12,8 +12,6 @@ never crosses splits. See :mod:`regflow.data.splits`.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +25,11 @@ from regflow.config import Config, PreprocessConfig
 from regflow.data.integrity import sha256_file
 from regflow.data.io import write_nifti
 from regflow.data.layouts import ROLES, RawCase, VolumeRef, discover_cases, folder_of, label_role
+from regflow.data.manifest import Case, Manifest, PreprocessSettings, SourceSpacing
 from regflow.data.splits import assign_folds, assign_splits
 from regflow.errors import DataError
-from regflow.fileio import atomic_directory
-
-MANIFEST_JSON = "manifest.json"
-MANIFEST_CSV = "manifest.csv"
+from regflow.fileio import atomic_directory, write_csv
+from regflow.paths import MANIFEST_CSV, MANIFEST_JSON
 
 
 @dataclass(frozen=True)
@@ -408,31 +405,29 @@ def _write(staging: Path, role: str, case_id: str, array: np.ndarray, affine: np
 
 def _manifest(name: str, pairing: str, params: PreprocessConfig, seed: int, simulated: bool,
               spec: LabelSpec | None, spacings: list[np.ndarray], rows: list[dict[str, Any]]
-              ) -> dict[str, Any]:
+              ) -> Manifest:
     stacked = np.round(np.stack(spacings), 6)
     common = params.spacing or (stacked[0].tolist() if np.all(stacked == stacked[0]) else None)
-    return {
-        "dataset": name,
-        "pairing": pairing,
-        "shape": list(params.shape),
-        "spacing": common,
-        "simulated": simulated,
-        "label_format": spec.output_format if spec else None,
-        "label_values": list(spec.values) if spec and spec.output_format == "integer" else None,
-        "label_names": list(spec.names) if spec else None,
-        "preprocessing": params.model_dump() | {
-            "seed": seed,
-            "source_spacing": {"min": stacked.min(axis=0).tolist(),
-                               "max": stacked.max(axis=0).tolist()},
-        },
-        "cases": rows,
-    }
+    return Manifest(
+        dataset=name,
+        pairing=pairing,
+        shape=list(params.shape),
+        spacing=common,
+        simulated=simulated,
+        label_format=spec.output_format if spec else None,
+        label_values=list(spec.values) if spec and spec.output_format == "integer" else None,
+        label_names=list(spec.names) if spec else None,
+        preprocessing=PreprocessSettings(
+            **params.model_dump(), seed=seed,
+            source_spacing=SourceSpacing(min=stacked.min(axis=0).tolist(),
+                                         max=stacked.max(axis=0).tolist())),
+        cases=[Case(**row) for row in rows],
+    )
 
 
-def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
-    (staging / MANIFEST_JSON).write_text(json.dumps(manifest, indent=1) + "\n")
-    with open(staging / MANIFEST_CSV, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(manifest["cases"][0]))
-        writer.writeheader()
-        writer.writerows({key: "" if value is None else value for key, value in row.items()}
-                         for row in manifest["cases"])
+def _write_manifest(staging: Path, manifest: Manifest) -> None:
+    manifest.write(staging / MANIFEST_JSON)
+    rows = [case.model_dump(exclude_none=False) for case in manifest.cases]
+    columns = [key for key in rows[0] if any(row[key] is not None for row in rows)]
+    write_csv(staging / MANIFEST_CSV, [{key: "" if row[key] is None else row[key]
+                                        for key in columns} for row in rows], columns)

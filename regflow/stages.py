@@ -1,0 +1,123 @@
+"""Every DVC stage of dvc.yaml as one function: config in, files under data/, models/, metrics/,
+plots/ and eval/ out. The CLI only parses options and calls these."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from regflow import evaluation, fileio, paths, tracking, viz
+from regflow.config import Config
+from regflow.data.loader import build_dataloader
+from regflow.data.manifest import Manifest
+from regflow.engine import Trainer, TrainResult
+from regflow.errors import RegflowError
+from regflow.inference import load_registrar
+from regflow.predict import VolumeWriter
+
+
+def fetch_stage(config: Config, dataset: str | None = None, mirror: str | None = None) -> Path:
+    """Download (or copy from ``mirror``) and verify a dataset into data/raw/<dataset>/."""
+    from regflow.data.sources import fetch_dataset
+
+    return fetch_dataset(dataset or config.data.dataset, config, mirror=mirror)
+
+
+def preprocess_stage(config: Config, dataset: str | None = None) -> Path:
+    """data/raw/<dataset>/ -> data/processed/<dataset>/ with its manifest; returns the manifest."""
+    from regflow.data.preprocess import preprocess_dataset
+
+    return preprocess_dataset(dataset or config.data.dataset, config)
+
+
+def tune_stage(config: Config, storage_url: str | None = None) -> dict[str, Any]:
+    """Optuna study -> models/tuning/best_params.yaml; returns the best params."""
+    from regflow.tuning import tune_stage as run_tuning
+
+    return run_tuning(config, paths.manifest_path(config), storage_url=storage_url)
+
+
+def train_stage(config: Config, resume: bool = True) -> TrainResult:
+    """Train into models/<train.name>/, resuming from last.pt unless ``resume`` is False."""
+    out_dir = paths.model_dir(config)
+    if not resume:
+        (out_dir / "last.pt").unlink(missing_ok=True)
+        (out_dir / "run.json").unlink(missing_ok=True)
+    return Trainer(config, paths.manifest_path(config), out_dir).fit()
+
+
+def register_stage(config: Config) -> dict[str, Any]:
+    """Register models/<name>/best.pt, gate @champion; models/registered.json."""
+    from regflow.registry import register_stage as run_registration
+
+    return run_registration(config)
+
+
+def evaluate_stage(config: Config, metrics_dir: Path = paths.METRICS_DIR,
+                   plots_dir: Path = paths.PLOTS_DIR) -> dict[str, float]:
+    """Evaluate models/<name>/<best|last>.pt (with ``evaluate.refine``) on a processed split.
+
+    Writes metrics/eval.json and metrics/pairs.csv, plots/ (CSV for DVC, PNG), and the warped
+    volumes under eval/<name>/ (a folder staged and renamed whole, so a killed evaluation leaves
+    no partial volumes), then logs all of it into the training's MLflow run.
+
+    Returns:
+        The headline metrics written to metrics/eval.json.
+    """
+    manifest_file = paths.manifest_path(config)
+    manifest = Manifest.read(manifest_file)
+    out_dir = paths.model_dir(config)
+    registrar = load_registrar(str(out_dir / f"{config.evaluate.checkpoint}.pt"), config)
+    loader = build_dataloader(manifest_file, config.evaluate.split, config, train=False)
+    volumes_dir = paths.volumes_dir(config)
+    fileio.remove_stale_temporaries(volumes_dir.parent)
+    with fileio.atomic_directory(volumes_dir) as staging:
+        writer = VolumeWriter(staging) if config.evaluate.save_volumes else None
+        rows = evaluation.evaluate_pairs(registrar, loader, manifest.voxel_size,
+                                         manifest.channel_names, with_hd95=config.evaluate.hd95,
+                                         baseline=True, on_pair=writer)
+    if not rows:
+        raise RegflowError(f"{manifest_file}: split {config.evaluate.split!r} has no pairs")
+    headline = evaluation.headline_metrics(rows, manifest.channel_names)
+    if manifest.simulated:
+        headline["simulated_data"] = 1.0
+    fileio.write_json(metrics_dir / "eval.json", headline)
+    fileio.write_csv(metrics_dir / "pairs.csv", rows)
+    dice_table = evaluation.dice_plot_rows(rows, manifest.channel_names)
+    fileio.write_csv(plots_dir / "dice_per_label.csv", dice_table)
+    viz.save_figure(viz.dice_bar_figure(dice_table), plots_dir / "dice_per_label.png")
+    _log_evaluation(config, out_dir, headline, metrics_dir, plots_dir, volumes_dir)
+    return headline
+
+
+def _training_curve_rows(run_id: str) -> list[dict[str, Any]]:
+    """Training total loss and validation Dice per step, from the MLflow run."""
+    client = mlflow.MlflowClient()
+    rows: dict[int, dict[str, Any]] = {}
+    for key, column in (("train/total", "train_loss"), ("val/dice_mean", "val_dice")):
+        for point in client.get_metric_history(run_id, key):
+            rows.setdefault(point.step, {"step": point.step})[column] = point.value
+    return [rows[step] for step in sorted(rows)]
+
+
+def _log_evaluation(config: Config, out_dir: Path, headline: dict[str, float],
+                    metrics_dir: Path, plots_dir: Path, volumes_dir: Path) -> None:
+    """Log the evaluation into the training run (models/<name>/run.json) and write the curves."""
+    record = out_dir / "run.json"
+    run_id = json.loads(record.read_text())["run_id"] if record.exists() else None
+    with tracking.start_or_resume_run(paths.experiment_name(config.data.dataset), run_id=run_id,
+                                      run_name=config.train.name):
+        if run_id:
+            curve = _training_curve_rows(run_id)
+            fileio.write_csv(plots_dir / "training_curve.csv", curve)
+            viz.save_figure(viz.training_curve_figure(curve), plots_dir / "training_curve.png")
+        mlflow.log_metrics({f"eval/{key}": value for key, value in headline.items()
+                            if np.isfinite(value)})
+        mlflow.log_artifacts(str(metrics_dir), artifact_path="evaluation/metrics")
+        mlflow.log_artifacts(str(plots_dir), artifact_path="evaluation/plots")
+        if volumes_dir.is_dir():
+            mlflow.log_artifacts(str(volumes_dir), artifact_path="evaluation/volumes")
