@@ -14,7 +14,7 @@ class DataError(RegflowError):
 
 
 class RequestTooLarge(RegflowError):
-    """An input exceeds a configured resource limit (voxels, decompressed bytes, pairs): HTTP 413."""
+    """An input exceeds a configured resource limit (voxels, bytes, pairs): HTTP 413."""
 
 
 class NothingToRegister(DataError):

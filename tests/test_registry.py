@@ -17,7 +17,6 @@ from regflow.codec import decode_volume
 from regflow.config import load_config
 from regflow.engine import Trainer
 from regflow.errors import RegflowError
-from regflow.stages import evaluate_stage
 from regflow.registry import (
     CHALLENGER,
     CHAMPION,
@@ -30,6 +29,7 @@ from regflow.registry import (
     should_promote,
 )
 from regflow.serving import input_example
+from regflow.stages import evaluate_stage
 
 DVC_LOCK = """\
 schema: '2.0'

@@ -8,7 +8,6 @@ cubes sit at a position set by ``k`` and the side, so a batch pairing the wrong 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,8 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+
+from regflow.data.manifest import Case, Manifest, PreprocessSettings
 
 SHAPE = (12, 14, 10)
 LABEL_VALUES = [5, 3]  # channel 0 is stored as 5, channel 1 as 3: not simply 1..L
@@ -94,16 +95,15 @@ def write_dataset(root: Path, pairing: str, label_format: str | None,
             if pairing != "paired":
                 case["group"] = (groups or {}).get(case_id)
             cases.append(case)
-    manifest = {
-        "dataset": "synthetic", "pairing": pairing, "shape": list(shape),
-        "spacing": [1.5, 2.0, 2.5][:len(shape)], "simulated": True,
-        "label_format": label_format,
-        "label_values": LABEL_VALUES if label_format == "integer" else None,
-        "label_names": ["first", "second"] if label_format else None,
-        "preprocessing": {}, "cases": cases,
-    }
+    manifest = Manifest(
+        dataset="synthetic", pairing=pairing, shape=list(shape),
+        spacing=[1.5, 2.0, 2.5][:len(shape)], simulated=True, label_format=label_format,
+        label_values=LABEL_VALUES if label_format == "integer" else None,
+        label_names=["first", "second"] if label_format else None,
+        preprocessing=PreprocessSettings(shape=list(shape), seed=0),
+        cases=[Case(**case) for case in cases])
     path = root / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=1))
+    manifest.write(path)
     return path
 
 
