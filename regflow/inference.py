@@ -403,10 +403,13 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
 
 
 def record_from_config(config: Config) -> PreprocessingRecord:
-    """The frame of classical registration: ``preprocess`` of the config (no dataset needed)."""
+    """The frame of classical registration: ``preprocess`` of the config (no dataset needed),
+    at ``preprocess.spacing`` or, where that is null, 1 mm per axis."""
     settings = PreprocessSettings(**config.preprocess.model_dump(), seed=config.seed)
-    return PreprocessingRecord(dataset=config.data.dataset, shape=list(config.preprocess.shape),
-                               spacing=config.preprocess.spacing, preprocessing=settings)
+    shape = list(config.preprocess.shape)
+    return PreprocessingRecord(dataset=config.data.dataset, shape=shape,
+                               spacing=config.preprocess.spacing or [1.0] * len(shape),
+                               preprocessing=settings)
 
 
 def checkpoint_path(spec: str) -> Path:

@@ -1,0 +1,158 @@
+"""The one inference path: world geometry, label kinds, bad input, and the raw-grid DDF."""
+
+import numpy as np
+import pytest
+import torch
+
+from regflow import metrics
+from regflow.config import Config, LossConfig
+from regflow.data.preprocess import resample
+from regflow.errors import NothingToRegister
+from regflow.inference import Registrar, Volume, record_from_config, warp_label
+from regflow.models import RegistrationModel
+from regflow.predict import warp_array
+from regflow.refine import RefineSettings
+from tests.test_refine import blobs
+
+LNCC_BENDING = LossConfig(image={"lncc": {"weight": 1.0, "options": {"kernel_size": 7}}},
+                          regularization={"bending_energy": {"weight": 0.5}})
+FRAME = Config.model_validate({"preprocess": {"shape": [24, 28, 20], "spacing": [1, 1, 1]}})
+
+
+def tiny_registrar() -> Registrar:
+    """A random LocalNet 4-8 (the geometry does not depend on what the network learnt)."""
+    torch.manual_seed(0)
+    model = RegistrationModel(channels=(4, 8), ndim=3)
+    return Registrar(model, record_from_config(FRAME), LNCC_BENDING, RefineSettings(),
+                     torch.device("cpu"))
+
+
+def raw_volume(seed: int, shape=(21, 25, 19), origin=(3.0, -2.0, 5.0)) -> Volume:
+    image = blobs(shape, seed)[0, 0].numpy()
+    affine = np.eye(4)
+    affine[:3, 3] = origin
+    return Volume(image, affine, f"volume{seed}")
+
+
+def restore(volume: Volume, flips=(), order=(0, 1, 2)) -> Volume:
+    """The same world content stored with flipped and permuted axes (lossless)."""
+    array, affine = volume.array, volume.affine.copy()
+    for axis in flips:
+        array = np.flip(array, axis)
+        size = volume.array.shape[axis]
+        affine[:3, 3] = affine[:3, 3] + affine[:3, axis] * (size - 1)
+        affine[:3, axis] = -affine[:3, axis]
+    array = np.transpose(array, order)
+    affine[:3, :3] = affine[:3, :3][:, list(order)]
+    return Volume(np.ascontiguousarray(array), affine, volume.source + "-restored")
+
+
+def label_of(volume: Volume) -> Volume:
+    label = np.zeros(volume.array.shape, np.int16)
+    label[volume.array > 0.6] = 100
+    label[volume.array < 0.3] = 200
+    return Volume(label, volume.affine, volume.source + "-label")
+
+
+@pytest.mark.parametrize("flips, order", [((0, 1), (0, 1, 2)), ((), (2, 0, 1)),
+                                          ((1,), (1, 2, 0))])
+def test_lossless_restorage_of_the_moving_image_changes_nothing(flips, order):
+    registrar = tiny_registrar()
+    fixed, moving = raw_volume(1), raw_volume(2, shape=(19, 23, 22))
+    label = label_of(moving)
+    expected = registrar.register_volumes(fixed, moving, label)
+    restored = registrar.register_volumes(fixed, restore(moving, flips, order),
+                                          restore(label, flips, order))
+    np.testing.assert_allclose(restored["warped"], expected["warped"], atol=1e-5)
+    np.testing.assert_array_equal(restored["warped_label"], expected["warped_label"])
+
+
+def test_lossless_restorage_of_the_fixed_image_moves_the_outputs_with_it():
+    registrar = tiny_registrar()
+    fixed, moving = raw_volume(1), raw_volume(2)
+    expected = registrar.register_volumes(fixed, moving)
+    restored = registrar.register_volumes(restore(fixed, (0, 2)), moving)
+    np.testing.assert_allclose(restored["warped"], expected["warped"][::-1, :, ::-1], atol=1e-5)
+
+
+def test_raw_ddf_reproduces_warped_through_regflow_warp():
+    """The raw-grid DDF points into the moving image's own grid (here another shape)."""
+    registrar = tiny_registrar()
+    fixed, moving = raw_volume(1), raw_volume(2, shape=(17, 30, 15), origin=(0, 0, 0))
+    result = registrar.register_volumes(fixed, moving, init="header")
+    ddf = result["ddf"]
+    outside = (ddf + np.indices(ddf.shape[1:]) < 0).any(axis=0) | \
+        (ddf + np.indices(ddf.shape[1:]) > np.reshape(moving.array.shape, (3, 1, 1, 1)) - 1).any(0)
+    assert outside.mean() > 0.05  # part of the fixed grid maps outside the moving volume
+    np.testing.assert_allclose(warp_array(moving.array, ddf), result["warped"], atol=1e-5)
+
+
+def test_integer_label_values_are_kept_and_soft_labels_stay_soft():
+    label = np.zeros((10, 12, 8), np.int32)
+    label[2:6, 3:9, 2:6] = 100
+    label[6:9, 3:9, 2:6] = 200
+    ddf = torch.full((1, 3, 10, 12, 8), 0.4, dtype=torch.float64)
+    warped = warp_label(label, ddf, 3)
+    assert set(np.unique(warped)) == {0, 100, 200} and warped.dtype == label.dtype
+    soft = np.clip(label / 200.0, 0, 1).astype(np.float32)
+    warped_soft = warp_label(soft, ddf, 3)
+    assert ((warped_soft > 0.01) & (warped_soft < 0.99)).any()
+    one_hot = np.stack([label == 100, label == 200], axis=-1).astype(np.uint8)
+    warped_one_hot = warp_label(one_hot, ddf, 3)
+    assert warped_one_hot.shape == (10, 12, 8, 2) and set(np.unique(warped_one_hot)) <= {0, 1}
+    np.testing.assert_array_equal(warped_one_hot[..., 0] == 1, warped == 100)
+
+
+def test_a_constant_image_is_nothing_to_register():
+    registrar = tiny_registrar()
+    blank = Volume(np.full((10, 10, 10), 3.0, np.float32), np.eye(4), "blank.nii.gz")
+    with pytest.raises(NothingToRegister, match="blank.nii.gz: nothing to register"):
+        registrar.register_volumes(raw_volume(1), blank)
+
+
+def respaced(volume: Volume, spacing, order: int) -> Volume:
+    array, affine = resample(volume.array, volume.affine, spacing, order=order)
+    return Volume(array, affine, f"{volume.source}@{spacing}")
+
+
+def mean_dice(fixed_label: np.ndarray, warped_label: np.ndarray) -> float:
+    return float(np.mean(metrics.dice(fixed_label, warped_label, labels=[1, 2])))
+
+
+@pytest.mark.slow
+def test_the_same_physical_pair_stored_differently_registers_alike(mirror):
+    """Classical registration of a real hippocampus pair, re-stored five ways (issue matrix)."""
+    folder = mirror / "Task04_Hippocampus"
+    read = lambda kind, case: Volume.read(folder / kind / f"hippocampus_{case}.nii.gz")  # noqa
+    fixed, moving = read("imagesTr", "001"), read("imagesTr", "004")
+    fixed_label, moving_label = read("labelsTr", "001"), read("labelsTr", "004")
+    config = Config.model_validate({"preprocess": {"shape": [48, 64, 48]},
+                                    "train": {"loss": LNCC_BENDING.model_dump()}})
+    registrar = Registrar(None, record_from_config(config), config.train.loss,
+                          RefineSettings(steps=100, affine_steps=100), torch.device("cpu"))
+    base = mean_dice(fixed_label.array, registrar.register_volumes(
+        fixed, moving, moving_label)["warped_label"])
+    lossless = {"LPS": ((0, 1), (0, 1, 2)), "permuted": ((), (2, 0, 1))}
+    for name, (flips, order) in lossless.items():
+        dice = mean_dice(fixed_label.array, registrar.register_volumes(
+            fixed, restore(moving, flips, order), restore(moving_label, flips, order))
+            ["warped_label"])
+        print(f"\n{name}: Dice {dice:.3f} (as stored {base:.3f})")
+        assert abs(dice - base) <= 0.02
+    for spacing in ([0.5, 0.5, 0.5], [0.7, 0.7, 0.7], [2.0, 2.0, 2.0]):
+        image, label = respaced(moving, spacing, 1), respaced(moving_label, spacing, 0)
+        back = respaced(label, [1.0, 1.0, 1.0], 0)
+        common = tuple(min(a, b) for a, b in zip(back.array.shape, moving_label.array.shape,
+                                                 strict=True))
+        loss = 1 - mean_dice(moving_label.array[tuple(map(slice, common))],
+                             back.array[tuple(map(slice, common))])
+        dice = mean_dice(fixed_label.array, registrar.register_volumes(
+            fixed, image, label)["warped_label"])
+        print(f"moving at {spacing[0]} mm: Dice {dice:.3f} (as stored {base:.3f}, resampling "
+              f"loss {loss:.3f})")
+        assert dice >= base - loss - 0.02
+    thick, thick_label = respaced(fixed, [1, 1, 3], 1), respaced(fixed_label, [1, 1, 3], 0)
+    dice = mean_dice(thick_label.array, registrar.register_volumes(
+        thick, moving, moving_label)["warped_label"])
+    print(f"fixed at 1x1x3 mm: Dice {dice:.3f} on its own grid (as stored {base:.3f})")
+    assert dice >= base - 0.1
