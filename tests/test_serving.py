@@ -24,6 +24,7 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import uvicorn
 import yaml
 from mlflow.pyfunc import scoring_server
@@ -31,22 +32,20 @@ from mlflow.pyfunc import scoring_server
 from regflow import metrics
 from regflow.codec import decode_volume, encode_volume
 from regflow.config import load_config
-from regflow.data.io import read_volume
-from regflow.data.preprocess import preprocess_dataset
-from regflow.data.sources import fetch_dataset
+from regflow.data.io import read_volume, write_nifti
+from regflow.data.manifest import Manifest
 from regflow.engine import Trainer
-from regflow.models import RegistrationModel
-from regflow.pipeline import evaluate_stage, train_stage
-from regflow.predict import (
-    RawVolume,
-    ddf_on_original_grid,
-    prepare_image,
-    preprocess_params,
-    register_pair,
-    warp_raw,
-)
-from regflow.registry import pip_requirements, register_stage
+from regflow.inference import Volume, load_registrar
+from regflow.predict import _unregistered_label
+from regflow.registry import pip_requirements
 from regflow.serving import CHECKPOINT_ARTIFACT, RegflowPythonModel, input_example, signature
+from regflow.stages import (
+    evaluate_stage,
+    fetch_stage,
+    preprocess_stage,
+    register_stage,
+    train_stage,
+)
 from tests.synthetic import write_params
 
 DATASET = "msd-hippocampus"
@@ -97,8 +96,8 @@ def champion(tmp_path_factory, mirror, mlflow_store):
         patch.chdir(work)
         started = time.monotonic()
         config = load_config(params)
-        fetch_dataset(DATASET, config, mirror=str(mirror))
-        preprocess_dataset(DATASET, config)
+        fetch_stage(config, DATASET, mirror=str(mirror))
+        preprocess_stage(config, DATASET)
         train_stage(config)
         headline = evaluate_stage(config)
         decision = register_stage(config)
@@ -106,9 +105,11 @@ def champion(tmp_path_factory, mirror, mlflow_store):
               f"{time.monotonic() - started:.1f} s; test-split Dice "
               f"{headline['dice_mean_before']:.3f} -> {headline['dice_mean']:.3f}")
         assert decision["champion"], decision
-        manifest = json.loads((work / "data/processed" / DATASET / "manifest.json").read_text())
+        manifest = Manifest.read(work / "data/processed" / DATASET / "manifest.json")
+        checkpoint = work / "models/hippocampus/best.pt"
         yield {"name": name, "work": work, "config": config, "headline": headline,
-               "manifest": manifest, "checkpoint": work / "models/hippocampus/best.pt",
+               "manifest": manifest, "checkpoint": checkpoint,
+               "registrar": load_registrar(str(checkpoint), config, device=torch.device("cpu")),
                "raw": Path(mirror) / "Task04_Hippocampus"}
 
 
@@ -119,8 +120,8 @@ def tiny_model_uri(tmp_path_factory, tiny_raw, mlflow_store) -> str:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)
         config = load_config(write_params(work, tiny_raw), ["train.steps=2", "train.val_every=2"])
-        fetch_dataset("tiny", config)
-        preprocess_dataset("tiny", config)
+        fetch_stage(config, "tiny")
+        preprocess_stage(config, "tiny")
         Trainer(config, Path("data/processed/tiny/manifest.json"), Path("models/tiny")).fit()
     mlflow.set_experiment("regflow-serving-tests")
     with mlflow.start_run():
@@ -225,41 +226,28 @@ def pair(champion):
     """Held-out (test split) cases with different raw shapes: the first as fixed, and as moving
     the one that overlaps it least without registration (so that registration has room to help).
     """
-    cases = [case["case_id"] for case in champion["manifest"]["cases"]
-             if case["split"] == "test"]
-    _, extra = RegistrationModel.load(champion["checkpoint"])
+    cases = list(champion["manifest"].split_cases("test"))
     fixed_id = cases[0]
-    fixed = RawVolume.read(raw_paths(champion, fixed_id)[0])
-    fixed_label = RawVolume.read(raw_paths(champion, fixed_id)[1])
+    fixed = Volume.read(raw_paths(champion, fixed_id)[0])
+    fixed_label = Volume.read(raw_paths(champion, fixed_id)[1])
     candidates = {}
     for case_id in cases[1:]:
-        image = RawVolume.read(raw_paths(champion, case_id)[0])
+        image = Volume.read(raw_paths(champion, case_id)[0])
         if image.array.shape != fixed.array.shape:
-            label = RawVolume.read(raw_paths(champion, case_id)[1])
-            before = unregistered_label(extra["preprocessing"], fixed, image, label)
+            label = Volume.read(raw_paths(champion, case_id)[1])
+            before = _unregistered_label(champion["registrar"], fixed, image, label, "centre")
             candidates[case_id] = mean_dice(fixed_label.array, before)
     moving_id = min(candidates, key=candidates.get)
     volumes = {}
     for role, case_id in (("fixed", fixed_id), ("moving", moving_id)):
         image_path, label_path = raw_paths(champion, case_id)
-        volumes[role] = RawVolume.read(image_path)
-        volumes[f"{role}_label"] = RawVolume.read(label_path)
+        volumes[role] = Volume.read(image_path)
+        volumes[f"{role}_label"] = Volume.read(label_path)
         volumes[f"{role}_path"], volumes[f"{role}_label_path"] = image_path, label_path
     volumes["payload"] = {"inputs": {"fixed": [b64_file(volumes["fixed_path"])],
                                      "moving": [b64_file(volumes["moving_path"])],
                                      "moving_label": [b64_file(volumes["moving_label_path"])]}}
     return volumes
-
-
-def unregistered_label(record: dict, fixed: RawVolume, moving: RawVolume,
-                       moving_label: RawVolume) -> np.ndarray:
-    """The moving label on the fixed grid with a zero DDF between the processed grids."""
-    params = preprocess_params(record)
-    _, fixed_map = prepare_image(fixed, params)
-    _, moving_map = prepare_image(moving, params)
-    zero = np.zeros((3, *params.shape), np.float32)
-    identity = ddf_on_original_grid(zero, fixed_map, moving_map, fixed.array.shape)
-    return warp_raw(moving_label.array, identity, nearest=True)
 
 
 def mean_dice(fixed_label: np.ndarray, label: np.ndarray) -> float:
@@ -293,9 +281,8 @@ def test_served_pair_is_registered_on_the_fixed_grid(champion, pair, single_answ
     np.testing.assert_allclose(ddf_affine, pair["fixed"].affine)
     np.testing.assert_allclose(warped_affine, pair["fixed"].affine)
     assert set(np.unique(label)) <= {0.0, 1.0, 2.0}
-    _, extra = RegistrationModel.load(champion["checkpoint"])
-    before = unregistered_label(extra["preprocessing"], pair["fixed"], pair["moving"],
-                                pair["moving_label"])
+    before = _unregistered_label(champion["registrar"], pair["fixed"], pair["moving"],
+                                 pair["moving_label"], "centre")
     dice_before = mean_dice(pair["fixed_label"].array, before)
     dice_after = mean_dice(pair["fixed_label"].array, label[0])
     print(f"\npair {pair['fixed_path'].name} <- {pair['moving_path'].name}: Dice over labels "
@@ -306,18 +293,15 @@ def test_served_pair_is_registered_on_the_fixed_grid(champion, pair, single_answ
 @pytest.mark.slow
 def test_served_answer_matches_in_process_registration_and_latency(champion, server, pair,
                                                                    single_answer):
-    model, extra = RegistrationModel.load(champion["checkpoint"])
-    record = extra["preprocessing"]
-    label = RawVolume(pair["moving_label"].array[..., None].astype(np.float32),
-                      pair["moving_label"].affine, "label")
     local_times = []
     for _ in range(5):
         started = time.perf_counter()
-        local = register_pair(model, record, pair["fixed"], pair["moving"], label)
+        local = champion["registrar"].register_volumes(pair["fixed"], pair["moving"],
+                                                       pair["moving_label"])
         local_times.append(time.perf_counter() - started)
     np.testing.assert_allclose(single_answer["ddf"][0], local["ddf"], atol=1e-4)
-    mismatch = np.mean(single_answer["warped_label"][0][0] != local["warped_label"][..., 0])
-    assert mismatch < 1e-3, "nearest-neighbour labels may differ only at rounding ties"
+    mismatch = np.mean(single_answer["warped_label"][0][0] != local["warped_label"])
+    assert mismatch < 1e-3, "label values may differ only at ties between two values' masks"
     latencies = []
     for _ in range(20):
         started = time.perf_counter()
@@ -326,7 +310,7 @@ def test_served_answer_matches_in_process_registration_and_latency(champion, ser
         assert status == 200
     print(f"\nlatency for {pair['fixed'].array.shape} <- {pair['moving'].array.shape}: served "
           f"p50 {1000 * np.median(latencies):.0f} ms over 20 sequential requests (p90 "
-          f"{1000 * np.percentile(latencies, 90):.0f} ms); in-process register_pair median "
+          f"{1000 * np.percentile(latencies, 90):.0f} ms); in-process register_volumes median "
           f"{1000 * np.median(local_times):.0f} ms")
 
 
@@ -468,8 +452,31 @@ def tiny_pair(tiny_model_uri):
     label = np.roll((distance < 6).astype(np.float32) + (distance < 3), 2, axis=1)
     affine = np.diag([1.5, 1.0, 2.0, 1.0])
     return {"fixed": encode_volume(fixed, affine), "moving": encode_volume(moving, affine),
+            "fixed_array": fixed, "moving_array": moving, "distance": np.roll(distance, 2, axis=1),
             "label": label, "affine": affine,
             "moving_label": encode_volume(label, affine)}
+
+
+@pytest.fixture(scope="module")
+def tiny_registrar(tiny_model_uri):
+    """The served model's checkpoint as an in-process Registrar (CPU, as the server runs)."""
+    return load_registrar(tiny_model_uri, device=torch.device("cpu"))
+
+
+def tiny_volumes(tiny_pair) -> tuple[Volume, Volume]:
+    """The tiny pair as the server decodes it: (fixed, moving) Volumes."""
+    return (Volume(tiny_pair["fixed_array"], tiny_pair["affine"], "fixed"),
+            Volume(tiny_pair["moving_array"], tiny_pair["affine"], "moving"))
+
+
+def served_label(url: str, tiny_pair, label: np.ndarray) -> np.ndarray:
+    """POST the tiny pair with ``label`` ((*S) or channel-first (C, *S)); the decoded
+    (C, *S) warped label."""
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]],
+              "moving_label": [encode_volume(label, tiny_pair["affine"])]}
+    status, body = post(url, {"inputs": inputs})
+    assert status == 200, body
+    return decode_volume(body["predictions"]["warped_label"][0], "l", channels=True)[0]
 
 
 def error_answer(url: str, inputs: dict, status: int) -> str:
@@ -497,19 +504,85 @@ def test_valid_request_on_the_scoring_app(app_url, tiny_pair):
     assert label.shape == (1, 16, 24, 16)
 
 
-@pytest.mark.xfail(strict=True, reason="the codec accepts it; the inference path "
-                   "(regflow.predict.check_dimensionality, via RegflowPythonModel._register) "
-                   "still refuses a multi-channel label: remove this mark when it warps one")
-def test_one_hot_label_is_warped_channel_by_channel(app_url, tiny_pair):
+def test_one_hot_label_is_warped_channel_by_channel(app_url, tiny_pair, tiny_registrar):
     one_hot = np.stack([tiny_pair["label"] == value for value in (0, 1, 2)])  # (3, D, H, W)
-    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]],
-              "moving_label": [encode_volume(one_hot, tiny_pair["affine"])]}  # NIfTI (D, H, W, 3)
+    label = served_label(app_url, tiny_pair, one_hot)  # sent as NIfTI (D, H, W, 3)
+    assert label.shape == (3, 16, 24, 16)
+    assert set(np.unique(label)) == {0.0, 1.0}  # one-hot: no rounding to class indices
+    assert label.sum(0).max() == 1.0  # channels still share each voxel
+    assert (label.sum(0) == 1.0).mean() > 0.99
+    local = tiny_registrar.register_volumes(
+        *tiny_volumes(tiny_pair),
+        Volume(np.moveaxis(one_hot, 0, -1).astype(np.uint8), tiny_pair["affine"], "label"))
+    np.testing.assert_array_equal(label, np.moveaxis(local["warped_label"], -1, 0))
+    index_map = served_label(app_url, tiny_pair, tiny_pair["label"])[0]  # values 0, 1, 2
+    for value in (1, 2):
+        assert np.mean(label[value] != (index_map == value)) < 1e-3
+
+
+def test_integer_label_map_keeps_its_values(app_url, tiny_pair, tiny_registrar):
+    label_map = (100 * tiny_pair["label"]).astype(np.uint8)  # values 0, 100, 200
+    label = served_label(app_url, tiny_pair, label_map)
+    assert label.shape == (1, 16, 24, 16)
+    assert set(np.unique(label)) == {0.0, 100.0, 200.0}
+    local = tiny_registrar.register_volumes(
+        *tiny_volumes(tiny_pair), Volume(label_map, tiny_pair["affine"], "label"))
+    assert set(np.unique(local["warped_label"])) == {0, 100, 200}
+    dice = metrics.dice(local["warped_label"], label[0], labels=[100, 200])
+    print(f"\nlabel map 0/100/200: Dice served vs in-process {np.round(dice, 4).tolist()}")
+    assert dice.min() > 0.99
+
+
+def test_soft_label_comes_back_soft(app_url, tiny_pair, tiny_registrar):
+    soft = np.exp(-(tiny_pair["distance"] / 4) ** 2).astype(np.float32)  # in (0, 1]
+    label = served_label(app_url, tiny_pair, soft)
+    assert label.shape == (1, 16, 24, 16)
+    assert 0.0 <= label.min() and label.max() <= 1.0
+    between = np.mean((label > 0.01) & (label < 0.99))
+    print(f"\nsoft label: {100 * between:.1f} % of the warped voxels strictly inside (0, 1)")
+    assert between > 0.1
+    local = tiny_registrar.register_volumes(
+        *tiny_volumes(tiny_pair), Volume(soft, tiny_pair["affine"], "label"))
+    np.testing.assert_allclose(label[0], local["warped_label"], atol=1e-6)
+
+
+@pytest.mark.parametrize("field", ["fixed", "moving"])
+def test_constant_image_is_422_nothing_to_register(app_url, tiny_pair, field):
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]]}
+    inputs[field] = [encode_volume(np.full((16, 24, 16), 0.5, np.float32), tiny_pair["affine"])]
+    message = error_answer(app_url, inputs, 422)
+    assert message == f"inputs.{field}[0]: nothing to register (the image is constant)"
+
+
+def test_served_warped_equals_the_warp_cli_on_the_served_ddf(app_url, tiny_pair, tmp_path):
+    """A moving image with a smaller field of view than the fixed one: the served DDF points
+    outside the moving grid, where `regflow warp` and the server must both read zeros."""
+    moving = tiny_pair["moving_array"][3:13, 5:19, 3:13]  # (10, 14, 10) of the (16, 24, 16)
+    moving_affine = tiny_pair["affine"].copy()
+    moving_affine[:3, 3] = [4.5, 5.0, 6.0]  # the crop where it lies in world space
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [encode_volume(moving, moving_affine)]}
     status, body = post(app_url, {"inputs": inputs})
     assert status == 200, body
-    label, _, _ = decode_volume(body["predictions"]["warped_label"][0], "l", channels=True)
-    assert label.shape == (3, 16, 24, 16)
-    assert 0.0 <= label.min() and label.max() <= 1.0  # no rounding to class indices
-    assert label.sum(0).max() <= 1.0 + 1e-5  # channels still share each voxel
+    ddf, ddf_affine, _ = decode_volume(body["predictions"]["ddf"][0], "ddf", channels=True)
+    warped = decode_volume(body["predictions"]["warped"][0], "warped")[0]
+    targets = np.indices(ddf.shape[1:]) + ddf  # (3, *S_fixed) moving voxels
+    upper = np.array(moving.shape)[:, None, None, None] - 1
+    outside = ((targets < -1) | (targets > upper + 1)).any(0)
+    inside = ((targets >= 0) & (targets <= upper)).all(0)
+    print(f"\nserved DDF: {100 * outside.mean():.1f} % of the fixed voxels map more than a "
+          f"voxel outside the moving grid, {100 * inside.mean():.1f} % inside it")
+    assert outside.mean() > 0.1 and inside.mean() > 0.1
+    write_nifti(tmp_path / "moving.nii.gz", moving, moving_affine)
+    write_nifti(tmp_path / "ddf.nii.gz", np.moveaxis(ddf, 0, -1), ddf_affine)
+    result = subprocess.run(
+        [sys.executable, "-m", "regflow.cli", "warp", "--image", str(tmp_path / "moving.nii.gz"),
+         "--ddf", str(tmp_path / "ddf.nii.gz"), "--out", str(tmp_path / "warped.nii.gz")],
+        capture_output=True, text=True, timeout=REQUEST_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    cli_warped, cli_affine = read_volume(tmp_path / "warped.nii.gz")
+    np.testing.assert_allclose(cli_affine, tiny_pair["affine"])
+    assert np.all(warped[outside] == 0) and np.abs(warped[inside]).max() > 0.5
+    np.testing.assert_allclose(cli_warped, warped, atol=1e-5)
 
 
 @pytest.mark.parametrize("label", [None, [None]], ids=["null-field", "null-entry"])
@@ -579,7 +652,7 @@ def model_attribute(tiny_model, name: str, value):
 def test_internal_error_is_500_with_a_short_message_and_a_logged_traceback(
         app_url, tiny_model, tiny_pair, caplog):
     inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]]}
-    with model_attribute(tiny_model, "model", None), \
+    with model_attribute(tiny_model, "registrar", None), \
             caplog.at_level(logging.ERROR, logger="regflow.scoring_errors"):  # a bug: no network
         message = error_answer(app_url, inputs, 500)
     assert message == "internal error; see the server log"
