@@ -241,6 +241,7 @@ class TuneConfig(Section):
     pruner: Literal["median", "hyperband", "none"] = "median"
     multi_objective: bool = False
     max_folding_pct: NonNegativeFloat = 1.0
+    folding_penalty: NonNegativeFloat = 0.0  # Dice per folding %, subtracted from the objective
     study_name: str = "regflow"
     storage: str | None = None
     heartbeat_s: Annotated[int, Field(ge=1)] = 10

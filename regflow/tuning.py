@@ -281,8 +281,10 @@ class Objective:
     """Trains one trial and returns its validation score (and folding when multi-objective).
 
     The score is the Trainer's best validation score (mean Dice); the folding percentage is the
-    one of that best validation. Single-objective trials report every validation for pruning
-    and carry the constraint folding % <= ``tune.max_folding_pct``.
+    one of that best validation. Single-objective trials report every validation for pruning,
+    carry the constraint folding % <= ``tune.max_folding_pct`` and return the score less
+    ``tune.folding_penalty`` x folding %, so that a short trial's folding (higher than a finished
+    model's) weighs against it without making every trial infeasible.
     """
 
     def __init__(self, config: Config, manifest_path: Path, tuning_dir: Path):
@@ -328,7 +330,8 @@ class Objective:
         if settings.multi_objective:
             return result.best_score, float(trial.user_attrs.get(FOLDING_ATTR, 0.0))
         self.set_constraint(trial)
-        return result.best_score
+        folding = float(trial.user_attrs.get(FOLDING_ATTR, 0.0))
+        return result.best_score - settings.folding_penalty * folding
 
     def set_constraint(self, trial: optuna.Trial) -> None:
         """Feasible when the folding % of the trial's best validation is within the threshold."""
@@ -417,8 +420,10 @@ def best_values(study: optuna.Study, config: Config) -> tuple[dict[str, Any], di
     if not feasible:
         return {}, {}
     best = max(feasible, key=lambda trial: trial.values[0])
-    metrics = {"best_dice": float(best.values[0]),
-               "best_folding_pct": float(best.user_attrs.get(FOLDING_ATTR, 0.0)),
+    folding = float(best.user_attrs.get(FOLDING_ATTR, 0.0))
+    penalty = 0.0 if settings.multi_objective else settings.folding_penalty * folding
+    metrics = {"best_dice": float(best.values[0]) + penalty,
+               "best_folding_pct": folding,
                "best_trial": float(best.number)}
     return dict(best.params), metrics
 
