@@ -9,7 +9,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup repro test test-slow lint bench
+.PHONY: setup repro test test-slow lint bench bench-accuracy
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,6 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.core
+
+bench-accuracy: setup
+	$(BIN)/python -m benchmarks.accuracy
