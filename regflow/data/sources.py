@@ -135,6 +135,15 @@ def _deepreg_paired_prostate() -> DatasetEntry:
 LEARN2REG_2020 = ("Dalca, Hu, Vercauteren, Heinrich, Hansen, Modat et al., Learn2Reg - The "
                   "Challenge (2020), Zenodo, doi:10.5281/zenodo.3715652")
 
+def _network_archive(name: str, pairing: Pairing, url: str, mirror_name: str,
+                     **details: str | list[str]) -> DatasetEntry:
+    """A catalogue entry for a DeepReg demo archive that only the network has (no digest known
+    offline): kind "archive", DeepReg layout of its pairing."""
+    return DatasetEntry(name=name, kind="archive", layout=f"deepreg-{pairing}", pairing=pairing,
+                        needs_network=True, urls=(url,), sha256=(None,),
+                        mirror_name=mirror_name, **details)
+
+
 CATALOGUE: dict[str, DatasetEntry] = {entry.name: entry for entry in (
     DatasetEntry(
         name="msd-hippocampus",
@@ -154,11 +163,9 @@ CATALOGUE: dict[str, DatasetEntry] = {entry.name: entry for entry in (
         checksums="msd-hippocampus.sha256",
     ),
     _deepreg_paired_prostate(),
-    DatasetEntry(
-        name="learn2reg-lung-ct",
-        kind="archive",
-        layout="deepreg-paired",
-        pairing="paired",
+    _network_archive(
+        "learn2reg-lung-ct", "paired", "https://zenodo.org/record/3835682/files/training.zip",
+        "learn2reg_lung_ct",
         description="Learn2Reg 2020 Task 2 inspiration/expiration lung CT + lung masks "
                     "(DeepReg paired_ct_lung demo); upstream layout: arrange it as DeepReg "
                     "paired, then use data.local",
@@ -166,16 +173,9 @@ CATALOGUE: dict[str, DatasetEntry] = {entry.name: entry for entry in (
         citation="Hering, Murphy and van Ginneken, Learn2Reg Challenge: CT Lung Registration - "
                  "Training Data (2020), Zenodo, doi:10.5281/zenodo.3835682",
         label_names=["lung"],
-        needs_network=True,
-        urls=("https://zenodo.org/record/3835682/files/training.zip",),
-        sha256=(None,),
-        mirror_name="learn2reg_lung_ct",
     ),
-    DatasetEntry(
-        name="learn2reg-abdomen-ct",
-        kind="archive",
-        layout="deepreg-unpaired",
-        pairing="unpaired",
+    _network_archive(
+        "learn2reg-abdomen-ct", "unpaired", f"{DEEPREG_DEMO_DATA}/abdct.zip", "deepreg_abdct",
         description="Learn2Reg 2020 Task 3 inter-patient abdominal CT, 13 organ labels "
                     "(DeepReg unpaired_ct_abdomen demo); upstream layout: split it, then use "
                     "data.local",
@@ -185,25 +185,14 @@ CATALOGUE: dict[str, DatasetEntry] = {entry.name: entry for entry in (
                      "liver", "stomach", "aorta", "inferior vena cava",
                      "portal and splenic vein", "pancreas", "left adrenal gland",
                      "right adrenal gland"],
-        needs_network=True,
-        urls=(f"{DEEPREG_DEMO_DATA}/abdct.zip",),
-        sha256=(None,),
-        mirror_name="deepreg_abdct",
     ),
-    DatasetEntry(
-        name="myops-grouped-mr-heart",
-        kind="archive",
-        layout="deepreg-grouped",
-        pairing="grouped",
+    _network_archive(
+        "myops-grouped-mr-heart", "grouped", f"{DEEPREG_DEMO_DATA}/myops.zip", "deepreg_myops",
         description="MyoPS 2020 multi-sequence cardiac MR, one group per subject (DeepReg "
                     "grouped_mr_heart demo); upstream layout: group it, then use data.local",
         licence="MyoPS 2020 challenge terms (research use; check upstream)",
         citation="Zhuang, Multivariate mixture model for myocardial segmentation combining "
                  "multi-source images, IEEE TPAMI 41(12), 2933-2946 (2019)",
-        needs_network=True,
-        urls=(f"{DEEPREG_DEMO_DATA}/myops.zip",),
-        sha256=(None,),
-        mirror_name="deepreg_myops",
     ),
 )}
 

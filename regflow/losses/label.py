@@ -146,15 +146,8 @@ def jaccard(target: torch.Tensor, pred: torch.Tensor, scales: Sequence[float] | 
             smooth_nr: float = 1e-6, smooth_dr: float = 1e-6) -> torch.Tensor:
     """One minus the soft jaccard (intersection over union) score.
 
-    Args:
-        target: (B, L, *S) fixed label, values in [0, 1].
-        pred: (B, L, *S) warped (or predicted) label, values in [0, 1].
-        scales: Gaussian sigmas in voxels for multi-scale smoothing; None means [0].
-        background_weight: weight of the implicit background channel (module docstring).
-        denominator: "squared" or "linear" (DeepReg), as in :func:`dice`.
-        binary: threshold both labels at 0.5 after smoothing.
-        smooth_nr: added to the numerator sum t p (DeepReg: 1e-5).
-        smooth_dr: added to the denominator (DeepReg: 1e-5).
+    Takes the arguments of :func:`dice`, with the jaccard score ``(sum t p + smooth_nr) /
+    (D - sum t p + smooth_dr)`` in place of the dice score (D: the chosen denominator).
 
     Returns:
         scalar in [0, 1]: 0 for identical binary labels (and for two empty labels); for binary

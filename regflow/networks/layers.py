@@ -66,6 +66,17 @@ def upsample(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     return transpose_class(in_channels, out_channels, kernel_size=2, stride=2)
 
 
+def upsampling_path(ndim: int, channels: Sequence[int]) -> tuple[list[int], nn.ModuleList]:
+    """The widths of every level (bottom ``2 * channels[-1]`` last) and one upsampling per level.
+
+    ``ups[i]`` takes level ``i + 1``'s features (``widths[i + 1]``) to level ``i``'s size and
+    width, as both LocalNet and the U-Net decode.
+    """
+    widths = [*channels, 2 * channels[-1]]
+    ups = nn.ModuleList(upsample(ndim, widths[i + 1], widths[i]) for i in range(len(channels)))
+    return widths, ups
+
+
 def field_head(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     """Output convolution initialised to ~0 (weights N(0, 1e-5), zero bias).
 

@@ -16,7 +16,7 @@ from regflow.networks.layers import (
     field_head,
     pad_to_multiple,
     resize,
-    upsample,
+    upsampling_path,
 )
 
 
@@ -41,9 +41,7 @@ class LocalNet(nn.Module):
         super().__init__()
         self.encoder = Encoder(ndim, in_channels, channels, residual=True, norm=norm)
         self.depth = len(channels)
-        widths = [*channels, 2 * channels[-1]]
-        self.ups = nn.ModuleList(upsample(ndim, widths[i + 1], widths[i])
-                                 for i in range(self.depth))
+        widths, self.ups = upsampling_path(ndim, channels)
         self.decoders = nn.ModuleList(ResidualBlock(ndim, width, norm) for width in channels)
         self.heads = nn.ModuleList(field_head(ndim, width, out_channels) for width in widths)
 

@@ -15,20 +15,15 @@ from regflow.networks.layers import (
     field_head,
     level_block,
     pad_to_multiple,
-    upsample,
+    upsampling_path,
 )
 
 
 class UNet(nn.Module):
     """Two plain conv blocks per level; decoder levels concatenate the encoder skip.
 
-    Args:
-        ndim: 2 or 3 spatial dimensions.
-        in_channels: input channels (2: moving and fixed image).
-        out_channels: output channels (``ndim`` for a DDF/DVF, label channels for conditional).
-        channels: features per level; ``depth = len(channels)`` poolings, bottom at
-            ``2 * channels[-1]`` features.
-        norm: feature normalisation: "instance", "batch" or "none".
+    Takes LocalNet's arguments (:class:`regflow.networks.local.LocalNet`); ``out_channels`` may
+    also be the label channels of method "conditional". One head, at full resolution.
     """
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
@@ -36,9 +31,7 @@ class UNet(nn.Module):
         super().__init__()
         self.encoder = Encoder(ndim, in_channels, channels, residual=False, norm=norm)
         self.depth = len(channels)
-        widths = [*channels, 2 * channels[-1]]
-        self.ups = nn.ModuleList(upsample(ndim, widths[i + 1], widths[i])
-                                 for i in range(self.depth))
+        widths, self.ups = upsampling_path(ndim, channels)
         self.decoders = nn.ModuleList(
             level_block(ndim, 2 * width, width, residual=False, norm=norm) for width in channels)
         self.head = field_head(ndim, channels[0], out_channels)
