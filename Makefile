@@ -1,7 +1,16 @@
 # Two commands on a fresh machine: `make repro` (whole pipeline) and `make test`.
 PYTHON ?= python3.11
+# requirements.lock pins torch==2.13.0+cpu, which only PyTorch's index serves (as in the Dockerfile).
+# For CUDA: `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu124` (and a +cu124 pin).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV := .venv
 BIN := $(VENV)/bin
+# The venv's bin first on PATH: DVC runs `regflow`, MLflow starts `uvicorn` by name.
+VENV_PATH := PATH=$(CURDIR)/$(BIN):$$PATH
+# `make serve`: the registered champion on http://$(HOST):$(PORT)/invocations
+MODEL ?= models:/regflow@champion
+HOST ?= 127.0.0.1
+PORT ?= 5001
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -9,18 +18,23 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup repro test test-slow lint bench bench-accuracy
+.PHONY: setup repro serve test test-slow lint bench bench-accuracy
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --extra-index-url $(TORCH_INDEX) \
+		-r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
 
 repro: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	$(VENV_PATH) $(BIN)/dvc repro
+
+# mlflow models serve -m $(MODEL) --env-manager local, through `regflow serve` (tracking URI, PATH)
+serve: setup
+	$(VENV_PATH) $(BIN)/regflow serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -298,6 +300,47 @@ def request(url: str, fixed: str, moving: str, moving_label: str | None, out: st
                                    Path(moving_label) if moving_label else None, Path(out),
                                    timeout)
     click.echo(f"wrote {', '.join(str(path) for path in written)}")
+
+
+def serve_command(model_uri: str, host: str, port: int, workers: int
+                  ) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow models serve`` command line and environment that ``regflow serve`` runs.
+
+    The environment puts this interpreter's bin folder first on PATH (MLflow starts ``uvicorn``
+    by name, so an unactivated venv would otherwise exit 127), points MLflow at the project's
+    store (:func:`regflow.tracking.tracking_uri`) and keeps it quiet and offline.
+    """
+    from regflow.tracking import QUIET_ENV, tracking_uri
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**QUIET_ENV, **os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    env["PATH"] = os.pathsep.join([bin_dir, *filter(None, [os.environ.get("PATH")])])
+    command = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", host, "-p", str(port), "--workers", str(workers)]
+    return command, env
+
+
+@cli.command()
+@click.option("--model", "model_uri", default="models:/regflow@champion", show_default=True,
+              help="MLflow model URI: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=5001, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Server worker processes.")
+@click.option("--print-command", is_flag=True,
+              help="Print the command and the head of its PATH instead of running it.")
+def serve(model_uri: str, host: str, port: int, workers: int, print_command: bool) -> None:
+    """Serve a registered model: `mlflow models serve --env-manager local` (POST /invocations).
+
+    Works from an unactivated venv; the model store is the project's (or $MLFLOW_TRACKING_URI).
+    """
+    command, env = serve_command(model_uri, host, port, workers)
+    if print_command:
+        click.echo(shlex.join(command))
+        click.echo(f"PATH={env['PATH'].split(os.pathsep)[0]}{os.pathsep}...")
+        click.echo(f"MLFLOW_TRACKING_URI={redact_text(env['MLFLOW_TRACKING_URI'])}")
+        return
+    os.execvpe(command[0], command, env)
 
 
 def main() -> None:

@@ -124,6 +124,63 @@ def endless_batches(loader: torch.utils.data.DataLoader, first_epoch: int
             yield epoch, batch
 
 
+def format_duration(seconds: float) -> str:
+    """``42s``, ``5m10s`` or ``2h03m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class TrainingProgress:
+    """Training progress on stderr: a tqdm bar on a terminal; elsewhere (``dvc repro``, CI logs),
+    where a bar shows nothing, one plain line after the first step, every ``max(50, 5%)`` steps
+    and at the end: ``train step 200/800 (25%) loss 0.1234 1.9 steps/s eta 5m10s``.
+
+    Args:
+        total: ``train.steps``.
+        initial: the step training starts from (resume).
+        enabled: False keeps it silent (every rank but 0).
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        self.total, self.initial, self.step, self.shown = total, initial, initial, initial
+        self.every = max(50, math.ceil(total / 20))
+        self.loss = math.nan
+        self.started = time.perf_counter()
+        on_terminal = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
+                        file=sys.stderr) if on_terminal else None
+        self.lines = enabled and not on_terminal
+
+    def update(self, values: dict[str, float]) -> None:
+        """One step done with these loss values (``total`` and every term)."""
+        self.step += 1
+        self.loss = values["total"]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
+        elif self.lines and (self.step == self.initial + 1 or self.step % self.every == 0):
+            self.print_line()
+
+    def print_line(self) -> None:
+        """``train step S/T (P%) loss L R steps/s eta D`` on stderr."""
+        self.shown = self.step
+        rate = (self.step - self.initial) / max(time.perf_counter() - self.started, 1e-9)
+        eta = format_duration((self.total - self.step) / rate) if rate > 0 else "?"
+        print(f"train step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%) "
+              f"loss {self.loss:.4f} {rate:.1f} steps/s eta {eta}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Close the bar, or print the last step's line (also after an early stop)."""
+        if self.bar is not None:
+            self.bar.close()
+        elif self.lines and self.shown != self.step:
+            self.print_line()
+
+
 class Trainer:
     """One training run of a RegistrationModel on a processed dataset.
 
@@ -346,8 +403,7 @@ class Trainer:
             if main:
                 self.write_run_record()
             batches = endless_batches(loader, self.epoch)
-            progress = tqdm(total=settings.steps, initial=self.step, desc="train",
-                            dynamic_ncols=True, disable=None if main else True)
+            progress = TrainingProgress(settings.steps, self.step, enabled=main)
             while self.step < settings.steps:
                 self.epoch, batch = next(batches)
                 started = time.perf_counter()
@@ -359,8 +415,7 @@ class Trainer:
                 metrics["train/lr"] = self.scheduler.get_last_lr()[0]
                 metrics["train/step_time_s"] = elapsed
                 tracking.log_metrics(metrics, step=self.step)
-                progress.update(1)
-                progress.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
+                progress.update(values)
                 if self.step % settings.val_every == 0 or self.step == settings.steps:
                     stopped_early = distributed.broadcast_from_main(
                         main and self.after_validation(self.validate()))

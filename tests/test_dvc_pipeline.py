@@ -38,10 +38,13 @@ def dvc_project(tmp_path, tiny_raw, mlflow_store):
     # stages depend on source files (e.g. regflow/data/preprocess.py) by relative path
     shutil.copytree(REPO_ROOT / "regflow", project / "regflow",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("requirements.lock", ".dvcignore"):  # register's dep; what DVC hashes
+        shutil.copy(REPO_ROOT / name, project / name)
     params = yaml.safe_load(write_params(project, tiny_raw).read_text())
     params["train"]["best_params"] = "models/tuning/best_params.yaml"
     params["data"]["raw_dir"], params["data"]["processed_dir"] = "data/raw", "data/processed"
     params["train"]["optimizer"] = {"lr": 0.001}  # DVC needs every params key a stage names
+    params["train"].update({"amp": False, "device": "cpu"})
     params["evaluate"] = {"hd95": False}
     params["tune"] = {"enabled": True, "trials": 0}
     params["registry"] = {"model_name": f"tiny-{tmp_path.name[-12:]}"}
@@ -93,3 +96,27 @@ def test_changing_the_shape_reruns_preprocess_onward_but_not_fetch(dvc_project):
     assert "Stage 'fetch' didn't change" in output
     manifest = json.loads((dvc_project / "data/processed/tiny/manifest.json").read_text())
     assert manifest["shape"] == [16, 20, 16]
+
+
+def changed_stages(project: Path) -> dict[str, list]:
+    """``dvc status --json``: stage name -> what changed, for the stages that changed."""
+    report = json.loads(run(["dvc", "status", "--json"], project))
+    return {stage: changes for stage, changes in report.items() if ":" not in stage}
+
+
+def test_editing_data_code_reruns_preprocess_onward_but_bytecode_does_not(dvc_project):
+    run(["dvc", "repro"], dvc_project)
+    bytecode = dvc_project / "regflow" / "data" / "__pycache__"
+    bytecode.mkdir(exist_ok=True)
+    (bytecode / "manifest.cpython-311.pyc").write_bytes(b"written by an import")
+    assert changed_stages(dvc_project) == {}, ".dvcignore must keep __pycache__ out of deps"
+
+    with (dvc_project / "regflow" / "data" / "manifest.py").open("a") as source:
+        source.write("# an edit to the manifest code\n")
+    changed = changed_stages(dvc_project)
+    assert set(changed) == {"preprocess", "tune", "train", "evaluate", "register"}
+    assert {"changed deps": {"regflow/data": "modified"}} in changed["preprocess"]
+    dry_run = run(["dvc", "repro", "--dry"], dvc_project)
+    assert "Stage 'fetch' didn't change" in dry_run
+    for stage in ("preprocess", "tune", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in dry_run, stage
