@@ -66,17 +66,6 @@ def upsample(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     return transpose_class(in_channels, out_channels, kernel_size=2, stride=2)
 
 
-def upsampling_path(ndim: int, channels: Sequence[int]) -> tuple[list[int], nn.ModuleList]:
-    """The widths of every level (bottom ``2 * channels[-1]`` last) and one upsampling per level.
-
-    ``ups[i]`` takes level ``i + 1``'s features (``widths[i + 1]``) to level ``i``'s size and
-    width, as both LocalNet and the U-Net decode.
-    """
-    widths = [*channels, 2 * channels[-1]]
-    ups = nn.ModuleList(upsample(ndim, widths[i + 1], widths[i]) for i in range(len(channels)))
-    return widths, ups
-
-
 def field_head(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     """Output convolution initialised to ~0 (weights N(0, 1e-5), zero bias).
 
@@ -216,3 +205,23 @@ def resize(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Linearly resample (B, C, *S) to (B, C, *shape) (bi/trilinear, align_corners=False)."""
     mode = {2: "bilinear", 3: "trilinear"}[field.dim() - 2]
     return F.interpolate(field, size=tuple(shape), mode=mode, align_corners=False)
+
+
+class EncoderDecoder(nn.Module):
+    """The skeleton LocalNet and the U-Net share: an :class:`Encoder` and one upsampling per level.
+
+    Attributes:
+        encoder: the contracting path.
+        depth: number of poolings, ``len(channels)``.
+        widths: features per level, the bottom's ``2 * channels[-1]`` last.
+        ups: ``ups[i]`` takes level ``i + 1``'s features to level ``i``'s size and width.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, channels: Sequence[int], residual: bool,
+                 norm: str = DEFAULT_NORM) -> None:
+        super().__init__()
+        self.encoder = Encoder(ndim, in_channels, channels, residual=residual, norm=norm)
+        self.depth = len(channels)
+        self.widths = [*channels, 2 * channels[-1]]
+        self.ups = nn.ModuleList(upsample(ndim, self.widths[i + 1], self.widths[i])
+                                 for i in range(self.depth))

@@ -9,18 +9,17 @@ from torch import nn
 
 from regflow.networks.layers import (
     DEFAULT_NORM,
-    Encoder,
+    EncoderDecoder,
     ResidualBlock,
     channels_last,
     crop_to,
     field_head,
     pad_to_multiple,
     resize,
-    upsampling_path,
 )
 
 
-class LocalNet(nn.Module):
+class LocalNet(EncoderDecoder):
     """Encoder of conv + residual levels, decoder with additive skips, multi-level field output.
 
     Every decoder level (and the bottom) predicts a field with its own ~0-initialised head; the
@@ -38,12 +37,9 @@ class LocalNet(nn.Module):
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
                  channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM) -> None:
-        super().__init__()
-        self.encoder = Encoder(ndim, in_channels, channels, residual=True, norm=norm)
-        self.depth = len(channels)
-        widths, self.ups = upsampling_path(ndim, channels)
+        super().__init__(ndim, in_channels, channels, residual=True, norm=norm)
         self.decoders = nn.ModuleList(ResidualBlock(ndim, width, norm) for width in channels)
-        self.heads = nn.ModuleList(field_head(ndim, width, out_channels) for width in widths)
+        self.heads = nn.ModuleList(field_head(ndim, width, out_channels) for width in self.widths)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Predict a dense field.

@@ -9,17 +9,16 @@ from torch import nn
 
 from regflow.networks.layers import (
     DEFAULT_NORM,
-    Encoder,
+    EncoderDecoder,
     channels_last,
     crop_to,
     field_head,
     level_block,
     pad_to_multiple,
-    upsampling_path,
 )
 
 
-class UNet(nn.Module):
+class UNet(EncoderDecoder):
     """Two plain conv blocks per level; decoder levels concatenate the encoder skip.
 
     Takes LocalNet's arguments (:class:`regflow.networks.local.LocalNet`); ``out_channels`` may
@@ -28,10 +27,7 @@ class UNet(nn.Module):
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
                  channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM) -> None:
-        super().__init__()
-        self.encoder = Encoder(ndim, in_channels, channels, residual=False, norm=norm)
-        self.depth = len(channels)
-        widths, self.ups = upsampling_path(ndim, channels)
+        super().__init__(ndim, in_channels, channels, residual=False, norm=norm)
         self.decoders = nn.ModuleList(
             level_block(ndim, 2 * width, width, residual=False, norm=norm) for width in channels)
         self.head = field_head(ndim, channels[0], out_channels)
