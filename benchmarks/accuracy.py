@@ -296,7 +296,8 @@ def summarise(rows: Sequence[dict[str, Any]], label_names: Sequence[str]) -> dic
 
 
 def tune_demons(pairs: Sequence[Pair], spacing: Sequence[float], label_names: Sequence[str],
-                grid: Sequence[tuple[int, float]] = DEMONS_GRID
+                grid: Sequence[tuple[int, float]] = DEMONS_GRID,
+                log: Callable[[str], None] = print
                 ) -> tuple[tuple[int, float], list[dict[str, Any]]]:
     """Pick demons' (iterations, sigma) by the best mean Dice on ``pairs`` (validation).
 
@@ -310,6 +311,8 @@ def tune_demons(pairs: Sequence[Pair], spacing: Sequence[float], label_names: Se
         rows = measure(f"demons {iterations}/{sigma:g}", demons_method(spacing, iterations, sigma),
                        pairs, spacing, label_names, with_hd95=False)
         results.append(((iterations, sigma), summarise(rows, label_names)))
+        log(f"  demons {iterations}/{sigma:g} on val: Dice {results[-1][1]['dice_mean']:.3f}, "
+            f"{results[-1][1]['seconds_per_pair']:.2f} s/pair")
     best = max(results, key=lambda item: item[1]["dice_mean"])[0]
     return best, [summary for _, summary in results]
 
@@ -405,7 +408,7 @@ def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None]
         log(f"tuning demons on {len(val_pairs)} val pairs over {len(settings.demons_grid)} "
             f"settings")
         (iterations, sigma), tuning = tune_demons(val_pairs, spacing, label_names,
-                                                  settings.demons_grid)
+                                                  settings.demons_grid, log)
         notes.append(f"demons tuned on {len(val_pairs)} val pairs (mean Dice per iterations/"
                      f"sigma): " + ", ".join(f"{row['method'].split()[1]}: "
                                             f"{row['dice_mean']:.3f}" for row in tuning)
