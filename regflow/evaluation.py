@@ -143,8 +143,9 @@ def dice_plot_rows(rows: list[dict[str, Any]], label_names: Sequence[str]
         selected = [row for row in rows if row["method"] == method]
         for name in label_names:
             values = [row[f"dice/{name}"] for row in selected if f"dice/{name}" in row]
-            if values:
-                table.append({"label": name, "method": method, "dice": float(np.mean(values))})
+            if values:  # NaNs left out, as in summarise()
+                mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+                table.append({"label": name, "method": method, "dice": mean})
     return table
 
 
