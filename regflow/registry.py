@@ -1,4 +1,4 @@
-"""The register stage: log the trained model as a pyfunc, register it, gate @champion.
+"""Model Registry: log the trained model as a pyfunc, register it, gate @champion.
 
 Every new version gets ``@challenger``; ``@champion`` moves to it only when its evaluation Dice is
 not below the current champion's and its folding is under ``registry.max_folding_pct``. The
@@ -23,7 +23,7 @@ import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from regflow import fileio, paths, tracking
+from regflow import tracking
 from regflow.config import Config
 from regflow.errors import RegflowError
 from regflow.redact import redact_values
@@ -193,25 +193,3 @@ def register_model(checkpoint: Path, run_id: str | None, metrics: dict[str, floa
             "model_uri": f"models:/{name}/{version}", "champion": promote,
             "champion_before": previous, "reason": reason, "metrics": metrics,
             "reconciled": reconciled}
-
-
-def register_stage(config: Config, models_dir: Path = Path("models"),
-                   metrics_path: Path = Path("metrics/eval.json")) -> dict[str, Any]:
-    """Register models/<name>/best.pt with its evaluation metrics; write models/registered.json.
-
-    Raises:
-        RegflowError: no trained model, no evaluation metrics (or no ``dice_mean`` in them).
-    """
-    model_dir = models_dir / config.train.name
-    checkpoint = model_dir / "best.pt"
-    if not checkpoint.exists():
-        raise RegflowError(f"{checkpoint}: no trained model; run `regflow train` first")
-    metrics = read_json(metrics_path, "evaluation metrics")
-    if "dice_mean" not in metrics:  # the gate and reconcile() need an evaluated model
-        raise RegflowError(f"{metrics_path}: no dice_mean; run `regflow evaluate` first")
-    record = model_dir / "run.json"
-    run_id = read_json(record, "run record")["run_id"] if record.exists() else None
-    decision = register_model(checkpoint, run_id, metrics, config,
-                              paths.experiment_name(config.data.dataset))
-    fileio.write_json(models_dir / "registered.json", decision)
-    return decision

@@ -4,13 +4,14 @@ plots/ and eval/ out. The CLI only parses options and calls these."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 
-from regflow import evaluation, fileio, paths, tracking, viz
+from regflow import evaluation, fileio, paths, registry, tracking, tuning, viz
 from regflow.config import Config
 from regflow.data.loader import build_dataloader
 from regflow.data.manifest import Manifest
@@ -34,11 +35,49 @@ def preprocess_stage(config: Config, dataset: str | None = None) -> Path:
     return preprocess_dataset(dataset or config.data.dataset, config)
 
 
-def tune_stage(config: Config, storage_url: str | None = None) -> dict[str, Any]:
-    """Optuna study -> models/tuning/best_params.yaml; returns the best params."""
-    from regflow.tuning import tune_stage as run_tuning
+def tune_stage(config: Config, storage_url: str | None = None,
+               tuning_dir: Path = paths.TUNING_DIR) -> dict[str, Any]:
+    """Run (or resume, or join) the Optuna study until it holds ``tune.trials`` finished trials;
+    the best params go to models/tuning/best_params.yaml, the study to one parent MLflow run.
 
-    return run_tuning(config, paths.manifest_path(config), storage_url=storage_url)
+    Args:
+        config: validated params.
+        storage_url: an RDB URL overriding ``tune.storage`` (e.g. PostgreSQL for many workers).
+        tuning_dir: best_params.yaml and the default SQLite storage.
+
+    Returns:
+        The best params written (empty when tuning is disabled or no trial is feasible).
+
+    Raises:
+        ConfigError: a search key that is not a params key, or an unusable storage URL.
+    """
+    best_path = tuning_dir / "best_params.yaml"
+    settings = config.tune
+    if not settings.enabled or settings.trials == 0 or not settings.search_space:
+        tuning.write_best_params(best_path, {})
+        return {}
+    tuning.check_search_space(config)
+    tuning_dir.mkdir(parents=True, exist_ok=True)
+    url = storage_url or settings.storage or tuning.default_storage(tuning_dir)
+    study, created = tuning.open_study(config, tuning.build_storage(url, settings.heartbeat_s))
+    parent_id = None if created else tuning.wait_for_parent_run(study, tuning.PARENT_WAIT_S)
+    with tracking.start_or_resume_run(paths.experiment_name(config.data.dataset),
+                                      run_id=parent_id,
+                                      run_name=f"tune-{settings.study_name}") as parent:
+        if parent_id is None:
+            study.set_user_attr(tuning.PARENT_RUN_ATTR, parent.info.run_id)
+            mlflow.set_tags(tuning.study_tags(study.study_name, url))
+            tracking.log_config(config)
+        objective = tuning.Objective(config, paths.manifest_path(config), tuning_dir)
+        tuning.run_study(study, objective, settings.trials)
+        shutil.rmtree(tuning_dir / "trials", ignore_errors=True)  # left there by killed workers
+        params, metrics = tuning.best_values(study, config)
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({f"best.{key}": str(value) for key, value in params.items()})
+        tuning.log_study_pictures(study, config)
+        tuning.write_best_params(best_path, params)
+        mlflow.log_artifact(str(best_path), artifact_path="tuning")
+    return params
 
 
 def train_stage(config: Config, resume: bool = True) -> TrainResult:
@@ -50,11 +89,27 @@ def train_stage(config: Config, resume: bool = True) -> TrainResult:
     return Trainer(config, paths.manifest_path(config), out_dir).fit()
 
 
-def register_stage(config: Config) -> dict[str, Any]:
-    """Register models/<name>/best.pt, gate @champion; models/registered.json."""
-    from regflow.registry import register_stage as run_registration
+def register_stage(config: Config, models_dir: Path = Path("models"),
+                   metrics_path: Path = paths.METRICS_DIR / "eval.json") -> dict[str, Any]:
+    """Register models/<name>/best.pt with its evaluation metrics, gate @champion; write
+    models/registered.json.
 
-    return run_registration(config)
+    Raises:
+        RegflowError: no trained model, no evaluation metrics (or no ``dice_mean`` in them).
+    """
+    out_dir = models_dir / config.train.name
+    checkpoint = out_dir / "best.pt"
+    if not checkpoint.exists():
+        raise RegflowError(f"{checkpoint}: no trained model; run `regflow train` first")
+    metrics = registry.read_json(metrics_path, "evaluation metrics")
+    if "dice_mean" not in metrics:  # the gate and reconcile() need an evaluated model
+        raise RegflowError(f"{metrics_path}: no dice_mean; run `regflow evaluate` first")
+    record = out_dir / "run.json"
+    run_id = registry.read_json(record, "run record")["run_id"] if record.exists() else None
+    decision = registry.register_model(checkpoint, run_id, metrics, config,
+                                       paths.experiment_name(config.data.dataset))
+    fileio.write_json(models_dir / "registered.json", decision)
+    return decision
 
 
 def evaluate_stage(config: Config, metrics_dir: Path = paths.METRICS_DIR,

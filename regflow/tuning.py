@@ -38,7 +38,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from regflow import fileio, paths, tracking
+from regflow import fileio, tracking
 from regflow.config import Config, SearchParameter, apply_override, validate_config
 from regflow.engine import Trainer
 from regflow.errors import ConfigError
@@ -458,48 +458,3 @@ def log_study_pictures(study: optuna.Study, config: Config) -> None:
                 target_name=name)
             tracking.log_figure(importances.figure, "tuning/param_importances.png")
             plt.close(importances.figure)
-
-
-def tune_stage(config: Config, manifest_path: Path, tuning_dir: Path = Path("models/tuning"),
-               storage_url: str | None = None) -> dict[str, Any]:
-    """Run (or resume, or join) the study until it holds ``tune.trials`` finished trials.
-
-    Args:
-        config: validated params.
-        manifest_path: the processed dataset's manifest.json.
-        tuning_dir: models/tuning (best_params.yaml, default SQLite storage).
-        storage_url: an RDB URL overriding ``tune.storage`` (e.g. PostgreSQL for many workers).
-
-    Returns:
-        The best params written to best_params.yaml (empty when tuning is disabled or no trial
-        is feasible).
-
-    Raises:
-        ConfigError: a search key that is not a params key, or an unusable storage URL.
-    """
-    best_path = tuning_dir / "best_params.yaml"
-    settings = config.tune
-    if not settings.enabled or settings.trials == 0 or not settings.search_space:
-        write_best_params(best_path, {})
-        return {}
-    check_search_space(config)
-    tuning_dir.mkdir(parents=True, exist_ok=True)
-    url = storage_url or settings.storage or default_storage(tuning_dir)
-    study, created = open_study(config, build_storage(url, settings.heartbeat_s))
-    parent_id = None if created else wait_for_parent_run(study, PARENT_WAIT_S)
-    experiment = paths.experiment_name(config.data.dataset)
-    with tracking.start_or_resume_run(experiment, run_id=parent_id,
-                                      run_name=f"tune-{settings.study_name}") as parent:
-        if parent_id is None:
-            study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
-            mlflow.set_tags(study_tags(study.study_name, url))
-            tracking.log_config(config)
-        run_study(study, Objective(config, manifest_path, tuning_dir), settings.trials)
-        shutil.rmtree(tuning_dir / "trials", ignore_errors=True)  # left there by killed workers
-        params, metrics = best_values(study, config)
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags({f"best.{key}": str(value) for key, value in params.items()})
-        log_study_pictures(study, config)
-        write_best_params(best_path, params)
-        mlflow.log_artifact(str(best_path), artifact_path="tuning")
-    return params

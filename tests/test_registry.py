@@ -25,11 +25,10 @@ from regflow.registry import (
     is_evaluated,
     pip_requirements,
     reconcile,
-    register_stage,
     should_promote,
 )
 from regflow.serving import input_example
-from regflow.stages import evaluate_stage
+from regflow.stages import evaluate_stage, register_stage
 
 DVC_LOCK = """\
 schema: '2.0'

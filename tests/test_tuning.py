@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from regflow.config import load_config, load_training_config
 from regflow.errors import ConfigError
+from regflow.stages import tune_stage
 from regflow.tuning import (
     FOLDING_ATTR,
     PARENT_RUN_ATTR,
@@ -30,7 +31,6 @@ from regflow.tuning import (
     open_study,
     study_key,
     study_tags,
-    tune_stage,
 )
 
 MANIFEST = Path("data/processed/tiny/manifest.json")
@@ -79,7 +79,7 @@ def params_key(trial: optuna.trial.FrozenTrial) -> tuple:
 
 def test_study_logs_parent_and_nested_trial_runs(tiny_project):
     config = load_config(tiny_project, tune_overrides(3))
-    best = tune_stage(config, MANIFEST, TUNING)
+    best = tune_stage(config)
 
     study = load_study(config)
     trials = study.get_trials()
@@ -131,7 +131,7 @@ def test_study_logs_parent_and_nested_trial_runs(tiny_project):
 
 def test_multi_objective_takes_best_dice_from_pareto_front(tiny_project):
     config = load_config(tiny_project, tune_overrides(2, multi_objective=True))
-    best = tune_stage(config, MANIFEST, TUNING)
+    best = tune_stage(config)
     study = load_study(config)
     assert isinstance(open_study(config, build_storage(default_storage(TUNING), 10))[0].pruner,
                       optuna.pruners.NopPruner)
@@ -148,7 +148,7 @@ def test_multi_objective_takes_best_dice_from_pareto_front(tiny_project):
 @pytest.mark.parametrize("override", ["tune.enabled=false", "tune.trials=0"])
 def test_disabled_tuning_writes_empty_best_params(tiny_project, override):
     config = load_config(tiny_project, [*tune_overrides(3), override])
-    assert tune_stage(config, MANIFEST, TUNING) == {}
+    assert tune_stage(config) == {}
     assert (TUNING / "best_params.yaml").read_text() == "{}\n"
     assert not (TUNING / "optuna.db").exists()
     assert load_training_config(tiny_project) == load_config(tiny_project)
