@@ -160,22 +160,6 @@ def integrate_dvf(dvf: torch.Tensor, steps: int = 7) -> torch.Tensor:
     return ddf
 
 
-def compose(ddf_a: torch.Tensor, ddf_b: torch.Tensor) -> torch.Tensor:
-    """Compose two DDFs: warping by the result ~= warping by ``ddf_a`` and then by ``ddf_b``.
-
-    The composed map is ``x -> x + ddf_b(x) + ddf_a(x + ddf_b(x))``, so that
-    ``warp(m, compose(a, b)) ~= warp(warp(m, a), b)`` up to interpolation error.
-
-    Args:
-        ddf_a: (B, ndim, *S) first displacement in voxels.
-        ddf_b: (B, ndim, *S) second displacement in voxels.
-
-    Returns:
-        (B, ndim, *S) composed displacement in voxels.
-    """
-    return ddf_b + warp(ddf_a, ddf_b, padding="border")
-
-
 def affine_to_ddf(theta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Dense displacement of an affine map given in voxel coordinates about the volume centre.
 
@@ -230,31 +214,3 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     return (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
             - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
             + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]))
-
-
-def resize_ddf(ddf: torch.Tensor, shape: Sequence[int], align_corners: bool = True
-               ) -> torch.Tensor:
-    """Resample a DDF to another grid over the same field of view, rescaling its magnitudes.
-
-    Args:
-        ddf: (B, ndim, *S) displacement in voxels of the S grid.
-        shape: the target spatial shape S'.
-        align_corners: True when the first and last voxel centres of both grids coincide (voxel
-            size scales by (S' - 1) / (S - 1), the convention of :func:`warp`); False when the
-            volumes' outer edges coincide (scale S' / S).
-
-    Returns:
-        (B, ndim, *S') displacement in voxels of the S' grid.
-    """
-    ndim = ddf.shape[1]
-    old, new = ddf.shape[2:], tuple(shape)
-    if len(new) != ndim:
-        raise ValueError(f"shape {new} has {len(new)} axes, ddf has {ndim}")
-    mode = "bilinear" if ndim == 2 else "trilinear"
-    resized = F.interpolate(ddf, size=new, mode=mode, align_corners=align_corners)
-    if align_corners:
-        factors = [(m - 1) / (n - 1) if n > 1 else 1.0 for n, m in zip(old, new, strict=True)]
-    else:
-        factors = [m / n for n, m in zip(old, new, strict=True)]
-    scale = torch.tensor(factors, device=ddf.device, dtype=ddf.dtype)
-    return resized * scale.reshape(1, ndim, *[1] * ndim)
