@@ -129,7 +129,8 @@ def test_the_same_physical_pair_stored_differently_registers_alike(mirror):
     config = Config.model_validate({"preprocess": {"shape": [48, 64, 48]},
                                     "train": {"loss": LNCC_BENDING.model_dump()}})
     registrar = Registrar(None, record_from_config(config), config.train.loss,
-                          RefineSettings(steps=100, affine_steps=100), torch.device("cpu"))
+                          RefineSettings(steps=60, affine_steps=40, lr=0.2),
+                          torch.device("cpu"))
     base = mean_dice(fixed_label.array, registrar.register_volumes(
         fixed, moving, moving_label)["warped_label"])
     lossless = {"LPS": ((0, 1), (0, 1, 2)), "permuted": ((), (2, 0, 1))}
@@ -139,7 +140,7 @@ def test_the_same_physical_pair_stored_differently_registers_alike(mirror):
             ["warped_label"])
         print(f"\n{name}: Dice {dice:.3f} (as stored {base:.3f})")
         assert abs(dice - base) <= 0.02
-    for spacing in ([0.5, 0.5, 0.5], [0.7, 0.7, 0.7], [2.0, 2.0, 2.0]):
+    for spacing in ([0.5, 0.5, 0.5], [2.0, 2.0, 2.0]):
         image, label = respaced(moving, spacing, 1), respaced(moving_label, spacing, 0)
         back = respaced(label, [1.0, 1.0, 1.0], 0)
         common = tuple(min(a, b) for a, b in zip(back.array.shape, moving_label.array.shape,
