@@ -302,10 +302,13 @@ def start_or_resume_run(experiment_name: str, run_id: str | None = None,
     experiment_id = configure_mlflow(experiment_name)
     if run_id is not None:
         try:
-            mlflow.get_run(run_id)
+            experiment_id = mlflow.get_run(run_id).info.experiment_id
         except MlflowException:
             raise RegflowError(f"MLflow run {run_id}: not found in "
                                f"{redact_text(mlflow.get_tracking_uri())}") from None
+    # MLflow refuses to resume a run outside the process's active experiment, which an earlier
+    # set_experiment (another store, another dataset) may have left pointing elsewhere.
+    mlflow.set_experiment(experiment_id=experiment_id)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                           run_name=run_name, nested=nested,
                           log_system_metrics=log_system_metrics) as active:
