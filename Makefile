@@ -2,7 +2,9 @@
 PYTHON ?= python3.11
 # requirements.lock pins torch==2.13.0+cpu, which only PyTorch's index serves (as in the Dockerfile).
 # For CUDA: `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu124` (and a +cu124 pin).
+# An empty TORCH_INDEX (as .ci/run sets it) uses only pip's configured indexes and find-links.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 VENV := .venv
 BIN := $(VENV)/bin
 # The venv's bin first on PATH: DVC runs `regflow`, MLflow starts `uvicorn` by name.
@@ -22,8 +24,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check --extra-index-url $(TORCH_INDEX) \
-		-r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_INDEX_ARG) -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
