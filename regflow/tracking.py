@@ -12,7 +12,6 @@ here does nothing and the run context yields None, so training code calls them o
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -224,21 +223,19 @@ def log_dataset_input(manifest_path: str | Path, name: str, context: str) -> Non
         context: how the run uses it: ``"training"``, ``"validation"``, ``"evaluation"``...
 
     Raises:
-        RegflowError: the manifest is missing or not valid JSON.
+        DataError: the manifest is missing, of another version or invalid (the field named).
     """
     if not is_rank_zero():
         return
     import pandas as pd
     from mlflow.data.sources import LocalArtifactDatasetSource  # registered by mlflow.data
 
+    from regflow.data.manifest import Manifest
+
     path = Path(manifest_path).resolve()
-    try:
-        raw = path.read_bytes()
-        manifest = json.loads(raw)
-    except (OSError, ValueError) as exc:
-        raise RegflowError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
-    cases = pd.DataFrame(manifest.get("cases", []) if isinstance(manifest, dict) else [])
-    digest = hashlib.sha256(raw).hexdigest()[:16]
+    manifest = Manifest.read(path)
+    cases = pd.DataFrame([case.model_dump(mode="json") for case in manifest.cases])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     dataset = mlflow.data.from_pandas(cases, source=LocalArtifactDatasetSource(str(path)),
                                       name=name, digest=digest)
     mlflow.log_input(dataset, context=context)

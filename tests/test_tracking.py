@@ -11,6 +11,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from regflow.config import Config, validate_config
+from regflow.data.manifest import Case, Manifest, PreprocessSettings
 from regflow.errors import RegflowError
 from regflow.tracking import (
     configure_mlflow,
@@ -219,12 +220,13 @@ def test_nested_run_has_parent(store):
 
 
 def test_dataset_input_is_recorded(store, tmp_path):
-    manifest = {"dataset": "tiny", "pairing": "unpaired", "shape": [4, 4, 4],
-                "cases": [{"case_id": f"c{i}", "split": "train", "fold": None,
-                           "image": f"images/c{i}.nii.gz", "image_sha256": "ab" * 32}
-                          for i in range(3)]}
+    manifest = Manifest(
+        dataset="tiny", pairing="unpaired", shape=[4, 4, 4], spacing=[1.0, 1.0, 1.0],
+        preprocessing=PreprocessSettings(shape=[4, 4, 4], seed=0),
+        cases=[Case(case_id=f"c{i}", split="train", image=f"images/c{i}.nii.gz",
+                    image_sha256="ab" * 32) for i in range(3)])
     path = tmp_path / "manifest.json"
-    path.write_text(json.dumps(manifest))
+    manifest.write(path)
     with start_or_resume_run(EXPERIMENT, run_name="dataset") as run:
         log_dataset_input(path, "tiny", "training")
     (dataset_input,) = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
@@ -237,7 +239,7 @@ def test_dataset_input_is_recorded(store, tmp_path):
 
 def test_missing_manifest_is_a_clear_error(store, tmp_path):
     with start_or_resume_run(EXPERIMENT, run_name="no-manifest"):
-        with pytest.raises(RegflowError, match="manifest.json: unreadable manifest"):
+        with pytest.raises(RegflowError, match="manifest.json: no manifest"):
             log_dataset_input(tmp_path / "manifest.json", "tiny", "training")
 
 
