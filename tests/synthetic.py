@@ -60,6 +60,7 @@ def write_params(workdir: Path, raw_source: Path, **sections) -> Path:
         "loader": {"batch_size": 2, "eval_pairs": 2,
                    "augment": {"enabled": False}},
         "train": {"name": "tiny", "steps": 6, "val_every": 3, "checkpoint_every": 2,
+                  "amp": False, "device": "cpu",  # keys dvc.yaml's stages list as params
                   "model": {"backbone": {"name": "local", "channels": [4, 8]}},
                   "loss": {"image": {"lncc": {"weight": 1.0, "options": {"kernel_size": 5}}},
                            "label": {"dice": {"weight": 1.0}},

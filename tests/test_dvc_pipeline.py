@@ -44,7 +44,6 @@ def dvc_project(tmp_path, tiny_raw, mlflow_store):
     params["train"]["best_params"] = "models/tuning/best_params.yaml"
     params["data"]["raw_dir"], params["data"]["processed_dir"] = "data/raw", "data/processed"
     params["train"]["optimizer"] = {"lr": 0.001}  # DVC needs every params key a stage names
-    params["train"].update({"amp": False, "device": "cpu"})
     params["evaluate"] = {"hd95": False}
     params["tune"] = {"enabled": True, "trials": 0}
     params["registry"] = {"model_name": f"tiny-{tmp_path.name[-12:]}"}

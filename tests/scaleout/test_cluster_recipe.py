@@ -67,8 +67,8 @@ def head_repository(folder: Path, raw_source: Path, optuna_url: str) -> Path:
     """A git + DVC repository like this one: dvc.yaml, the sources its stages depend on, and a
     params.yaml for the tiny dataset whose study lives in PostgreSQL (no password in it)."""
     folder.mkdir()
-    shutil.copy(REPO_ROOT / "dvc.yaml", folder / "dvc.yaml")
-    shutil.copy(REPO_ROOT / ".gitignore", folder / ".gitignore")
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "requirements.lock"):
+        shutil.copy(REPO_ROOT / name, folder / name)  # the stages' deps and what DVC hashes
     shutil.copytree(REPO_ROOT / "regflow", folder / "regflow",
                     ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load(write_params(folder, raw_source).read_text())
