@@ -18,6 +18,7 @@ from regflow.data.manifest import Manifest
 from regflow.engine import Trainer, TrainResult
 from regflow.errors import RegflowError
 from regflow.inference import load_registrar
+from regflow.models import select_device
 from regflow.predict import VolumeWriter
 
 
@@ -126,7 +127,8 @@ def evaluate_stage(config: Config, metrics_dir: Path = paths.METRICS_DIR,
     manifest_file = paths.manifest_path(config)
     manifest = Manifest.read(manifest_file)
     out_dir = paths.model_dir(config)
-    registrar = load_registrar(str(out_dir / f"{config.evaluate.checkpoint}.pt"), config)
+    registrar = load_registrar(str(out_dir / f"{config.evaluate.checkpoint}.pt"), config,
+                               device=select_device(config.train.device))
     loader = build_dataloader(manifest_file, config.evaluate.split, config, train=False)
     volumes_dir = paths.volumes_dir(config)
     fileio.remove_stale_temporaries(volumes_dir.parent)
