@@ -240,3 +240,12 @@ def write_project(folder: Path, raw_source: Path) -> Path:
 def project(tmp_path, tiny_raw) -> Path:
     """A project folder with the tiny dataset fetched and preprocessed (:func:`write_project`)."""
     return write_project(tmp_path / "project", tiny_raw)
+
+
+def run_checked(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Run a command to its end; its output, or a test failure that shows the output's tail."""
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-3000:]}"
+    return output

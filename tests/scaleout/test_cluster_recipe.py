@@ -21,7 +21,13 @@ from optuna.trial import TrialState
 
 from regflow.config import load_config
 from regflow.tuning import study_key
-from tests.scaleout.conftest import free_port, project_env, start_mlflow_server, stop_process_group
+from tests.scaleout.conftest import (
+    free_port,
+    project_env,
+    run_checked,
+    start_mlflow_server,
+    stop_process_group,
+)
 from tests.scaleout.test_optuna_postgres import SEARCH
 from tests.synthetic import write_params
 
@@ -31,15 +37,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TRIALS = 2
 CHECKPOINTS = ("models/tiny/best.pt", "models/tiny/last.pt")
 DATA = ("data/processed/tiny/manifest.json", "data/raw/tiny/SHA256SUMS")
-
-
-def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
-    """Run one recipe command; its output, or a failure that shows it."""
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-3000:]}"
-    return output
 
 
 def run_together(commands: list[tuple[list[str], Path]], env: dict[str, str]) -> list[str]:
@@ -95,8 +92,8 @@ def test_cluster_recipe_on_one_machine(postgres, tmp_path, tiny_raw):
     store = tmp_path / "dvc-store"
 
     # 1. the database server: one database for MLflow, one for Optuna
-    run(["createdb", "regflow_mlflow"], tmp_path, env)
-    run(["createdb", "regflow_optuna"], tmp_path, env)
+    run_checked(["createdb", "regflow_mlflow"], tmp_path, env)
+    run_checked(["createdb", "regflow_optuna"], tmp_path, env)
     # 2. the tracking server, artifacts proxied into a folder of its machine
     server_dir = tmp_path / "tracking"
     server_dir.mkdir()
@@ -109,11 +106,11 @@ def test_cluster_recipe_on_one_machine(postgres, tmp_path, tiny_raw):
                         ["git", "add", "-A"], ["git", "commit", "-qm", "project"],
                         ["dvc", "repro", "preprocess"], ["dvc", "push"],
                         ["git", "add", "dvc.lock"], ["git", "commit", "-qm", "data"]):
-            run(command, head, env)
+            run_checked(command, head, env)
         # 4. worker: clone, pull the data
-        run(["git", "clone", "-q", str(head), "worker"], tmp_path, env)
+        run_checked(["git", "clone", "-q", str(head), "worker"], tmp_path, env)
         worker = tmp_path / "worker"
-        run(["dvc", "pull", "preprocess"], worker, env)
+        run_checked(["dvc", "pull", "preprocess"], worker, env)
         assert digest(worker / DATA[0]) == digest(head / DATA[0])
         # 5. one study, a worker on each machine
         run_together([(["dvc", "repro", "tune"], head), (["regflow", "tune"], worker)], env)
@@ -128,14 +125,14 @@ def test_cluster_recipe_on_one_machine(postgres, tmp_path, tiny_raw):
         # 7. head: record the training, evaluate, register, push the checkpoints
         for command in (["dvc", "commit", "-f", "train"], ["dvc", "repro"], ["dvc", "push"],
                         ["git", "add", "-A"], ["git", "commit", "-qm", "trained"]):
-            run(command, head, env)
+            run_checked(command, head, env)
         # 8. anywhere: clone and pull data and checkpoints
-        run(["git", "clone", "-q", str(head), "fresh"], tmp_path, env)
+        run_checked(["git", "clone", "-q", str(head), "fresh"], tmp_path, env)
         fresh = tmp_path / "fresh"
-        run(["dvc", "pull"], fresh, env)
+        run_checked(["dvc", "pull"], fresh, env)
         for path in (*DATA, *CHECKPOINTS):
             assert digest(fresh / path) == digest(head / path), path
-        assert "up to date" in run(["dvc", "status"], fresh, env)
+        assert "up to date" in run_checked(["dvc", "status"], fresh, env)
 
         client = mlflow.MlflowClient(tracking_uri=server.url)
         champion = client.get_model_version_by_alias("regflow", "champion")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import mlflow
 import nibabel as nib
@@ -13,6 +12,7 @@ import pytest
 from tests.scaleout.conftest import (
     free_port,
     project_env,
+    run_checked,
     stop_process_group,
     wait_for_http,
 )
@@ -23,21 +23,12 @@ MODEL = "regflow"
 LOCAL_STORES = ("mlflow.db", "mlruns", "mlartifacts")
 
 
-def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
-    """Run a command; its output, or a failure that shows it."""
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-3000:]}"
-    return output
-
-
 def test_every_stage_and_the_model_server_use_the_tracking_server(mlflow_server, project,
                                                                    tiny_raw):
     env = project_env(mlflow_server.url)
-    run(["regflow", "train"], project, env)
-    run(["regflow", "evaluate"], project, env)
-    decision = run(["regflow", "register"], project, env)
+    run_checked(["regflow", "train"], project, env)
+    run_checked(["regflow", "evaluate"], project, env)
+    decision = run_checked(["regflow", "register"], project, env)
     assert f"{MODEL} version 1 is now @champion" in decision
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
@@ -62,11 +53,11 @@ def test_every_stage_and_the_model_server_use_the_tracking_server(mlflow_server,
                          for number in (8, 9))
         label = tiny_raw / "test/labels/case_009.nii.gz"
         pair = ["--fixed", str(fixed), "--moving", str(moving), "--moving-label", str(label)]
-        run(["regflow", "request", f"http://127.0.0.1:{port}", *pair, "--out", "served"],
+        run_checked(["regflow", "request", f"http://127.0.0.1:{port}", *pair, "--out", "served"],
             project, env)
     finally:
         stop_process_group(server)
-    run(["regflow", "predict", "--model", "models/tiny/best.pt", *pair, "--out", "local"],
+    run_checked(["regflow", "predict", "--model", "models/tiny/best.pt", *pair, "--out", "local"],
         project, env)
 
     served = nib.load(project / "served/ddf.nii.gz")
