@@ -16,10 +16,14 @@ def test_override_sets_nested_key(tmp_path):
     assert config.train.loss.image["lncc"].weight == 0.5
 
 
-def test_unknown_key_is_named(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("preprocess:\n  shpe: [1, 2, 3]\n", r"preprocess\.shpe: unknown key"),
+    ("# every key commented out\n", r"params\.yaml: the file is empty"),
+])
+def test_bad_params_file_is_named_with_its_problem(tmp_path, text, message):
     path = tmp_path / "params.yaml"
-    path.write_text("preprocess:\n  shpe: [1, 2, 3]\n")
-    with pytest.raises(ConfigError, match=r"preprocess\.shpe: unknown key"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
 
 
@@ -46,13 +50,6 @@ def test_training_config_merges_best_params_below_overrides(tmp_path):
     config = load_training_config(params, ["train.optimizer.lr=0.005"])
     assert config.train.loss.image["lncc"].weight == 0.25
     assert config.train.optimizer.lr == 0.005
-
-
-def test_empty_params_file_is_an_error(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text("# every key commented out\n")
-    with pytest.raises(ConfigError, match=r"params\.yaml: the file is empty"):
-        load_config(path)
 
 
 def test_explicit_empty_mapping_means_defaults(tmp_path):
