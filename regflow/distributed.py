@@ -66,6 +66,8 @@ def process_group(device: torch.device) -> Iterator[None]:
     """Join torchrun's process group for the block (NCCL on CUDA, gloo on CPU), then leave it.
 
     Does nothing outside torchrun, or when a group is already initialised (its owner destroys it).
+    A block that ends normally meets the other ranks at a barrier first, so that no rank destroys
+    the group while another still waits on a message from it.
 
     Args:
         device: the worker's device (see :func:`worker_device`); picks the backend.
@@ -77,6 +79,8 @@ def process_group(device: torch.device) -> Iterator[None]:
                                 device_id=device if cuda else None)
     try:
         yield
+        if owner:
+            dist.barrier()  # every rank is done with the group before any rank tears it down
     finally:
         if owner and is_active():
             dist.destroy_process_group()

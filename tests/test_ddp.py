@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 STEPS = 6
+RUN_TIMEOUT_S = 500
 LOSS_TOLERANCE = 1e-5  # absolute, per step: float summation order only (observed 1.2e-7)
 RANK_LINE = re.compile(r"regflow train: rank (\d)/2 step (\d+) \((fresh|resumed from step "
                        r"(\d+))\) weights sha256 ([0-9a-f]{64})")
@@ -48,12 +49,13 @@ def params(tmp_path_factory) -> Path:
 
 
 def launch_env(workdir: Path) -> dict[str, str]:
-    """A quiet environment with the folder's own MLflow store and one thread per process."""
+    """A quiet environment with the folder's own MLflow store and one thread per process;
+    faulthandler on, so that SIGABRT makes a worker print its stacks."""
     env = {key: value for key, value in os.environ.items()
            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
-               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", PYTHONFAULTHANDLER="1")
     return env
 
 
@@ -65,11 +67,24 @@ def torchrun_command(params: Path, *overrides: str) -> list[str]:
 
 
 def run(command: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    """Run a launch to the end; a launch still running after RUN_TIMEOUT_S fails the test with
+    every worker's Python stacks (SIGABRT makes faulthandler print them)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(command, cwd=workdir, env=launch_env(workdir), capture_output=True,
-                            text=True, timeout=500)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    process = subprocess.Popen(command, cwd=workdir, env=launch_env(workdir), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        for worker in psutil.Process(process.pid).children(recursive=True):
+            worker.send_signal(signal.SIGABRT)
+        time.sleep(5)
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"launch still running after {RUN_TIMEOUT_S} s; stdout:\n{stdout[-2000:]}\n"
+                    f"stderr with the workers' stacks:\n{stderr[-12000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def rank_lines(stderr: str) -> dict[int, tuple[int, str | None, str]]:

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from regflow import metrics
 from regflow.config import Config, LossConfig
-from regflow.data.preprocess import resample
 from regflow.errors import NothingToRegister
 from regflow.inference import Registrar, Volume, record_from_config, warp_label
 from regflow.models import RegistrationModel
 from regflow.predict import warp_array
 from regflow.refine import RefineSettings
+from tests.restorage import assert_registers_alike, mean_dice, restorage_cases, restore
 from tests.test_refine import blobs
 
 LNCC_BENDING = LossConfig(image={"lncc": {"weight": 1.0, "options": {"kernel_size": 7}}},
@@ -32,19 +31,6 @@ def raw_volume(seed: int, shape=(21, 25, 19), origin=(3.0, -2.0, 5.0)) -> Volume
     affine = np.eye(4)
     affine[:3, 3] = origin
     return Volume(image, affine, f"volume{seed}")
-
-
-def restore(volume: Volume, flips=(), order=(0, 1, 2)) -> Volume:
-    """The same world content stored with flipped and permuted axes (lossless)."""
-    array, affine = volume.array, volume.affine.copy()
-    for axis in flips:
-        array = np.flip(array, axis)
-        size = volume.array.shape[axis]
-        affine[:3, 3] = affine[:3, 3] + affine[:3, axis] * (size - 1)
-        affine[:3, axis] = -affine[:3, axis]
-    array = np.transpose(array, order)
-    affine[:3, :3] = affine[:3, :3][:, list(order)]
-    return Volume(np.ascontiguousarray(array), affine, volume.source + "-restored")
 
 
 def label_of(volume: Volume) -> Volume:
@@ -110,15 +96,6 @@ def test_a_constant_image_is_nothing_to_register():
         registrar.register_volumes(raw_volume(1), blank)
 
 
-def respaced(volume: Volume, spacing, order: int) -> Volume:
-    array, affine = resample(volume.array, volume.affine, spacing, order=order)
-    return Volume(array, affine, f"{volume.source}@{spacing}")
-
-
-def mean_dice(fixed_label: np.ndarray, warped_label: np.ndarray) -> float:
-    return float(np.mean(metrics.dice(fixed_label, warped_label, labels=[1, 2])))
-
-
 @pytest.mark.slow
 def test_the_same_physical_pair_stored_differently_registers_alike(mirror):
     """Classical registration of a real hippocampus pair, re-stored five ways (issue matrix)."""
@@ -131,29 +108,10 @@ def test_the_same_physical_pair_stored_differently_registers_alike(mirror):
     registrar = Registrar(None, record_from_config(config), config.train.loss,
                           RefineSettings(steps=60, affine_steps=40, lr=0.2),
                           torch.device("cpu"))
-    base = mean_dice(fixed_label.array, registrar.register_volumes(
-        fixed, moving, moving_label)["warped_label"])
-    lossless = {"LPS": ((0, 1), (0, 1, 2)), "permuted": ((), (2, 0, 1))}
-    for name, (flips, order) in lossless.items():
-        dice = mean_dice(fixed_label.array, registrar.register_volumes(
-            fixed, restore(moving, flips, order), restore(moving_label, flips, order))
-            ["warped_label"])
-        print(f"\n{name}: Dice {dice:.3f} (as stored {base:.3f})")
-        assert abs(dice - base) <= 0.02
-    for spacing in ([0.5, 0.5, 0.5], [2.0, 2.0, 2.0]):
-        image, label = respaced(moving, spacing, 1), respaced(moving_label, spacing, 0)
-        back = respaced(label, [1.0, 1.0, 1.0], 0)
-        common = tuple(min(a, b) for a, b in zip(back.array.shape, moving_label.array.shape,
-                                                 strict=True))
-        loss = 1 - mean_dice(moving_label.array[tuple(map(slice, common))],
-                             back.array[tuple(map(slice, common))])
-        dice = mean_dice(fixed_label.array, registrar.register_volumes(
-            fixed, image, label)["warped_label"])
-        print(f"moving at {spacing[0]} mm: Dice {dice:.3f} (as stored {base:.3f}, resampling "
-              f"loss {loss:.3f})")
-        assert dice >= base - loss - 0.02
-    thick, thick_label = respaced(fixed, [1, 1, 3], 1), respaced(fixed_label, [1, 1, 3], 0)
-    dice = mean_dice(thick_label.array, registrar.register_volumes(
-        thick, moving, moving_label)["warped_label"])
-    print(f"fixed at 1x1x3 mm: Dice {dice:.3f} on its own grid (as stored {base:.3f})")
-    assert dice >= base - 0.1
+    cases = restorage_cases(fixed, fixed_label, moving, moving_label)
+    dice = {name: mean_dice(case.fixed_label.array, registrar.register_volumes(
+        case.fixed, case.moving, case.moving_label)["warped_label"])
+        for name, case in cases.items()}
+    print()
+    for name, case in cases.items():
+        assert_registers_alike(name, case, dice[name], dice["as stored"])

@@ -27,9 +27,11 @@ import pytest
 import torch
 import uvicorn
 import yaml
+from click.testing import CliRunner
 from mlflow.pyfunc import scoring_server
 
 from regflow import metrics
+from regflow.cli import cli
 from regflow.codec import decode_volume, encode_volume
 from regflow.config import load_config
 from regflow.data.io import read_volume, write_nifti
@@ -46,10 +48,10 @@ from regflow.stages import (
     register_stage,
     train_stage,
 )
+from tests.restorage import assert_registers_alike, mean_dice, restorage_cases
 from tests.synthetic import write_params
 
 DATASET = "msd-hippocampus"
-LABELS = [1, 2]
 TRAIN_STEPS = 200
 PING_TIMEOUT_S = 90
 REQUEST_TIMEOUT_S = 120
@@ -250,10 +252,6 @@ def pair(champion):
     return volumes
 
 
-def mean_dice(fixed_label: np.ndarray, label: np.ndarray) -> float:
-    return float(metrics.dice(fixed_label, label, labels=LABELS).mean())
-
-
 def decode_answer(body: dict, index: int = 0) -> dict[str, tuple]:
     predictions = body["predictions"]
     return {field: decode_volume(values[index], field, channels=field != "warped")
@@ -402,6 +400,39 @@ def test_request_cli_writes_nifti_with_the_fixed_affine(server, pair, single_ans
     np.testing.assert_allclose(np.moveaxis(ddf, -1, 0), single_answer["ddf"][0], atol=1e-5)
     assert np.mean(label != single_answer["warped_label"][0][0]) < 1e-3
 
+
+
+@pytest.mark.slow
+def test_the_pair_restored_differently_registers_alike_served_and_predicted(champion, server,
+                                                                            pair, tmp_path):
+    """The geometry matrix through the server and through `regflow predict` on files."""
+    cases = restorage_cases(pair["fixed"], pair["fixed_label"], pair["moving"],
+                            pair["moving_label"])
+    served, predicted = {}, {}
+    for index, (name, case) in enumerate(cases.items()):
+        volumes = {"fixed": case.fixed, "moving": case.moving, "moving_label": case.moving_label}
+        inputs = {role: [encode_volume(volume.array, volume.affine)]
+                  for role, volume in volumes.items()}
+        status, body = post(server, {"inputs": inputs})
+        assert status == 200, body
+        served[name] = mean_dice(case.fixed_label.array, decode_answer(body)["warped_label"][0][0])
+        folder = tmp_path / f"case{index}"
+        folder.mkdir()
+        for role, volume in volumes.items():
+            write_nifti(folder / f"{role}.nii.gz", volume.array, volume.affine)
+        result = CliRunner().invoke(cli, [
+            "predict", "--model", str(champion["checkpoint"]), "--out", str(folder / "out"),
+            "-c", str(champion["work"] / "params.yaml"),
+            *(arg for role in volumes for arg in (f"--{role.replace('_', '-')}",
+                                                  str(folder / f"{role}.nii.gz")))])
+        assert result.exit_code == 0, result.output
+        warped_label, _ = read_volume(folder / "out" / "warped_label.nii.gz")
+        predicted[name] = mean_dice(case.fixed_label.array, warped_label)
+    print()
+    for name, case in cases.items():
+        assert_registers_alike(f"served, {name}", case, served[name], served["as stored"])
+        assert_registers_alike(f"predict, {name}", case, predicted[name], predicted["as stored"])
+        assert abs(served[name] - predicted[name]) < 1e-3, name
 
 # The contract on MLflow's real scoring app (mlflow.pyfunc.scoring_server.init) served by uvicorn
 # in this process: fast, and the same code path `mlflow models serve` runs.
