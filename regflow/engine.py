@@ -66,10 +66,21 @@ def model_label_channels(config: Config, manifest: Manifest) -> int:
     return max(1, len(manifest.channel_names))
 
 
+# How long a run goes and how often it reports: changing them continues the same run (raising
+# train.steps extends a finished one), so they stay out of its digest.
+RUN_LENGTH_KEYS = ("steps", "val_every", "checkpoint_every", "early_stopping_patience")
+
+
 def config_digest(config: Config) -> str:
-    """A short hash of everything that defines a training run (not evaluation or registry)."""
+    """A short hash of everything that defines a training run (not evaluation or registry).
+
+    The run's length and reporting cadence (:data:`RUN_LENGTH_KEYS`) are left out, so that a
+    longer ``train.steps`` resumes the finished run and trains on instead of starting again.
+    """
     relevant = config.model_dump(include={"seed", "data", "preprocess", "loader", "train"})
     relevant["data"].pop("local", None)
+    for key in RUN_LENGTH_KEYS:
+        relevant["train"].pop(key)
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -87,7 +98,9 @@ def build_optimizer(model: torch.nn.Module, config: Config
     Names: "adam", "adamw" (decoupled weight decay), "sgd" and "rmsprop" (both with
     ``momentum``), with PyTorch's defaults otherwise. The rate rises linearly over
     ``warmup_steps`` and then follows ``schedule`` over the remaining steps: "cosine" decays to 1%
-    of ``lr``, "step" multiplies it by 0.3 after every third, "constant" keeps it.
+    of ``lr``, "step" multiplies it by 0.3 after every third, "constant" keeps it. A finished run
+    extended by a larger ``train.steps`` goes on from its step on the schedule of the new length
+    (a cosine rate rises again to where the longer schedule stands).
     """
     settings = config.train.optimizer
     extra = {"momentum": settings.momentum} if settings.name in ("sgd", "rmsprop") else {}

@@ -62,6 +62,22 @@ def test_changed_config_does_not_resume(tiny_project):
     assert Trainer(config, manifest, Path("models/tiny")).resume_if_possible()
 
 
+
+def test_raising_the_steps_extends_the_finished_run(tiny_project):
+    manifest, out_dir = Path("data/processed/tiny/manifest.json"), Path("models/tiny")
+    short = load_config(tiny_project, ["train.steps=2", "train.val_every=2"])
+    first = Trainer(short, manifest, out_dir).fit()
+    longer = load_config(tiny_project, ["train.steps=4", "train.val_every=1",
+                                        "train.checkpoint_every=1"])
+    assert config_digest(longer) == config_digest(short)
+    extended = Trainer(longer, manifest, out_dir).fit()
+    assert (extended.run_id, extended.steps) == (first.run_id, 4)
+    assert checkpoint_step(out_dir / "last.pt") == 4
+    run = mlflow.get_run(first.run_id)
+    assert run.data.tags["regflow.resumed_from_step"] == "2"
+    assert {point.step for point in mlflow.MlflowClient().get_metric_history(
+        first.run_id, "train/total")} == {1, 2, 3, 4}
+
 def test_sigkill_then_restart_resumes_the_same_run(tiny_project):
     command = [sys.executable, "-m", "regflow.cli", "train", "-S", "train.steps=60",
                "-S", "train.checkpoint_every=5", "-S", "train.val_every=30"]
