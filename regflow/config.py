@@ -186,6 +186,7 @@ class TrainConfig(Section):
     amp: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     best_params: str | None = "models/tuning/best_params.yaml"
+    init_from: str | None = None  # checkpoint path or models:/ URI: fine-tune from its weights
 
 
 class RefineConfig(Section):

@@ -31,10 +31,12 @@ from regflow import distributed, fileio, paths, tracking, viz
 from regflow.config import Config
 from regflow.data.loader import build_dataloader
 from regflow.data.manifest import Manifest
+from regflow.errors import RegflowError
 from regflow.evaluation import as_device, evaluate_pairs, summarise
-from regflow.inference import Registrar
+from regflow.inference import Registrar, checkpoint_path
 from regflow.losses import build_loss
 from regflow.models import RegistrationModel, select_device
+from regflow.redact import redact_text
 from regflow.refine import RefineSettings
 
 ValidationCallback = Callable[[int, dict[str, float]], None]
@@ -278,6 +280,21 @@ class Trainer:
         seed_everything(self.config.seed + self.step)
         return True
 
+    def initialise_from(self, spec: str) -> None:
+        """Start from the weights of a checkpoint path or an MLflow model URI (fine-tuning).
+
+        Only the network's weights are taken: the optimiser, schedule and step start afresh.
+
+        Raises:
+            RegflowError: the model cannot be loaded, or its network differs from train.model.
+        """
+        source, _ = RegistrationModel.load(checkpoint_path(spec), map_location=self.device)
+        try:
+            self.model.load_state_dict(source.state_dict())
+        except RuntimeError as exc:
+            raise RegflowError(f"train.init_from {redact_text(spec)}: its network does not match "
+                               f"train.model ({str(exc).splitlines()[0]})") from None
+
     def save(self, path: Path) -> None:
         """Write a self-describing checkpoint with everything resume needs."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -396,6 +413,8 @@ class Trainer:
         main = distributed.is_main_process()
         resumed = self.resume_if_possible()
         resumed_from = self.step
+        if not resumed and settings.init_from:
+            self.initialise_from(settings.init_from)
         if main:
             fileio.remove_stale_temporaries(self.out_dir)  # left by a killed save
         self.network = distributed.wrap(self.model, self.device)

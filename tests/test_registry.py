@@ -15,6 +15,8 @@ from mlflow.store.artifact.utils.models import get_model_name_and_version
 from regflow import tracking
 from regflow.codec import decode_volume
 from regflow.config import load_config
+from regflow.data.preprocess import preprocess_dataset
+from regflow.data.sources import fetch_dataset
 from regflow.engine import Trainer
 from regflow.errors import RegflowError
 from regflow.registry import (
@@ -29,6 +31,7 @@ from regflow.registry import (
 )
 from regflow.serving import input_example
 from regflow.stages import evaluate_stage, register_stage
+from tests.synthetic import write_params, write_unpaired_dataset
 
 DVC_LOCK = """\
 schema: '2.0'
@@ -279,3 +282,45 @@ def test_next_register_deletes_an_orphan_and_finishes_an_interrupted_one(tiny_pr
     for key, value in tracking.run_tags().items():
         assert latest.tags[key] == value
 
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_the_registered_champion_beats_training_from_scratch(
+        tiny_project, tmp_path, monkeypatch):
+    """train.init_from=models:/<name>@champion on a fresh dataset, against the same steps from
+    scratch (validation Dice after 10 steps; measured 0.60 against 0.41 on this synthetic data)."""
+    name = f"regflow-test-{uuid.uuid4().hex[:8]}"
+    source = load_config(tiny_project, [f"registry.model_name={name}", "train.steps=60",
+                                        "train.val_every=60", "evaluate.hd95=false",
+                                        "evaluate.save_volumes=false",
+                                        "registry.max_folding_pct=100"])  # not the gate's test
+    Trainer(source, Path("data/processed/tiny/manifest.json"), Path("models/tiny")).fit()
+    evaluate_stage(source)
+    decision = register_stage(source)
+    assert decision["champion"], decision["reason"]
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    params = write_params(fresh, write_unpaired_dataset(tmp_path / "fresh-raw", seed=1))
+    monkeypatch.chdir(fresh)
+    config = load_config(params, ["train.steps=10", "train.val_every=10"])
+    fetch_dataset("tiny", config)
+    preprocess_dataset("tiny", config)
+    manifest = Path("data/processed/tiny/manifest.json")
+    scratch = Trainer(config, manifest, Path("models/scratch")).fit()
+    tuned_config = load_config(params, ["train.steps=10", "train.val_every=10",
+                                        f"train.init_from=models:/{name}@champion"])
+    tuned = Trainer(tuned_config, manifest, Path("models/tuned")).fit()
+    print(f"\nvalidation Dice after 10 steps: from scratch {scratch.best_score:.3f}, "
+          f"fine-tuned from the champion {tuned.best_score:.3f}")
+    assert tuned.best_score > scratch.best_score + 0.1
+
+
+def test_init_from_a_different_network_is_one_line(tiny_project):
+    config = load_config(tiny_project, ["train.steps=1", "train.val_every=1"])
+    Trainer(config, Path("data/processed/tiny/manifest.json"), Path("models/tiny")).fit()
+    wider = load_config(tiny_project, ["train.steps=1", "train.model.backbone.channels=[8, 16]",
+                                       "train.init_from=models/tiny/best.pt"])
+    with pytest.raises(RegflowError, match=r"^train.init_from models/tiny/best.pt: its network "
+                                           r"does not match train.model \("):
+        Trainer(wider, Path("data/processed/tiny/manifest.json"), Path("models/wider")).fit()
