@@ -121,6 +121,7 @@ class LoaderConfig(Section):
     intra_group_option: Literal["forward", "backward", "unconstrained"] = "forward"
     eval_pairs: PositiveInt = 40
     cache_volumes: bool = True
+    fold: NonNegativeInt | None = None  # cross-validation: validate on this fold, train on the rest
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     patch: PatchConfig = Field(default_factory=PatchConfig)
 

@@ -152,7 +152,7 @@ class PairDataset(Dataset):
         self.shape: list[int] = list(manifest.shape)
         self.label_format: str | None = manifest.label_format
         self.label_values: list[int] | None = manifest.label_values
-        self.cases = manifest.split_cases(split)
+        self.cases = manifest.split_cases(split, config.loader.fold)
         if not self.cases:
             raise DataError(f"{self.manifest_path}: no cases in split {split!r}")
         self.seed = config.seed

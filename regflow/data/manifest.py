@@ -153,9 +153,28 @@ class Manifest(_Strict):
             return list(self.label_names)
         return [f"label_{value}" for value in self.label_values or []]
 
-    def split_cases(self, split: str) -> dict[str, Case]:
-        """The cases of one split, by id."""
-        return {case.case_id: case for case in self.cases if case.split == split}
+    def split_cases(self, split: str, fold: int | None = None) -> dict[str, Case]:
+        """The cases of one split, by id.
+
+        With ``fold`` k (cross-validation, ``loader.fold``), "train" and "val" are redrawn from
+        the train and val cases together: "val" is fold k, "train" every other fold; "test"
+        stays as it is.
+
+        Raises:
+            DataError: ``fold`` is given but the manifest has no folds
+                (``preprocess.folds``), or fewer than ``fold + 1``.
+        """
+        if fold is None or split == "test":
+            return {case.case_id: case for case in self.cases if case.split == split}
+        pool = [case for case in self.cases if case.split in ("train", "val")]
+        folds = {case.fold for case in pool}
+        if None in folds:
+            raise DataError(f"{self.dataset}: loader.fold {fold} but the manifest has no folds; "
+                            "preprocess with preprocess.folds > 1")
+        if fold >= len(folds):
+            raise DataError(f"{self.dataset}: loader.fold {fold} but the manifest has "
+                            f"{len(folds)} folds (0 to {len(folds) - 1})")
+        return {case.case_id: case for case in pool if (case.fold == fold) == (split == "val")}
 
     def record(self) -> PreprocessingRecord:
         """The preprocessing record that checkpoints carry."""

@@ -10,6 +10,7 @@ import torch
 
 from regflow.config import Config
 from regflow.data.loader import EpochSampler, build_dataloader, label_to_channels, pair_list
+from regflow.data.manifest import Manifest
 from regflow.errors import ConfigError, DataError
 
 PAIRINGS = ["paired", "unpaired", "grouped"]
@@ -281,3 +282,24 @@ def test_user_errors_name_the_file_split_or_key(make_dataset, tmp_path):
     loader = build_dataloader(manifest, "train", make_config(batch_size=6), True)
     with pytest.raises(DataError, match=r"labels/case000\.nii\.gz: no such file"):
         epochs(loader)
+
+
+def test_fold_k_validates_on_fold_k_and_trains_on_the_other_folds(make_dataset):
+    path = make_dataset("unpaired", None)
+    manifest = Manifest.read(path)
+    no_folds = make_config(fold=0)
+    with pytest.raises(DataError, match="loader.fold 0 but the manifest has no folds"):
+        build_dataloader(path, "train", no_folds, train=True)
+    manifest = manifest.model_copy(update={"cases": [  # the 10 train and val cases in 3 folds
+        case.model_copy(update={"fold": index % 3}) for index, case in enumerate(manifest.cases)]})
+    manifest.write(path)
+    in_fold = {case.case_id for case in manifest.cases if case.fold == 1}
+    val = build_dataloader(path, "val", make_config(fold=1), train=False)
+    train = build_dataloader(path, "train", make_config(fold=1, batch_size=2), train=True)
+    assert set(val.dataset.cases) == in_fold
+    assert set(train.dataset.cases) == {case.case_id for case in manifest.cases} - in_fold
+    trained_on = {case for batches in epochs(train, 3) for pair in pairs_of(batches)
+                  for case in pair}
+    assert trained_on and not trained_on & in_fold
+    with pytest.raises(DataError, match="loader.fold 3 but the manifest has 3 folds"):
+        build_dataloader(path, "val", make_config(fold=3), train=False)
