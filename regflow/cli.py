@@ -110,6 +110,17 @@ def datasets() -> None:
         click.echo(describe_dataset(entry))
 
 
+@cli.command()
+def components() -> None:
+    """List the losses and backbones params.yaml can name, built-in or from installed packages."""
+    from regflow.components import listing
+
+    rows = listing()
+    width = max(len(row["kind"]) for row in rows)
+    for row in rows:
+        click.echo(f"{row['kind']:<{width}}  {row['name']:<16}  {row['source']}")
+
+
 class FetchCommand(click.Command):
     """``fetch``, whose help ends with the catalogue read from the code (so it never goes stale)."""
 

@@ -11,14 +11,30 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from regflow import components
 from regflow.errors import ConfigError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Shape3 = Annotated[list[PositiveInt], Field(min_length=2, max_length=3)]
+
+
+def _check_known(kind: str, names: list[str], known: list[str]) -> None:
+    """Raise ValueError naming the first of ``names`` not in ``known`` and listing ``known``."""
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(map(repr, known))}")
 
 
 class Section(BaseModel):
@@ -127,11 +143,17 @@ class LoaderConfig(Section):
 
 
 class BackboneConfig(Section):
-    """Network backbone."""
+    """Network backbone (a built-in or one an installed package adds, see regflow.components)."""
 
-    name: Literal["local", "global", "unet"] = "local"
+    name: str = "local"
     channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
     norm: Literal["instance", "batch", "none"] = "instance"
+
+    @field_validator("name")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        _check_known("backbone", [name], components.backbone_names())
+        return name
 
 
 class ModelConfig(Section):
@@ -150,15 +172,21 @@ class LossTerm(Section):
 
 
 class LossConfig(Section):
-    """Loss map: group -> term name -> {weight, options}."""
+    """Loss map: group -> term name -> {weight, options}.
 
-    image: dict[Literal["ssd", "lncc", "gncc", "gmi"], LossTerm] = Field(default_factory=dict)
-    label: dict[Literal["dice", "jaccard", "cross_entropy", "ssd"], LossTerm] = Field(
-        default_factory=dict
-    )
-    regularization: dict[Literal["bending_energy", "gradient_norm"], LossTerm] = Field(
-        default_factory=dict
-    )
+    Term names are the built-ins and those installed packages add (see regflow.components).
+    """
+
+    image: dict[str, LossTerm] = Field(default_factory=dict)
+    label: dict[str, LossTerm] = Field(default_factory=dict)
+    regularization: dict[str, LossTerm] = Field(default_factory=dict)
+
+    @field_validator("image", "label", "regularization")
+    @classmethod
+    def _known_terms(cls, terms: dict[str, LossTerm], info: ValidationInfo
+                     ) -> dict[str, LossTerm]:
+        _check_known("term", list(terms), components.loss_names(info.field_name))
+        return terms
 
 
 class OptimizerConfig(Section):

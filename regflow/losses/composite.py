@@ -1,7 +1,8 @@
 """The weighted sum of loss terms that params.yaml's ``train.loss`` asks for.
 
-``train.loss`` maps group -> term name -> {weight, options}. The groups and the functions behind the
-names live in one explicit table, :data:`LOSS_FUNCTIONS`. Options are keyword arguments of the
+``train.loss`` maps group -> term name -> {weight, options}. The groups and the built-in functions
+behind the names live in one explicit table, :data:`LOSS_FUNCTIONS`; installed packages add more
+through entry points (regflow.components). Options are keyword arguments of the
 function and are checked against its signature when the loss is built. A term with weight 0 is
 dropped at build time: it is never computed and never reported.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from regflow import components
 from regflow.config import LossConfig
 from regflow.errors import ConfigError, RegflowError
 from regflow.losses.deform import bending_energy, gradient_norm
@@ -52,9 +54,24 @@ class WeightedTerm:
         return f"{self.group}/{self.name}"
 
 
+def loss_function(group: str, name: str) -> Callable[..., torch.Tensor]:
+    """The function of a term: a built-in, or one an installed package adds (entry point).
+
+    Raises:
+        ConfigError: an unknown name, or a package's loss that cannot be imported.
+    """
+    if name in LOSS_FUNCTIONS[group]:
+        return LOSS_FUNCTIONS[group][name]
+    plugins = components.plugin_losses(group)
+    if name not in plugins:
+        raise ConfigError(f"train.loss.{group}: unknown term {name!r}; known: "
+                          f"{', '.join(map(repr, components.loss_names(group)))}")
+    return components.load(plugins[name])
+
+
 def _check_options(group: str, name: str, options: dict[str, Any]) -> None:
     """Raise ConfigError for an option that the term's function does not take."""
-    parameters = list(inspect.signature(LOSS_FUNCTIONS[group][name]).parameters)
+    parameters = list(inspect.signature(loss_function(group, name)).parameters)
     allowed = parameters[len(GROUP_INPUTS[group]):]
     for key in options:
         if key not in allowed:
@@ -83,7 +100,7 @@ class CompositeLoss:
             for name, term in getattr(loss_config, group).items():
                 _check_options(group, name, term.options)
                 if term.weight > 0:
-                    self.terms.append(WeightedTerm(group, name, LOSS_FUNCTIONS[group][name],
+                    self.terms.append(WeightedTerm(group, name, loss_function(group, name),
                                                    term.weight, dict(term.options)))
         if not self.terms:
             raise ConfigError("train.loss: no term with a non-zero weight; set e.g. "

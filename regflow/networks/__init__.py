@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from regflow import components
 from regflow.errors import ConfigError
 from regflow.networks.global_ import GlobalNet
 from regflow.networks.layers import DEFAULT_NORM
@@ -22,7 +23,8 @@ def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
     """Build a backbone by its config name (``train.model.backbone.name``).
 
     Args:
-        name: "local" (LocalNet), "global" (GlobalNet) or "unet" (UNet).
+        name: "local" (LocalNet), "global" (GlobalNet), "unet" (UNet), or a backbone an installed
+            package adds under the ``regflow.backbones`` entry point (regflow.components).
         ndim: 2 or 3 spatial dimensions.
         in_channels: input channels, e.g. 2 for concat(moving, fixed).
         out_channels: output channels of a dense backbone (``ndim`` for a DDF/DVF). Ignored by
@@ -36,9 +38,12 @@ def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
     Raises:
         ConfigError: unknown name (the message lists the known ones).
     """
-    if name not in BACKBONES:
-        raise ConfigError(f"train.model.backbone.name: unknown backbone {name!r}; "
-                          f"known: {', '.join(BACKBONES)}")
     if name == "global":
         return GlobalNet(ndim, in_channels, channels, norm)
-    return BACKBONES[name](ndim, in_channels, out_channels, channels, norm)
+    if name in BACKBONES:
+        return BACKBONES[name](ndim, in_channels, out_channels, channels, norm)
+    plugins = components.plugin_backbones()
+    if name not in plugins:
+        raise ConfigError(f"train.model.backbone.name: unknown backbone {name!r}; "
+                          f"known: {', '.join(components.backbone_names())}")
+    return components.load(plugins[name])(ndim, in_channels, out_channels, channels, norm)
