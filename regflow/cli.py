@@ -247,14 +247,20 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
 @click.option("--split", type=click.Choice(["train", "val", "test"]),
               help="Instead of one pair: every evaluation pair of this split of the dataset.")
 @click.option("--learn2reg", is_flag=True, help="Also write disp_FFFF_MMMM.npz (float16).")
+@click.option("--layout", type=click.Choice(["regflow", "deepreg"]), default="regflow",
+              show_default=True, help="With --split: deepreg writes deepreg_predict's pair_<i>/ "
+                                      "folders (NIfTI and PNG) and its metrics CSVs.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_options()
 def predict(config: Config, model_spec: str, refine_steps: int | None, init: str,
             fixed: str | None, moving: str | None, moving_label: str | None,
-            fixed_label: str | None, split: str | None, learn2reg: bool, out: str) -> None:
+            fixed_label: str | None, split: str | None, learn2reg: bool, layout: str,
+            out: str) -> None:
     """Register a raw pair (any size/spacing) or a dataset split with a trained model."""
     if not split and not (fixed and moving):
         raise RegflowError("predict: give --fixed and --moving, or --split")
+    if layout == "deepreg" and not split:
+        raise RegflowError("predict: --layout deepreg writes a split's pairs; give --split")
     claim_output(out, folder=True)
     from regflow.predict import predict_command  # only now: torch takes seconds
 
@@ -265,7 +271,7 @@ def predict(config: Config, model_spec: str, refine_steps: int | None, init: str
                               fixed=optional(fixed), moving=optional(moving),
                               moving_label=optional(moving_label),
                               fixed_label=optional(fixed_label), split=split,
-                              learn2reg=learn2reg, init=init)
+                              learn2reg=learn2reg, init=init, layout=layout)
     click.echo(f"wrote {len(written)} files to {out}")
 
 

@@ -197,23 +197,33 @@ class VolumeWriter:
 
 
 def predict_split(registrar: Registrar, config: Config, manifest_file: Path, split: str,
-                  out_dir: Path, learn2reg: bool = False) -> list[Path]:
-    """Register every evaluation pair of a processed split; NIfTI outputs and a metrics CSV.
+                  out_dir: Path, learn2reg: bool = False, layout: str = "regflow") -> list[Path]:
+    """Register every evaluation pair of a processed split; NIfTI outputs and metrics CSVs.
+
+    Args:
+        layout: "regflow" (flat ``<fixed>__<moving>_*.nii.gz`` files and ``metrics.csv``) or
+            "deepreg" (``deepreg_predict``'s ``pair_<i>/`` tree, see regflow.deepreg_layout).
 
     Returns:
-        The written files.
+        The written files and folders (top level of ``out_dir``).
     """
     from regflow.data.loader import build_dataloader
+    from regflow.deepreg_layout import DeepRegWriter
     from regflow.evaluation import evaluate_pairs
 
     manifest = Manifest.read(manifest_file)
     loader = build_dataloader(manifest_file, split, config, train=False)
     with atomic_directory(out_dir) as staging:
+        writer = DeepRegWriter(staging) if layout == "deepreg" else VolumeWriter(staging,
+                                                                                learn2reg)
         rows = evaluate_pairs(registrar, loader, manifest.voxel_size, manifest.channel_names,
-                              on_pair=VolumeWriter(staging, learn2reg))
+                              on_pair=writer)
         if not rows:
             raise RegflowError(f"{manifest_file}: split {split!r} has no pairs")
-        write_csv(staging / "metrics.csv", rows)
+        if isinstance(writer, DeepRegWriter):
+            writer.write_metrics()
+        else:
+            write_csv(staging / "metrics.csv", rows)
         names = sorted(path.name for path in staging.iterdir())
     return [out_dir / name for name in names]
 
@@ -221,19 +231,22 @@ def predict_split(registrar: Registrar, config: Config, manifest_file: Path, spl
 def predict_command(config: Config, model_spec: str, out_dir: Path, *, refine_steps: int | None,
                     fixed: Path | None, moving: Path | None, moving_label: Path | None,
                     fixed_label: Path | None, split: str | None, learn2reg: bool,
-                    init: str) -> list[Path]:
+                    init: str, layout: str = "regflow") -> list[Path]:
     """``regflow predict``: a raw pair or a split, with a model, an MLflow URI or none.
 
     Raises:
-        RegflowError: neither a pair nor a split, or any input problem.
+        RegflowError: neither a pair nor a split, the DeepReg layout without a split, or any
+            input problem.
     """
     from regflow.paths import manifest_path
 
     if not split and not (fixed and moving):
         raise RegflowError("predict: give --fixed and --moving, or --split")
+    if layout == "deepreg" and not split:
+        raise RegflowError("predict: --layout deepreg writes a split's pairs; give --split")
     registrar = load_registrar(model_spec, config, refine_steps)
     if split:
         return predict_split(registrar, config, manifest_path(config), split, out_dir,
-                             learn2reg)
+                             learn2reg, layout)
     return predict_files(registrar, fixed, moving, out_dir, moving_label, fixed_label,
                          learn2reg, init)
