@@ -72,6 +72,7 @@ class PreprocessConfig(Section):
         Field(default_factory=lambda: [0.5, 99.5])
     )
     one_hot: bool = False
+    soft_labels: bool = False  # labels are probabilities in [0, 1], kept as floats
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     folds: Annotated[int, Field(ge=0)] = 0

@@ -288,7 +288,8 @@ def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: l
         if moving_shape is not None and moving_shape != shape:
             reader.skipped.append(("dataset.moving_image_shape", "regflow crops/pads moving and "
                                    f"fixed images to one shape, the fixed one ({shape})"))
-    params["preprocess"] = {"normalise": "minmax"}
+    # DeepReg reads labels as probabilities in [0, 1] and refuses other values
+    params["preprocess"] = {"normalise": "minmax", "soft_labels": labeled}
     if shape is not None:
         params["preprocess"]["shape"] = list(shape)
         notes.append(f"preprocess.shape {list(shape)}: regflow crops/pads to this shape where "

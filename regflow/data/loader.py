@@ -59,19 +59,21 @@ SIDES = ("fixed", "moving")
 
 def label_to_channels(label: np.ndarray, label_format: str,
                       label_values: Sequence[int] | None = None) -> np.ndarray:
-    """Turn a stored label into multi-channel binary, channels first.
+    """Turn a stored label into channels first.
 
     Args:
-        label: an integer map ``(D, H, W)`` or channels-last binary ``(D, H, W, L)``.
-        label_format: ``integer`` or ``channels``.
+        label: an integer map ``(D, H, W)``, or channels-last ``(D, H, W, L)`` binary or soft.
+        label_format: ``integer``, ``channels`` or ``soft``.
         label_values: for integer maps, the foreground value of each channel, in channel order.
 
     Returns:
-        ``(L, D, H, W)`` float32 in {0, 1}; channel ``c`` of an integer map is
-        ``label == label_values[c]``.
+        ``(L, D, H, W)`` float32: in {0, 1} (channel ``c`` of an integer map is
+        ``label == label_values[c]``), or the soft labels' values in [0, 1] unchanged.
     """
     if label_format == "integer":
         return np.stack([label == value for value in label_values]).astype(np.float32)
+    if label_format == "soft":
+        return np.moveaxis(label, -1, 0).astype(np.float32)
     return np.moveaxis(label > 0, -1, 0).astype(np.float32)
 
 
@@ -253,7 +255,7 @@ class PairDataset(Dataset):
             return images
         if label_file is None:
             raise DataError(f"{self.manifest_path}: case {case_id!r} has no {side} label")
-        label, _ = self._read(label_file, channels=self.label_format == "channels")
+        label, _ = self._read(label_file, channels=self.label_format != "integer")
         channels = label_to_channels(label, self.label_format, self.label_values)
         if label_index == STACK and channels.shape[0] != self.num_labels:
             raise DataError(f"{self.root / label_file}: {channels.shape[0]} label channels where "
@@ -262,7 +264,9 @@ class PairDataset(Dataset):
         if label_index != STACK:
             channels = channels[label_index:label_index + 1]
         tensor = torch.from_numpy(channels.reshape(*channels.shape, *trailing))
-        images[f"{side}_label"] = tio.LabelMap(tensor=tensor, affine=affine)
+        # soft labels are resampled linearly by augmentation (a LabelMap would take nearest)
+        kind = tio.ScalarImage if self.label_format == "soft" else tio.LabelMap
+        images[f"{side}_label"] = kind(tensor=tensor, affine=affine)
         return images
 
     def subject(self, fixed_id: str, moving_id: str, label_index: int = STACK) -> tio.Subject:
@@ -272,7 +276,8 @@ class PairDataset(Dataset):
         the moving grid onto the fixed grid, and TorchIO's patch samplers need one space.
         """
         fields: dict[str, Any] = {"fixed_id": fixed_id, "moving_id": moving_id,
-                                  "label_index": label_index}
+                                  "label_index": label_index,
+                                  "soft_labels": self.label_format == "soft"}
         fields.update(self._side(fixed_id, "fixed", label_index, affine=None))
         fixed_affine = fields["fixed_image"].affine
         fields.update(self._side(moving_id, "moving", label_index, affine=fixed_affine))
@@ -358,7 +363,7 @@ def collate_pairs(subjects: Sequence[tio.Subject]) -> dict[str, Any]:
         if key not in first:
             continue
         data = torch.stack([subject[key].data for subject in subjects]).float()
-        if key.endswith("label"):
+        if key.endswith("label") and not first["soft_labels"]:
             data = (data > 0.5).float()  # resampled labels: back to exact {0, 1}
         batch[key] = data[..., 0] if squeeze else data
     batch["fixed_id"] = [subject["fixed_id"] for subject in subjects]

@@ -36,8 +36,9 @@ from regflow.paths import MANIFEST_CSV, MANIFEST_JSON
 class LabelSpec:
     """How labels are stored after preprocessing.
 
-    ``source`` is "integer" (3-D maps) or "channels" (4-D channels-last binary); ``values`` are
-    the foreground values of integer maps in channel order; ``one_hot`` turns integer maps into
+    ``source`` is "integer" (3-D maps), "channels" (4-D channels-last binary) or "soft"
+    (probabilities in [0, 1], 3-D or 4-D channels-last, kept as floats); ``values`` are the
+    foreground values of integer maps in channel order; ``one_hot`` turns integer maps into
     channels on output.
     """
 
@@ -48,8 +49,15 @@ class LabelSpec:
 
     @property
     def output_format(self) -> str:
-        """``"channels"`` or ``"integer"``, as written in the manifest."""
+        """``"soft"``, ``"channels"`` or ``"integer"``, as written in the manifest."""
+        if self.source == "soft":
+            return "soft"
         return "channels" if self.source == "channels" or self.one_hot else "integer"
+
+    @property
+    def channels_source(self) -> bool:
+        """Whether raw labels are channels-last maps (a 3-D one is one channel): channels, soft."""
+        return self.source in ("channels", "soft")
 
 
 def voxel_spacing(affine: np.ndarray, ndim: int = 3) -> np.ndarray:
@@ -163,17 +171,25 @@ def encode_label(label: np.ndarray, spec: LabelSpec, where: str) -> np.ndarray:
     """Turn a raw label into its stored uint8 form.
 
     Args:
-        label: (*S) integer map, or (*S, L) channels-last map (binarised at 0.5).
+        label: (*S) integer map, or (*S, L) channels-last map (binarised at 0.5, or kept as
+            float32 probabilities for soft labels).
         spec: the dataset's :class:`LabelSpec`.
         where: case (and role) named in errors.
 
     Returns:
-        (*S) uint8 map, or (*S, L) uint8 binary channels when the source has channels or
-        ``spec.one_hot``.
+        (*S) uint8 map, (*S, L) uint8 binary channels when the source has channels or
+        ``spec.one_hot``, or (*S, L) float32 soft labels.
 
     Raises:
-        DataError: non-integer values, or values outside ``spec.values``.
+        DataError: non-integer values, values outside ``spec.values``, or soft labels outside
+            [0, 1].
     """
+    if spec.source == "soft":
+        label = np.asarray(label, dtype=np.float32)
+        if not np.isfinite(label).all() or label.min() < 0 or label.max() > 1:
+            raise DataError(f"{where}: soft label values must lie in [0, 1], found "
+                            f"[{np.nanmin(label):g}, {np.nanmax(label):g}]")
+        return label
     if spec.source == "channels":
         return (label > 0.5).astype(np.uint8)
     rounded = np.rint(label)
@@ -189,14 +205,16 @@ def encode_label(label: np.ndarray, spec: LabelSpec, where: str) -> np.ndarray:
 
 def process_label(label: np.ndarray, affine: np.ndarray, params: PreprocessConfig,
                   spec: LabelSpec, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Encode (:func:`encode_label`), resample (nearest), crop/pad with 0.
+    """Encode (:func:`encode_label`), resample (nearest; linear for soft labels), crop/pad with 0.
 
     Returns:
-        ``(label, affine)``: uint8 (*shape) or (*shape, L) array and its (4, 4) affine.
+        ``(label, affine)``: uint8 (*shape) or (*shape, L) array (float32 for soft labels) and
+        its (4, 4) affine.
     """
     label = encode_label(label, spec, where)
     if params.spacing is not None:
-        label, affine = resample(label, affine, params.spacing, order=0)
+        order = 1 if spec.source == "soft" else 0
+        label, affine = resample(label, affine, params.spacing, order=order)
     return crop_or_pad(label, affine, params.shape, fill=0)
 
 
@@ -282,7 +300,10 @@ def _label_spec(cases: list[RawCase], pairing: str, params: PreprocessConfig,
         return None
     ndim = len(params.shape)
     shapes = [squeezed_shape(ref.shape(), ndim) for ref in refs]
-    if msd_labels is None and any(len(shape) > ndim for shape in shapes):
+    if params.soft_labels:
+        values = None
+        count = max(shape[-1] if len(shape) > ndim else 1 for shape in shapes)
+    elif msd_labels is None and any(len(shape) > ndim for shape in shapes):
         values = None
         count = max(shape[-1] if len(shape) > ndim else 1 for shape in shapes)
     else:
@@ -298,7 +319,7 @@ def _label_spec(cases: list[RawCase], pairing: str, params: PreprocessConfig,
     if len(names) != count:
         raise DataError(f"{refs[0].path.parent}: {count} labels but {len(names)} label names "
                         f"{list(names)}")
-    source = "integer" if values is not None else "channels"
+    source = "soft" if params.soft_labels else "integer" if values is not None else "channels"
     return LabelSpec(source, values, names, one_hot=params.one_hot and source == "integer")
 
 
@@ -370,9 +391,9 @@ def _conform_label(label: np.ndarray, image_shape: tuple[int, ...], spec: LabelS
     DeepReg datasets may store a case holding one label as a 3-D map beside 4-D cases.
     """
     label = label.reshape(squeezed_shape(label.shape, len(image_shape)))
-    if spec.source == "channels" and label.ndim == len(image_shape):
+    if spec.channels_source and label.ndim == len(image_shape):
         label = label[..., None]
-    channels = spec.source == "channels" and label.ndim == len(image_shape) + 1
+    channels = spec.channels_source and label.ndim == len(image_shape) + 1
     if label.shape[:len(image_shape)] != image_shape or (label.ndim != len(image_shape)
                                                          and not channels):
         raise DataError(f"{where}: image shape {list(image_shape)} and label shape "

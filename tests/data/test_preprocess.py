@@ -366,3 +366,70 @@ def test_cli_preprocess_catalogue_dataset(hippo_raw: Path, tmp_path: Path) -> No
     missing = CliRunner().invoke(cli, ["preprocess", "-c", str(tmp_path / "params.yaml"),
                                        "-S", f"data.raw_dir={tmp_path}/none"])
     assert missing.exit_code == 2 and "raw dataset folder not found" in missing.output
+
+
+def soft_volumes(count: int, shape=(10, 12, 8)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Images and two-channel soft labels: channel 0 a ramp 0..1 along x, channel 1 constant."""
+    ramp = np.broadcast_to(np.linspace(0, 1, shape[0])[:, None, None], shape)
+    label = np.stack([ramp, np.full(shape, 0.3)], axis=-1).astype(np.float32)
+    rng = np.random.default_rng(4)
+    return {f"case{k}": (rng.normal(50, 10, shape).astype(np.float32), label)
+            for k in range(count)}
+
+
+def test_soft_labels_stay_floats_through_preprocessing_and_the_loader(tmp_path: Path) -> None:
+    from regflow.config import Config
+    from regflow.data.loader import build_dataloader
+
+    volumes = soft_volumes(7)
+    write_unpaired(tmp_path / "raw", volumes, {f"case{k}": "train" if k < 5 else "val"
+                                               for k in range(7)}, "nifti")
+    path = preprocess_folder(tmp_path / "raw", tmp_path / "out", layout="deepreg-unpaired",
+                             pairing="unpaired", seed=0,
+                             preprocess_config=PreprocessConfig(shape=[10, 12, 8],
+                                                                soft_labels=True))
+    manifest = json.loads(path.read_text())
+    assert manifest["label_format"] == "soft" and manifest["label_values"] is None
+    stored = nib.load(tmp_path / "out" / manifest["cases"][0]["label"])
+    assert stored.get_data_dtype() == np.float32
+    np.testing.assert_allclose(stored.get_fdata(), volumes["case0"][1], atol=1e-6)
+
+    config = Config.model_validate({"loader": {"batch_size": 2, "augment": {"enabled": False}}})
+    batch = next(iter(build_dataloader(path, "val", config, train=False)))
+    fixed_label = batch["fixed_label"][0].numpy()
+    assert fixed_label.shape == (2, 10, 12, 8)
+    np.testing.assert_allclose(fixed_label[0, :, 0, 0], np.linspace(0, 1, 10), atol=1e-6)
+    np.testing.assert_allclose(fixed_label[1], 0.3, atol=1e-6)  # not thresholded to 0
+    augmented = Config.model_validate({"loader": {"batch_size": 2, "augment": {
+        "enabled": True, "elastic": {"enabled": False}, "intensity": {"enabled": False}}}})
+    label = next(iter(build_dataloader(path, "train", augmented, train=True)))["fixed_label"]
+    assert 0 <= float(label.min()) and float(label.max()) <= 1 + 1e-5
+    assert bool(((label > 0.05) & (label < 0.95)).any()), "augmentation kept the soft values"
+
+
+def test_soft_labels_resample_linearly(tmp_path: Path) -> None:
+    volumes = soft_volumes(3)
+    write_unpaired(tmp_path / "raw", volumes, dict.fromkeys(volumes, "train"), "nifti")
+    path = preprocess_folder(tmp_path / "raw", tmp_path / "out", layout="deepreg-unpaired",
+                             pairing="unpaired", seed=0,
+                             preprocess_config=PreprocessConfig(shape=[20, 12, 8],
+                                                                spacing=[0.5, 1.0, 1.0],
+                                                                soft_labels=True))
+    case = json.loads(path.read_text())["cases"][0]
+    label = nib.load(tmp_path / "out" / case["label"]).get_fdata()
+    values = np.unique(np.round(label[..., 0], 4))
+    assert len(values) > 10, "a nearest-neighbour resampling would keep the 10 source values"
+    assert label.min() >= 0 and label.max() <= 1
+
+
+def test_soft_labels_outside_0_1_name_the_case(tmp_path: Path) -> None:
+    volumes = soft_volumes(3)
+    volumes["case1"] = (volumes["case1"][0], volumes["case1"][1] * 2)
+    write_unpaired(tmp_path / "raw", volumes, dict.fromkeys(volumes, "train"), "nifti")
+    with pytest.raises(DataError, match=r"case1: soft label values must lie in \[0, 1\], "
+                                        r"found \[0, 2\]"):
+        preprocess_folder(tmp_path / "raw", tmp_path / "out", layout="deepreg-unpaired",
+                          pairing="unpaired", seed=0,
+                          preprocess_config=PreprocessConfig(shape=[10, 12, 8],
+                                                             soft_labels=True))
+    assert not (tmp_path / "out").exists()
