@@ -136,6 +136,7 @@ class LoaderConfig(Section):
     sample_label: Literal["stack", "sample", "all"] = "stack"
     intra_group_prob: Annotated[float, Field(ge=0, le=1)] = 1.0
     intra_group_option: Literal["forward", "backward", "unconstrained"] = "forward"
+    group_pairs: Literal["sampled", "all"] = "sampled"  # all: every intra-group pair per epoch
     eval_pairs: PositiveInt = 40
     cache_volumes: bool = True
     fold: NonNegativeInt | None = None  # cross-validation: validate on this fold, train on the rest

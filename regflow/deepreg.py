@@ -299,8 +299,7 @@ def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: l
         loader["intra_group_prob"] = reader.get("dataset.intra_group_prob", 1.0)
         loader["intra_group_option"] = reader.get("dataset.intra_group_option", "forward")
         if reader.get("dataset.sample_image_in_group", True) is False:
-            reader.skipped.append(("dataset.sample_image_in_group", "regflow always samples "
-                                   "one pair per group and step"))
+            loader["group_pairs"] = "all"
     params["loader"] = loader
     return pairing, labeled, file_format, train_path
 

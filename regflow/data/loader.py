@@ -47,6 +47,7 @@ from regflow.data.pairs import (
     STACK,
     LabelItem,
     Pair,
+    all_group_pairs,
     grouped_pairs,
     label_items,
     paired_pairs,
@@ -224,6 +225,9 @@ class PairDataset(Dataset):
             if group is None:
                 raise DataError(f"{self.manifest_path}: grouped case {case_id!r} has no group")
             groups.setdefault(str(group), []).append(case_id)
+        if self.loader.group_pairs == "all":
+            pairs = all_group_pairs(groups, self.loader.intra_group_option)
+            return ([pairs[k] for k in rng.permutation(len(pairs))] if self.train else pairs), rng
         return grouped_pairs(groups, rng, self.loader.intra_group_prob,
                              self.loader.intra_group_option, count), rng
 

@@ -11,10 +11,12 @@ label_index)`` with ``label_index = -1`` meaning "all channels stacked".
 - grouped: cases belong to groups (e.g. time points of one subject). Images in a group are ordered
   by case id; ``forward`` registers an earlier image (moving) to a later one (fixed), ``backward``
   a later one to an earlier one, ``unconstrained`` either way (DeepReg's meaning of the options).
+  :func:`all_group_pairs` lists every intra-group pair instead of sampling.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -150,6 +152,33 @@ def grouped_pairs(groups: Mapping[str, Sequence[str]], rng: np.random.Generator,
             pairs.append(pair)
             if len(pairs) == count:
                 break
+    return pairs
+
+
+def all_group_pairs(groups: Mapping[str, Sequence[str]], option: IntraGroupOption
+                    ) -> list[Pair]:
+    """Every intra-group pair, group by group in name order (DeepReg's
+    ``sample_image_in_group: false``).
+
+    Args:
+        groups: group name -> case ids; images in a group are ordered by sorted case id.
+        option: ``forward`` (moving earlier than fixed), ``backward`` (moving later) or
+            ``unconstrained`` (both).
+
+    Returns:
+        ``[(fixed_id, moving_id), ...]``, by group, then moving image, then fixed image.
+
+    Raises:
+        DataError: no group has two images.
+    """
+    pairs: list[Pair] = []
+    for name in sorted(groups):
+        members = sorted(groups[name])
+        for moving, fixed in itertools.permutations(range(len(members)), 2):
+            if option == "unconstrained" or (moving < fixed) == (option == "forward"):
+                pairs.append((members[fixed], members[moving]))
+    if not pairs:
+        raise DataError("grouped data: need a group with two images to pair within groups")
     return pairs
 
 

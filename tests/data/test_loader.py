@@ -145,6 +145,18 @@ def test_grouped_intra_group_pairs_follow_the_order_option(synthetic, make_datas
     assert all((number(m) < number(f)) == earlier_moves for f, m in pairs)
 
 
+
+def test_grouped_pairs_all_evaluates_every_intra_group_pair_and_trains_on_them(make_dataset):
+    manifest = make_dataset("grouped", None)  # val: 2 groups of 2, train: 3 groups of 3
+    config = make_config(group_pairs="all", eval_pairs=1)
+    val = pairs_of(epochs(build_dataloader(manifest, "val", config, False))[0])
+    assert val == pair_list(manifest, "val", config) == [
+        ("g0-case010", "g0-case009"), ("g1-case012", "g1-case011")]
+    train = build_dataloader(manifest, "train", config, True)
+    first, second = (pairs_of(batches) for batches in epochs(train, 2))
+    assert sorted(first) == sorted(second) and first != second  # every pair, a new order
+    assert len(first) == 3 * 3  # 3 forward pairs in each of the 3 groups
+
 def test_grouped_inter_group_pairs_cross_groups(make_dataset):
     manifest = make_dataset("grouped", None)
     loader = build_dataloader(manifest, "train", make_config(intra_group_prob=0.0), True)

@@ -5,7 +5,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from regflow.data.pairs import grouped_pairs, label_items, paired_pairs, unpaired_pairs
+from regflow.data.pairs import (
+    all_group_pairs,
+    grouped_pairs,
+    label_items,
+    paired_pairs,
+    unpaired_pairs,
+)
 from regflow.errors import DataError
 
 IDS = [f"case{k}" for k in range(7)]
@@ -125,3 +131,16 @@ def test_label_items_with_a_count_per_pair():
         ("a", "b", 0), ("a", "b", 1), ("a", "b", 2), ("c", "d", 0)]
     sampled = [label_items(pairs, [3, 1], "sample", rng(seed))[1] for seed in range(10)]
     assert all(item == ("c", "d", 0) for item in sampled)
+
+
+@pytest.mark.parametrize(("option", "expected"), [
+    ("forward", [("b", "a"), ("c", "a"), ("c", "b"), ("y", "x")]),
+    ("backward", [("a", "b"), ("a", "c"), ("b", "c"), ("x", "y")]),
+    ("unconstrained", [("b", "a"), ("c", "a"), ("a", "b"), ("c", "b"), ("a", "c"), ("b", "c"),
+                       ("y", "x"), ("x", "y")]),
+])
+def test_all_group_pairs_lists_every_intra_group_pair(option, expected):
+    groups = {"g1": ["x", "y"], "g0": ["c", "a", "b"], "g2": ["z"]}
+    assert all_group_pairs(groups, option) == expected
+    with pytest.raises(DataError, match="need a group with two images"):
+        all_group_pairs({"g0": ["a"], "g1": ["b"]}, option)
