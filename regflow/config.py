@@ -150,6 +150,7 @@ class BackboneConfig(Section):
     name: str = "local"
     channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
     norm: Literal["instance", "batch", "none"] = "instance"
+    extract_levels: list[NonNegativeInt] | None = None  # local: levels whose fields are summed
 
     @field_validator("name")
     @classmethod

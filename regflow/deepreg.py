@@ -304,21 +304,23 @@ def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: l
     return pairing, labeled, file_format, train_path
 
 
-def _channels(reader: _Reader, backbone: str) -> list[int]:
-    """Backbone widths: num_channel_initial doubling per level; DeepReg's depth (or the deepest
-    extract level for local) is the number of poolings, as regflow's ``len(channels)``."""
+def _backbone(reader: _Reader, backbone: str) -> dict[str, Any]:
+    """Backbone name, widths and levels: num_channel_initial doubling per level; DeepReg's depth
+    (or the deepest extract level for local) is the number of poolings, as regflow's
+    ``len(channels)``; LocalNet's extract levels carry over when they are not all levels."""
     initial = int(reader.get("train.backbone.num_channel_initial", 16))
+    settings: dict[str, Any] = {"name": backbone}
     if backbone == "local":
-        levels = reader.get("train.backbone.extract_levels", [0, 1, 2, 3])
+        levels = sorted(set(reader.get("train.backbone.extract_levels", [0, 1, 2, 3])))
         depth = max(levels)
-        if sorted(levels) != list(range(depth + 1)):
-            reader.skipped.append(("train.backbone.extract_levels", "regflow's LocalNet sums the "
-                                   f"fields of every level 0..{depth}"))
         reader.skip("train.backbone.depth", "local uses extract_levels")
     else:
         depth = int(reader.get("train.backbone.depth", 3))
         reader.skip("train.backbone.extract_levels", f"{backbone} uses depth")
-    return [initial * 2**level for level in range(max(1, depth))]
+    settings["channels"] = [initial * 2**level for level in range(max(1, depth))]
+    if backbone == "local" and levels != list(range(len(settings["channels"]) + 1)):
+        settings["extract_levels"] = levels
+    return settings
 
 
 def _translate_model(reader: _Reader, params: dict[str, Any], notes: list[str]) -> str:
@@ -340,8 +342,7 @@ def _translate_model(reader: _Reader, params: dict[str, Any], notes: list[str]) 
         reader.skip(f"train.backbone.{key}", "no regflow equivalent (fixed by the backbone)")
     params["train"]["model"] = {
         "method": method,
-        "backbone": {"name": backbone, "channels": _channels(reader, backbone),
-                     "norm": "batch"},
+        "backbone": {**_backbone(reader, backbone), "norm": "batch"},
     }
     notes.append("train.model.backbone.norm batch: DeepReg's conv blocks use batch norm")
     return method

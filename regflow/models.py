@@ -65,6 +65,7 @@ class RegistrationModel(nn.Module):
         ndim: 2 or 3 spatial dimensions.
         integration_steps: squarings for "dvf".
         label_channels: label channels of the "conditional" input and output.
+        extract_levels: LocalNet's levels whose fields are summed (None: all).
 
     Raises:
         ConfigError: unknown method, or a method/backbone combination that cannot work.
@@ -73,7 +74,7 @@ class RegistrationModel(nn.Module):
     def __init__(self, method: str = "ddf", backbone: str = "local",
                  channels: Sequence[int] = (16, 32, 64), ndim: int = 3,
                  integration_steps: int = 7, label_channels: int = 1,
-                 norm: str = DEFAULT_NORM) -> None:
+                 norm: str = DEFAULT_NORM, extract_levels: Sequence[int] | None = None) -> None:
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"train.model.method: unknown method {method!r}; "
@@ -88,6 +89,7 @@ class RegistrationModel(nn.Module):
         self.integration_steps = integration_steps
         self.label_channels = label_channels
         self.norm = norm
+        self.extract_levels = None if extract_levels is None else [int(k) for k in extract_levels]
         conditional = method == "conditional"
         self.backbone = build_backbone(
             backbone, ndim,
@@ -95,6 +97,7 @@ class RegistrationModel(nn.Module):
             out_channels=label_channels if conditional else ndim,
             channels=self.channels,
             norm=norm,
+            extract_levels=self.extract_levels,
         )
 
     @classmethod
@@ -110,7 +113,8 @@ class RegistrationModel(nn.Module):
         return cls(method=model_config.method, backbone=model_config.backbone.name,
                    channels=model_config.backbone.channels, ndim=ndim,
                    integration_steps=model_config.integration_steps,
-                   label_channels=label_channels, norm=model_config.backbone.norm)
+                   label_channels=label_channels, norm=model_config.backbone.norm,
+                   extract_levels=model_config.backbone.extract_levels)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -118,7 +122,8 @@ class RegistrationModel(nn.Module):
         return {"method": self.method, "backbone": self.backbone_name,
                 "channels": list(self.channels), "ndim": self.ndim,
                 "integration_steps": self.integration_steps,
-                "label_channels": self.label_channels, "norm": self.norm}
+                "label_channels": self.label_channels, "norm": self.norm,
+                "extract_levels": self.extract_levels}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
                 moving_label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

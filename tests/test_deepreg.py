@@ -68,6 +68,8 @@ def test_paired_ddf_translation_selects_deepreg_semantics(tmp_path, monkeypatch)
     model = params["train"]["model"]
     assert model["method"] == "ddf"
     assert model["backbone"]["channels"] == [1, 2, 4, 8]  # extract levels 0..4: 4 poolings
+    assert "extract_levels" not in model["backbone"]  # every level: regflow's default
+    assert params["preprocess"]["soft_labels"] is True  # DeepReg's label values
     loss = params["train"]["loss"]
     assert loss["image"]["lncc"] == {"weight": 0.1, "options": {
         "border": "zero_pad", "smooth_nr": 1e-5, "eps": 1e-5}}
@@ -96,7 +98,11 @@ def test_unknown_keys_and_old_layouts_are_reported_key_by_key():
                                            {"name": "hausdorff", "weight": 1.0}]},
                         "optimizer": {"name": "RMSprop", "learning_rate": 0.1,
                                       "momentum": 0.5}}}
+    merged["train"]["backbone"] = {"name": "local", "extract_levels": [3, 1, 2],
+                                   "num_channel_initial": 4}
     result = translate(merged, "x")
+    assert result.params["train"]["model"]["backbone"] == {
+        "name": "local", "channels": [4, 8, 16], "extract_levels": [1, 2, 3], "norm": "batch"}
     skipped = dict(result.skipped)
     assert "cauchy" in skipped["train.loss.label[0].kernel"]
     assert "hausdorff" in skipped["train.loss.label[1].name"]

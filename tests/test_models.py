@@ -165,9 +165,19 @@ def test_from_config_and_config_property():
     model = RegistrationModel.from_config(model_config, ndim=2, label_channels=4)
     assert model.config == {"method": "dvf", "backbone": "unet", "channels": [4, 8, 8],
                             "ndim": 2, "integration_steps": 3, "label_channels": 4,
-                            "norm": "batch"}
+                            "norm": "batch", "extract_levels": None}
     assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     assert RegistrationModel(**model.config).config == model.config
+
+
+def test_extract_levels_survive_a_checkpoint(tmp_path):
+    model_config = ModelConfig(backbone={"name": "local", "channels": [4, 8],
+                                         "extract_levels": [0, 2]})
+    model = RegistrationModel.from_config(model_config)
+    model.save(tmp_path / "model.pt")
+    loaded, _ = RegistrationModel.load(tmp_path / "model.pt")
+    assert loaded.config["extract_levels"] == [0, 2]
+    assert list(loaded.backbone.heads) == ["0", "2"]
 
 
 @pytest.mark.parametrize(("method", "backbone"), [("ddf", "local"), ("affine", "global"),

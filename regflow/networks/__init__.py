@@ -19,7 +19,8 @@ BACKBONES: dict[str, type[nn.Module]] = {"local": LocalNet, "global": GlobalNet,
 
 
 def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
-                   channels: Sequence[int], norm: str = DEFAULT_NORM) -> nn.Module:
+                   channels: Sequence[int], norm: str = DEFAULT_NORM,
+                   extract_levels: Sequence[int] | None = None) -> nn.Module:
     """Build a backbone by its config name (``train.model.backbone.name``).
 
     Args:
@@ -31,13 +32,20 @@ def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
             "global", whose output is always theta (B, ndim, ndim + 1).
         channels: features per level, e.g. ``[16, 32, 64]``.
         norm: feature normalisation: "instance", "batch" or "none".
+        extract_levels: "local" only: the levels whose fields are summed (None: all).
 
     Returns:
         The network: (B, in_channels, *S) -> (B, out_channels, *S), or theta for "global".
 
     Raises:
-        ConfigError: unknown name (the message lists the known ones).
+        ConfigError: unknown name (the message lists the known ones), or extract levels for a
+            backbone other than "local".
     """
+    if extract_levels is not None and name != "local":
+        raise ConfigError(f"train.model.backbone.extract_levels: only the local backbone sums "
+                          f"fields over levels, not {name!r}")
+    if name == "local":
+        return LocalNet(ndim, in_channels, out_channels, channels, norm, extract_levels)
     if name == "global":
         return GlobalNet(ndim, in_channels, channels, norm)
     if name in BACKBONES:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from regflow.errors import ConfigError
 from regflow.networks.layers import (
     DEFAULT_NORM,
     EncoderDecoder,
@@ -22,9 +23,9 @@ from regflow.networks.layers import (
 class LocalNet(EncoderDecoder):
     """Encoder of conv + residual levels, decoder with additive skips, multi-level field output.
 
-    Every decoder level (and the bottom) predicts a field with its own ~0-initialised head; the
-    coarse field is upsampled and added to the next finer one, so coarse levels capture large,
-    smooth motion and fine levels the detail.
+    Every extracted decoder level (and the bottom, level ``depth``) predicts a field with its own
+    ~0-initialised head; the coarse field is upsampled and added to the next finer one, so coarse
+    levels capture large, smooth motion and fine levels the detail.
 
     Args:
         ndim: 2 or 3 spatial dimensions.
@@ -33,13 +34,25 @@ class LocalNet(EncoderDecoder):
         channels: features per level; ``depth = len(channels)`` poolings, bottom at
             ``2 * channels[-1]`` features.
         norm: feature normalisation: "instance", "batch" or "none".
+        extract_levels: the levels whose fields are summed (0 is full resolution, ``depth`` the
+            bottom; DeepReg's ``extract_levels``); None: all of them.
+
+    Raises:
+        ConfigError: an extract level outside 0..depth.
     """
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
-                 channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM) -> None:
+                 channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM,
+                 extract_levels: Sequence[int] | None = None) -> None:
         super().__init__(ndim, in_channels, channels, residual=True, norm=norm)
+        levels = range(self.depth + 1)
+        self.extract_levels = sorted(set(levels if extract_levels is None else extract_levels))
+        if not self.extract_levels or not set(self.extract_levels) <= set(levels):
+            raise ConfigError(f"train.model.backbone.extract_levels: {list(extract_levels)} must "
+                              f"be levels in 0..{self.depth} (the number of backbone channels)")
         self.decoders = nn.ModuleList(ResidualBlock(ndim, width, norm) for width in channels)
-        self.heads = nn.ModuleList(field_head(ndim, width, out_channels) for width in self.widths)
+        self.heads = nn.ModuleDict({str(level): field_head(ndim, self.widths[level], out_channels)
+                                    for level in self.extract_levels})
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Predict a dense field.
@@ -52,8 +65,18 @@ class LocalNet(EncoderDecoder):
         """
         padded, shape = pad_to_multiple(image, 2**self.depth)
         skips, features = self.encoder(channels_last(padded))
-        field = self.heads[-1](features)
+        field = self._level_field(self.depth, features, None)
         for level in reversed(range(self.depth)):
             features = self.decoders[level](self.ups[level](features) + skips[level])
-            field = resize(field, features.shape[2:]) + self.heads[level](features)
+            field = self._level_field(level, features, field)
+        if field.shape[2:] != features.shape[2:]:  # level 0 not extracted
+            field = resize(field, features.shape[2:])
         return crop_to(field, shape).contiguous()
+
+    def _level_field(self, level: int, features: torch.Tensor, coarser: torch.Tensor | None
+                     ) -> torch.Tensor | None:
+        """The coarser levels' field at this level's size, plus this level's own if extracted."""
+        if str(level) not in self.heads:
+            return coarser
+        field = self.heads[str(level)](features)
+        return field if coarser is None else resize(coarser, features.shape[2:]) + field

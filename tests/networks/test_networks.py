@@ -52,15 +52,38 @@ def test_samples_in_a_batch_are_independent(network):
 
 def test_localnet_sums_fields_from_every_level():
     net = LocalNet(3, 2, 3, CHANNELS)
+    bottom = str(len(CHANNELS))
+    assert list(net.heads) == [str(level) for level in range(len(CHANNELS) + 1)]
     images = torch.rand(1, 2, 16, 16, 16)
     with torch.no_grad():
-        for head in net.heads[:-1]:
-            head.weight.zero_()
+        for level, head in net.heads.items():
+            if level != bottom:
+                head.weight.zero_()
         bottom_only = net(images)
-        net.heads[-1].weight.zero_()
+        net.heads[bottom].weight.zero_()
         nothing = net(images)
     assert bottom_only.abs().max() > 0
     assert torch.equal(nothing, torch.zeros_like(nothing))
+
+
+def test_localnet_extract_levels_keep_only_those_heads_and_their_sum():
+    torch.manual_seed(0)
+    full = LocalNet(3, 2, 3, CHANNELS)
+    images = torch.rand(1, 2, 16, 16, 16)
+    coarse = LocalNet(3, 2, 3, CHANNELS, extract_levels=[1, 2])
+    assert list(coarse.heads) == ["1", "2"]
+    coarse.load_state_dict(full.state_dict(), strict=False)  # same encoder, decoders, heads 1, 2
+    with torch.no_grad():
+        full.heads["0"].weight.zero_()
+        full.heads["0"].bias.zero_()
+        expected = full(images)
+        got = coarse(images)
+    assert got.shape == (1, 3, 16, 16, 16)
+    torch.testing.assert_close(got, expected)  # the missing levels add nothing, as zeroed heads
+    with pytest.raises(ConfigError, match=r"extract_levels: \[3\] must be levels in 0..2"):
+        LocalNet(3, 2, 3, CHANNELS, extract_levels=[3])
+    with pytest.raises(ConfigError, match="only the local backbone sums fields over levels"):
+        build_backbone("unet", 3, 2, 3, CHANNELS, extract_levels=[0])
 
 
 @pytest.mark.parametrize("name", ["local", "unet", "global"])
