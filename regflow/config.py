@@ -66,6 +66,7 @@ class PreprocessConfig(Section):
 
     shape: Shape3 = Field(default_factory=lambda: [48, 64, 48])
     spacing: list[Annotated[float, Field(gt=0)]] | None = None
+    resize: bool = False  # resample every image to `shape` over its own field of view (DeepReg)
     normalise: Literal["minmax", "percentile", "none"] = "minmax"
     percentiles: Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=2,
                                                                              max_length=2)] = (
@@ -83,6 +84,9 @@ class PreprocessConfig(Section):
             raise ValueError("val_fraction + test_fraction must be below 1")
         if self.percentiles[0] >= self.percentiles[1]:
             raise ValueError("percentiles must be [low, high] with low < high")
+        if self.resize and self.spacing is not None:
+            raise ValueError("resize (to the shape) and spacing (a voxel size) exclude each "
+                             "other; set one")
         return self
 
 

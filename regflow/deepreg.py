@@ -286,14 +286,13 @@ def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: l
         moving_shape = reader.get("dataset.moving_image_shape")
         reader.skip("dataset.image_shape", "paired data use fixed_image_shape")
         if moving_shape is not None and moving_shape != shape:
-            reader.skipped.append(("dataset.moving_image_shape", "regflow crops/pads moving and "
-                                   f"fixed images to one shape, the fixed one ({shape})"))
+            notes.append(f"dataset.moving_image_shape {moving_shape}: moving images are resized "
+                         f"to the fixed shape {shape} (their field of view kept), which is what "
+                         "DeepReg's network sees")
     # DeepReg reads labels as probabilities in [0, 1] and refuses other values
     params["preprocess"] = {"normalise": "minmax", "soft_labels": labeled}
-    if shape is not None:
-        params["preprocess"]["shape"] = list(shape)
-        notes.append(f"preprocess.shape {list(shape)}: regflow crops/pads to this shape where "
-                     "DeepReg resizes (interpolates) to it")
+    if shape is not None:  # DeepReg resizes (interpolates) every image to its shape
+        params["preprocess"].update(shape=list(shape), resize=True)
     loader: dict[str, Any] = {"sample_label": reader.get("dataset.sample_label", "sample")}
     if pairing == "grouped":
         loader["intra_group_prob"] = reader.get("dataset.intra_group_prob", 1.0)

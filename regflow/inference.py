@@ -275,10 +275,11 @@ class Registrar:
         return ModelFrame(tensor[None, None], processed_affine)
 
     def _preprocess_params(self) -> PreprocessConfig:
-        """The record's preprocessing, resampling to the model's voxel size when it has one."""
+        """The record's preprocessing, resampling to the model's voxel size when it has one
+        (a model trained on resized images resizes instead)."""
         settings = self.record.preprocessing
         fields = {key: getattr(settings, key) for key in PreprocessConfig.model_fields}
-        fields["spacing"] = self.record.spacing
+        fields["spacing"] = None if settings.resize else self.record.spacing
         return PreprocessConfig.model_validate(fields)
 
     def register_volumes(self, fixed: Volume, moving: Volume, moving_label: Volume | None = None,

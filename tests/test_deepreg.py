@@ -63,6 +63,8 @@ def test_paired_ddf_translation_selects_deepreg_semantics(tmp_path, monkeypatch)
     assert params["data"]["local"]["paired"] == {"path": "data/test/nifti/paired",
                                                  "pairing": "paired", "format": "nifti"}
     assert params["preprocess"]["shape"] == [8, 8, 8]
+    assert params["preprocess"]["resize"] is True  # DeepReg interpolates to the shape
+    assert any("moving_image_shape" in note for note in result.notes)
     assert params["loader"]["batch_size"] == 2
     assert params["loader"]["sample_label"] == "sample"
     model = params["train"]["model"]
@@ -83,7 +85,7 @@ def test_paired_ddf_translation_selects_deepreg_semantics(tmp_path, monkeypatch)
     assert (params["train"]["steps"], params["train"]["checkpoint_every"]) == (4, 4)
     skipped = dict(result.skipped)
     assert set(skipped) == {
-        "dataset.valid.dir", "dataset.moving_image_shape", "train.optimizer.sgd.learning_rate",
+        "dataset.valid.dir", "train.optimizer.sgd.learning_rate",
         "train.optimizer.sgd.momentum", "train.optimizer.rms.learning_rate",
         "train.optimizer.rms.momentum", "train.preprocess.shuffle_buffer_num_batch"}
     assert "unused by DeepReg too" in skipped["train.optimizer.sgd.momentum"]

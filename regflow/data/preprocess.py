@@ -97,6 +97,26 @@ def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], or
     return (resampled if array.ndim > ndim else resampled[..., 0]), new_affine
 
 
+def resize_to_shape(array: np.ndarray, affine: np.ndarray, shape: Sequence[int], order: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Resample to exactly ``shape`` voxels over the same field of view (DeepReg's resizing).
+
+    The voxel size becomes ``spacing * S / shape`` per axis and the grid centre stays where it
+    is in world space (see :func:`resample`).
+
+    Args:
+        array: (*S) or (*S, C) volume.
+        affine: (4, 4) voxel-to-world matrix (mm).
+        shape: target spatial size (voxels).
+        order: 1 (linear) for images and soft labels, 0 (nearest) for label maps.
+    """
+    ndim = len(shape)
+    spacing = voxel_spacing(affine, ndim) * np.asarray(array.shape[:ndim], dtype=np.float64) \
+        / np.asarray(shape, dtype=np.float64)
+    resized, new_affine = resample(array, affine, spacing.tolist(), order=order)
+    return crop_or_pad(resized, new_affine, shape, fill=0)  # a no-op unless rounding slipped
+
+
 def crop_or_pad(array: np.ndarray, affine: np.ndarray, shape: Sequence[int], fill: float
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Centre-crop and/or pad the spatial axes to ``shape``; world coordinates stay put.
@@ -155,13 +175,16 @@ def normalise(image: np.ndarray, method: str, percentiles: Sequence[float] = (0.
 
 def process_image(image: np.ndarray, affine: np.ndarray, params: PreprocessConfig
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Resample (linear), normalise, then crop/pad (filling with the image minimum).
+    """Resample (linear) to the voxel size or, with ``resize``, to the shape; normalise; then
+    crop/pad (filling with the image minimum).
 
     Returns:
         ``(image, affine)``: float32 array of exactly ``params.shape`` and its (4, 4) affine.
     """
     image = np.asarray(image, dtype=np.float32)
-    if params.spacing is not None:
+    if params.resize:
+        image, affine = resize_to_shape(image, affine, params.shape, order=1)
+    elif params.spacing is not None:
         image, affine = resample(image, affine, params.spacing, order=1)
     image = normalise(image, params.normalise, params.percentiles)
     return crop_or_pad(image, affine, params.shape, fill=float(image.min()))
@@ -205,15 +228,18 @@ def encode_label(label: np.ndarray, spec: LabelSpec, where: str) -> np.ndarray:
 
 def process_label(label: np.ndarray, affine: np.ndarray, params: PreprocessConfig,
                   spec: LabelSpec, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Encode (:func:`encode_label`), resample (nearest; linear for soft labels), crop/pad with 0.
+    """Encode (:func:`encode_label`), resample as the image (nearest; linear for soft labels),
+    crop/pad with 0.
 
     Returns:
         ``(label, affine)``: uint8 (*shape) or (*shape, L) array (float32 for soft labels) and
         its (4, 4) affine.
     """
     label = encode_label(label, spec, where)
-    if params.spacing is not None:
-        order = 1 if spec.source == "soft" else 0
+    order = 1 if spec.source == "soft" else 0
+    if params.resize:
+        label, affine = resize_to_shape(label, affine, params.shape, order=order)
+    elif params.spacing is not None:
         label, affine = resample(label, affine, params.spacing, order=order)
     return crop_or_pad(label, affine, params.shape, fill=0)
 
@@ -428,7 +454,8 @@ def _manifest(name: str, pairing: str, params: PreprocessConfig, seed: int, simu
               spec: LabelSpec | None, spacings: list[np.ndarray], rows: list[dict[str, Any]]
               ) -> Manifest:
     stacked = np.round(np.stack(spacings), 6)
-    common = params.spacing or (stacked[0].tolist() if np.all(stacked == stacked[0]) else None)
+    common = params.spacing or (stacked[0].tolist() if np.all(stacked == stacked[0])
+                                and not params.resize else None)
     return Manifest(
         dataset=name,
         pairing=pairing,
