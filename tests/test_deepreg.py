@@ -20,6 +20,12 @@ from tests.synthetic import make_case
 CONFIGS = Path(__file__).parent / "deepreg_configs"
 
 
+def deepreg_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic case with its labels as DeepReg stores them: channels-last, values in [0, 1]."""
+    image, label = make_case(rng)
+    return image, np.stack([label == 1, label == 2], axis=-1).astype(np.float32)
+
+
 def write_layout(root: Path, pairing: str, cases: dict[str, int], seed: int = 0) -> None:
     """Synthetic volumes in DeepReg's folder layout: ``cases`` maps split folder -> cases (paired,
     unpaired) or groups of two images (grouped)."""
@@ -28,7 +34,7 @@ def write_layout(root: Path, pairing: str, cases: dict[str, int], seed: int = 0)
     for folder, count in cases.items():
         for number in range(count):
             if pairing == "paired":
-                files = {side: make_case(rng) for side in ("fixed", "moving")}
+                files = {side: deepreg_case(rng) for side in ("fixed", "moving")}
                 for side, (image, label) in files.items():
                     case = f"{folder}{number}.nii.gz"  # case ids are unique across splits
                     write_nifti(root / folder / f"{side}_images" / case, image, identity)
@@ -37,7 +43,7 @@ def write_layout(root: Path, pairing: str, cases: dict[str, int], seed: int = 0)
             names = ([f"{folder}{number}/image{index}" for index in range(2)]
                      if pairing == "grouped" else [f"{folder}{number}"])
             for name in names:
-                image, label = make_case(rng)
+                image, label = deepreg_case(rng)
                 write_nifti(root / folder / "images" / f"{name}.nii.gz", image, identity)
                 write_nifti(root / folder / "labels" / f"{name}.nii.gz", label, identity)
 
