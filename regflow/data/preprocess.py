@@ -117,6 +117,17 @@ def resize_to_shape(array: np.ndarray, affine: np.ndarray, shape: Sequence[int],
     return crop_or_pad(resized, new_affine, shape, fill=0)  # a no-op unless rounding slipped
 
 
+def regrid(array: np.ndarray, affine: np.ndarray, params: PreprocessConfig, order: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The grid preprocessing asks for: the shape (``resize``), the voxel size (``spacing``), or
+    the volume's own (neither)."""
+    if params.resize:
+        return resize_to_shape(array, affine, params.shape, order=order)
+    if params.spacing is not None:
+        return resample(array, affine, params.spacing, order=order)
+    return array, affine
+
+
 def crop_or_pad(array: np.ndarray, affine: np.ndarray, shape: Sequence[int], fill: float
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Centre-crop and/or pad the spatial axes to ``shape``; world coordinates stay put.
@@ -181,11 +192,7 @@ def process_image(image: np.ndarray, affine: np.ndarray, params: PreprocessConfi
     Returns:
         ``(image, affine)``: float32 array of exactly ``params.shape`` and its (4, 4) affine.
     """
-    image = np.asarray(image, dtype=np.float32)
-    if params.resize:
-        image, affine = resize_to_shape(image, affine, params.shape, order=1)
-    elif params.spacing is not None:
-        image, affine = resample(image, affine, params.spacing, order=1)
+    image, affine = regrid(np.asarray(image, dtype=np.float32), affine, params, order=1)
     image = normalise(image, params.normalise, params.percentiles)
     return crop_or_pad(image, affine, params.shape, fill=float(image.min()))
 
@@ -236,11 +243,7 @@ def process_label(label: np.ndarray, affine: np.ndarray, params: PreprocessConfi
         its (4, 4) affine.
     """
     label = encode_label(label, spec, where)
-    order = 1 if spec.source == "soft" else 0
-    if params.resize:
-        label, affine = resize_to_shape(label, affine, params.shape, order=order)
-    elif params.spacing is not None:
-        label, affine = resample(label, affine, params.spacing, order=order)
+    label, affine = regrid(label, affine, params, order=1 if spec.source == "soft" else 0)
     return crop_or_pad(label, affine, params.shape, fill=0)
 
 
