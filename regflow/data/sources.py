@@ -14,16 +14,17 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tqdm import tqdm
 
 from regflow import __version__
 from regflow.config import Config, LocalDataset
 from regflow.data.archive import safe_extract
+from regflow.data.conversions import convert
 from regflow.data.download import download
 from regflow.data.integrity import (
     SUMS_NAME,
@@ -80,6 +81,9 @@ class DatasetEntry:
         checksums: the shipped per-file list, a file name under regflow/data/checksums/ (or an
             absolute path), paths relative to ``data/raw/<name>/<subdir>/``; or None.
         local_path: kind "local": the user's folder.
+        conversion: the :mod:`regflow.data.conversions` function that turns the upstream tree
+            into ``layout`` after fetching (None: it is in that layout already).
+        conversion_options: that function's keyword arguments.
     """
 
     name: str
@@ -100,6 +104,8 @@ class DatasetEntry:
     mirror_name: str | None = None
     checksums: str | None = None
     local_path: str | None = None
+    conversion: str | None = None
+    conversion_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 def pinned_checksums(entry: DatasetEntry) -> dict[str, str]:
@@ -134,14 +140,28 @@ def _deepreg_paired_prostate() -> DatasetEntry:
 
 LEARN2REG_2020 = ("Dalca, Hu, Vercauteren, Heinrich, Hansen, Modat et al., Learn2Reg - The "
                   "Challenge (2020), Zenodo, doi:10.5281/zenodo.3715652")
+LEARN2REG_LUNG = ("Hering, Murphy and van Ginneken, Learn2Reg Challenge: CT Lung Registration - "
+                  "Training Data (2020), Zenodo, doi:10.5281/zenodo.3835682")
+LUNG_URL = "https://zenodo.org/record/3835682/files/training.zip"
+LUNG_LICENCE = "CC BY 4.0 (Zenodo record 3835682; check upstream)"
+YIPENG_EXAMPLE_DATA = "https://github.com/YipengHu/example-data"
+NO_LICENCE_STATED = "no licence stated upstream (DeepReg demo data); check before reuse"
+# DeepReg's demo reads these scans as insp -> fixed, exp -> moving and leaves case_020 out
+# ("did not load correctly" upstream)
+LUNG_EXCLUDE = ("case_020",)
 
-def _network_archive(name: str, pairing: Pairing, url: str, mirror_name: str,
-                     **details: str | list[str]) -> DatasetEntry:
-    """A catalogue entry for a DeepReg demo archive that only the network has (no digest known
-    offline): kind "archive", DeepReg layout of its pairing."""
-    return DatasetEntry(name=name, kind="archive", layout=f"deepreg-{pairing}", pairing=pairing,
-                        needs_network=True, urls=(url,), sha256=(None,),
-                        mirror_name=mirror_name, **details)
+
+def _network_entry(name: str, pairing: Pairing, url: str, mirror_name: str,
+                   conversion: str, options: Mapping[str, Any], kind: Kind = "archive",
+                   **details: Any) -> DatasetEntry:
+    """A catalogue entry for DeepReg demo data that only the network has (no digest known
+    offline): an archive (or one file, kind "files") converted into DeepReg's layout of its
+    pairing by ``conversion``."""
+    files = (url.rsplit("/", 1)[-1],) if kind == "files" else ()
+    return DatasetEntry(name=name, kind=kind, layout=f"deepreg-{pairing}", pairing=pairing,
+                        needs_network=True, urls=(url,), sha256=(None,), files=files,
+                        mirror_name=mirror_name, conversion=conversion,
+                        conversion_options=options, **details)
 
 
 CATALOGUE: dict[str, DatasetEntry] = {entry.name: entry for entry in (
@@ -163,22 +183,28 @@ CATALOGUE: dict[str, DatasetEntry] = {entry.name: entry for entry in (
         checksums="msd-hippocampus.sha256",
     ),
     _deepreg_paired_prostate(),
-    _network_archive(
-        "learn2reg-lung-ct", "paired", "https://zenodo.org/record/3835682/files/training.zip",
-        "learn2reg_lung_ct",
-        description="Learn2Reg 2020 Task 2 inspiration/expiration lung CT + lung masks "
-                    "(DeepReg paired_ct_lung demo); upstream layout: arrange it as DeepReg "
-                    "paired, then use data.local",
-        licence="CC BY 4.0 (Zenodo record 3835682; check upstream)",
-        citation="Hering, Murphy and van Ginneken, Learn2Reg Challenge: CT Lung Registration - "
-                 "Training Data (2020), Zenodo, doi:10.5281/zenodo.3835682",
-        label_names=["lung"],
+    _network_entry(
+        "learn2reg-lung-ct", "paired", LUNG_URL, "learn2reg_lung_ct", "tagged_scans",
+        {"images": "scans", "labels": "lungMasks", "sides": {"insp": "fixed_", "exp": "moving_"},
+         "exclude": LUNG_EXCLUDE},
+        description="Learn2Reg 2020 Task 2 lung CT, inspiration (fixed) and expiration "
+                    "(moving) of each patient with lung masks (DeepReg paired_ct_lung demo)",
+        licence=LUNG_LICENCE, citation=LEARN2REG_LUNG, label_names=["lung"],
     ),
-    _network_archive(
+    _network_entry(
+        "learn2reg-lung-ct-unpaired", "unpaired", LUNG_URL, "learn2reg_lung_ct",
+        "tagged_scans",
+        {"images": "scans", "labels": "lungMasks", "sides": {"exp": ""},
+         "exclude": LUNG_EXCLUDE},
+        description="Learn2Reg 2020 Task 2 lung CT, the expiration scans only, registered "
+                    "between patients (DeepReg unpaired_ct_lung demo)",
+        licence=LUNG_LICENCE, citation=LEARN2REG_LUNG, label_names=["lung"],
+    ),
+    _network_entry(
         "learn2reg-abdomen-ct", "unpaired", f"{DEEPREG_DEMO_DATA}/abdct.zip", "deepreg_abdct",
+        "subfolder", {"path": "dataset"},
         description="Learn2Reg 2020 Task 3 inter-patient abdominal CT, 13 organ labels "
-                    "(DeepReg unpaired_ct_abdomen demo); upstream layout: split it, then use "
-                    "data.local",
+                    "(DeepReg unpaired_ct_abdomen demo)",
         licence="Learn2Reg 2020 Task 3 terms (BTCV data, research use; check upstream)",
         citation=LEARN2REG_2020,
         label_names=["spleen", "right kidney", "left kidney", "gall bladder", "esophagus",
@@ -186,13 +212,82 @@ CATALOGUE: dict[str, DatasetEntry] = {entry.name: entry for entry in (
                      "portal and splenic vein", "pancreas", "left adrenal gland",
                      "right adrenal gland"],
     ),
-    _network_archive(
+    _network_entry(
         "myops-grouped-mr-heart", "grouped", f"{DEEPREG_DEMO_DATA}/myops.zip", "deepreg_myops",
-        description="MyoPS 2020 multi-sequence cardiac MR, one group per subject (DeepReg "
-                    "grouped_mr_heart demo); upstream layout: group it, then use data.local",
+        "grouped_by_prefix", {"separator": "_"},
+        description="MyoPS 2020 multi-sequence cardiac MR, unlabelled, one group per subject "
+                    "(DeepReg grouped_mr_heart demo)",
         licence="MyoPS 2020 challenge terms (research use; check upstream)",
         citation="Zhuang, Multivariate mixture model for myocardial segmentation combining "
                  "multi-source images, IEEE TPAMI 41(12), 2933-2946 (2019)",
+    ),
+    _network_entry(
+        "deepreg-prostate-longitudinal-masks", "grouped",
+        f"{YIPENG_EXAMPLE_DATA}/raw/master/longi-masks/data.zip", "deepreg_longi_masks",
+        "h5_masks_as_images", {"sigma": 3.0}, file_format="h5",
+        description="SIMULATED longitudinal prostate gland masks, one group per patient; images "
+                    "are the masks smoothed (DeepReg grouped_mask_prostate_longitudinal demo)",
+        licence=NO_LICENCE_STATED,
+        citation="Fu et al., DeepReg, JOSS 5(55), 2648 (2020); the method: Morphological "
+                 "change forecasting for prostate glands using feature-based registration and "
+                 "kernel density extrapolation, arXiv:2101.06425",
+        label_names=["gland"], simulated=True,
+    ),
+    _network_entry(
+        "resect-paired-mrus-brain", "paired", "https://github.com/ucl-candi/dataset_resect/"
+        "archive/master.zip", "dataset_resect", "subfolder", {"path": "paired_mr_us_brain"},
+        description="RESECT brain MR (fixed) and intra-operative ultrasound (moving), "
+                    "unlabelled, DeepReg's partial copy (DeepReg paired_mrus_brain demo)",
+        licence="RESECT database terms (check upstream: archive.sigma2.no, "
+                "doi:10.11582/2020.00025)",
+        citation="Xiao et al., REtroSpective Evaluation of Cerebral Tumors (RESECT), Medical "
+                 "Physics 44(7), 3875-3882 (2017)",
+    ),
+    _network_entry(
+        "deepreg-mrus-prostate", "paired", f"{YIPENG_EXAMPLE_DATA}/archive/mrus.zip",
+        "deepreg_mrus_prostate", "subfolder", {"path": "example-data-mrus"},
+        description="SIMULATED paired MR (moving) -> TRUS (fixed) prostate images with "
+                    "corresponding labels (the DeepReg paired_mrus_prostate demo's own archive)",
+        licence=NO_LICENCE_STATED,
+        citation="Hu et al., Weakly-supervised convolutional neural networks for multimodal "
+                 "image registration, Medical Image Analysis (2018), "
+                 "doi:10.1016/j.media.2018.07.002",
+        simulated=True,
+    ),
+    _network_entry(
+        "trus3d-prostate", "unpaired", "https://github.com/ucl-candi/dataset_trus3d/archive/"
+        "master.zip", "dataset_trus3d", "h5_folds",
+        {"splits": {"train": [f"fold{index}" for index in range(8)], "val": ["fold8"],
+                    "test": ["fold9"]}}, file_format="h5",
+        description="3-D transrectal ultrasound of the prostate in 10 folds (train 0-7, val 8, "
+                    "test 9), unlabelled (DeepReg unpaired_us_prostate_cv demo)",
+        licence="derived from TCIA Prostate-MRI-US-Biopsy; TCIA data usage policy (check "
+                "upstream)",
+        citation="Prostate-MRI-US-Biopsy collection, The Cancer Imaging Archive (cite as TCIA "
+                 "asks); Fu et al., DeepReg, JOSS 5(55), 2648 (2020)",
+    ),
+    _network_entry(
+        "promise12-demo-pair", "paired", f"{YIPENG_EXAMPLE_DATA}/raw/master/promise12/demo2.h5",
+        "promise12_demo_pair", "h5_pair",
+        {"roles": {"moving_image": "image0", "fixed_image": "image1", "moving_label": "label0",
+                   "fixed_label": "label1"}}, kind="files",
+        description="two prostate MR volumes of two patients with gland labels, one HDF5 file "
+                    "(DeepReg classical_mr_prostate_nonrigid demo)",
+        licence="PROMISE12 challenge data terms (check upstream)",
+        citation="Litjens et al., Evaluation of prostate segmentation algorithms for MRI: the "
+                 "PROMISE12 challenge, Medical Image Analysis 18(2), 359-373 (2014)",
+        label_names=["gland"],
+    ),
+    _network_entry(
+        "hnct-demo-volume", "paired", f"{YIPENG_EXAMPLE_DATA}/raw/master/hnct/demo.h5",
+        "hnct_demo_volume", "h5_affine_pair",
+        {"image": "image", "label": "label", "scale": 0.2, "seed": 0}, kind="files",
+        description="one head-and-neck CT with two labels; the moving image is the same volume "
+                    "under a random affine, made at fetch with a fixed seed (DeepReg "
+                    "classical_ct_headandneck_affine demo)",
+        licence="TCIA Head-Neck-PET-CT; TCIA data usage policy (check upstream)",
+        citation="Vallieres et al., Radiomics strategies for risk assessment of tumour failure "
+                 "in head-and-neck cancer, Scientific Reports 7, 10117 (2017)",
     ),
 )}
 
@@ -284,7 +379,10 @@ def source_fingerprint(entry: DatasetEntry) -> str:
     if entry.kind == "local":
         return _local_fingerprint(entry)
     pinned = format_sums(pinned_checksums(entry))
-    text = json.dumps([list(entry.urls), list(entry.sha256), list(entry.files), pinned])
+    source = [list(entry.urls), list(entry.sha256), list(entry.files), pinned]
+    if entry.conversion:  # only then, so that fetches made before conversions stay complete
+        source.append([entry.conversion, entry.conversion_options])
+    text = json.dumps(source)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -335,15 +433,22 @@ def _downloads(raw_dir: Path) -> Path:
 
 
 def _tidy_downloads(raw_dir: Path) -> None:
+    """Remove the downloads folder and its per-dataset folders where they are empty."""
     folder = _downloads(raw_dir)
-    if folder.is_dir() and not any(folder.iterdir()):
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and not any(child.iterdir()):
+            child.rmdir()
+    if not any(folder.iterdir()):
         folder.rmdir()
 
 
 def _from_archive(entry: DatasetEntry, raw_dir: Path, staged: Path) -> None:
     """Download ``entry.urls[0]``, extract it safely into ``staged`` and verify the pinned files."""
     url, expected = entry.urls[0], entry.sha256[0]
-    archive = _downloads(raw_dir) / url.rsplit("/", 1)[-1]
+    # one folder per dataset: two archives of one name (GitHub's master.zip) never share a part
+    archive = _downloads(raw_dir) / entry.name / url.rsplit("/", 1)[-1]
     digest = download(url, archive, expected)
     if expected is None:
         _notice(f"{entry.name}: {archive.name} has sha256 {digest} (not pinned in the catalogue;"
@@ -385,6 +490,25 @@ def _from_local(entry: DatasetEntry, staged: Path) -> None:
         shutil.copyfile(root / rel, staged / rel)
 
 
+def _convert(entry: DatasetEntry, staged: Path) -> None:
+    """Run the entry's layout conversion in ``staged`` and check the result reads as its layout.
+
+    Raises:
+        DataError: the upstream tree does not fit the conversion, or the converted folder is not
+            in the entry's layout (one line naming the dataset and the problem).
+    """
+    from regflow.data.layouts import discover_cases
+
+    if entry.conversion is None:
+        return
+    try:
+        convert(staged, entry.conversion, entry.conversion_options)
+        discover_cases(staged, entry.layout, entry.pairing, entry.file_format)
+    except DataError as exc:
+        raise DataError(f"{entry.name}: not in the upstream layout the {entry.conversion} "
+                        f"conversion expects: {exc}") from None
+
+
 def _plan(entry: DatasetEntry, raw_dir: Path, mirror: str | None
           ) -> tuple[str, Callable[[Path], None]]:
     """Choose the source: local folder, mirror folder, or the network."""
@@ -415,6 +539,7 @@ def fetch_entry(entry: DatasetEntry, raw_dir: str | Path, mirror: str | None = N
     try:
         with atomic_directory(target) as staged:  # replaces an earlier incomplete copy whole
             build(staged)
+            _convert(entry, staged)
             _seal(staged, entry.name, fingerprint, source)
     finally:
         _tidy_downloads(raw_dir)
