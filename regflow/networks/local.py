@@ -25,7 +25,10 @@ class LocalNet(EncoderDecoder):
 
     Every extracted decoder level (and the bottom, level ``depth``) predicts a field with its own
     ~0-initialised head; the coarse field is upsampled and added to the next finer one, so coarse
-    levels capture large, smooth motion and fine levels the detail.
+    levels capture large, smooth motion and fine levels the detail. Decoder levels finer than the
+    finest extracted one are not built: their features would feed no field, so a coarse-only
+    LocalNet (e.g. ``extract_levels=[1, 2, 3]``) skips the full-resolution decoder and its field is
+    upsampled linearly to the input size.
 
     Args:
         ndim: 2 or 3 spatial dimensions.
@@ -50,7 +53,12 @@ class LocalNet(EncoderDecoder):
         if not self.extract_levels or not set(self.extract_levels) <= set(levels):
             raise ConfigError(f"train.model.backbone.extract_levels: {list(extract_levels)} must "
                               f"be levels in 0..{self.depth} (the number of backbone channels)")
-        self.decoders = nn.ModuleList(ResidualBlock(ndim, width, norm) for width in channels)
+        self.finest = self.extract_levels[0]
+        self.decoders = nn.ModuleList(
+            ResidualBlock(ndim, width, norm) if level >= self.finest else nn.Identity()
+            for level, width in enumerate(channels))
+        for level in range(self.finest):
+            self.ups[level] = nn.Identity()
         self.heads = nn.ModuleDict({str(level): field_head(ndim, self.widths[level], out_channels)
                                     for level in self.extract_levels})
 
@@ -66,11 +74,11 @@ class LocalNet(EncoderDecoder):
         padded, shape = pad_to_multiple(image, 2**self.depth)
         skips, features = self.encoder(channels_last(padded))
         field = self._level_field(self.depth, features, None)
-        for level in reversed(range(self.depth)):
+        for level in reversed(range(self.finest, self.depth)):
             features = self.decoders[level](self.ups[level](features) + skips[level])
             field = self._level_field(level, features, field)
-        if field.shape[2:] != features.shape[2:]:  # level 0 not extracted
-            field = resize(field, features.shape[2:])
+        if field.shape[2:] != padded.shape[2:]:  # level 0 not extracted
+            field = resize(field, padded.shape[2:])
         return crop_to(field, shape).contiguous()
 
     def _level_field(self, level: int, features: torch.Tensor, coarser: torch.Tensor | None

@@ -72,6 +72,9 @@ def test_localnet_extract_levels_keep_only_those_heads_and_their_sum():
     images = torch.rand(1, 2, 16, 16, 16)
     coarse = LocalNet(3, 2, 3, CHANNELS, extract_levels=[1, 2])
     assert list(coarse.heads) == ["1", "2"]
+    unused = {name for name in full.state_dict()
+              if name.startswith(("decoders.0.", "ups.0.", "heads.0."))}
+    assert unused and set(full.state_dict()) - set(coarse.state_dict()) == unused
     coarse.load_state_dict(full.state_dict(), strict=False)  # same encoder, decoders, heads 1, 2
     with torch.no_grad():
         full.heads["0"].weight.zero_()
