@@ -169,6 +169,7 @@ class ModelConfig(Section):
     method: Literal["ddf", "dvf", "affine", "conditional"] = "ddf"
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     integration_steps: Annotated[int, Field(ge=0, le=20)] = 7
+    integration_downsize: Annotated[int, Field(ge=1, le=8)] = 1  # dvf: integrate on a coarser grid
 
 
 class LossTerm(Section):

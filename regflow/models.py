@@ -51,7 +51,8 @@ class RegistrationModel(nn.Module):
 
     - "ddf": the backbone's output is the DDF.
     - "dvf": the output is a stationary velocity field, integrated by scaling and squaring
-      (:func:`regflow.spatial.integrate_dvf`, ``integration_steps`` squarings) into the DDF.
+      (:func:`regflow.spatial.integrate_dvf`, ``integration_steps`` squarings) into the DDF, on a
+      grid ``integration_downsize`` times coarser than the image's (1: the image's own).
     - "affine": GlobalNet predicts theta (B, ndim, ndim + 1) about the volume centre, turned into
       a DDF by :func:`regflow.spatial.affine_to_ddf`; needs backbone "global".
     - "conditional": the input also holds the moving label; the backbone predicts
@@ -64,6 +65,7 @@ class RegistrationModel(nn.Module):
         norm: backbone feature normalisation: "instance", "batch" or "none".
         ndim: 2 or 3 spatial dimensions.
         integration_steps: squarings for "dvf".
+        integration_downsize: "dvf": integrate on a grid this many times coarser.
         label_channels: label channels of the "conditional" input and output.
         extract_levels: LocalNet's levels whose fields are summed (None: all).
 
@@ -74,7 +76,8 @@ class RegistrationModel(nn.Module):
     def __init__(self, method: str = "ddf", backbone: str = "local",
                  channels: Sequence[int] = (16, 32, 64), ndim: int = 3,
                  integration_steps: int = 7, label_channels: int = 1,
-                 norm: str = DEFAULT_NORM, extract_levels: Sequence[int] | None = None) -> None:
+                 norm: str = DEFAULT_NORM, extract_levels: Sequence[int] | None = None,
+                 integration_downsize: int = 1) -> None:
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"train.model.method: unknown method {method!r}; "
@@ -87,6 +90,7 @@ class RegistrationModel(nn.Module):
         self.channels = [int(width) for width in channels]
         self.ndim = ndim
         self.integration_steps = integration_steps
+        self.integration_downsize = integration_downsize
         self.label_channels = label_channels
         self.norm = norm
         self.extract_levels = None if extract_levels is None else [int(k) for k in extract_levels]
@@ -114,7 +118,8 @@ class RegistrationModel(nn.Module):
                    channels=model_config.backbone.channels, ndim=ndim,
                    integration_steps=model_config.integration_steps,
                    label_channels=label_channels, norm=model_config.backbone.norm,
-                   extract_levels=model_config.backbone.extract_levels)
+                   extract_levels=model_config.backbone.extract_levels,
+                   integration_downsize=model_config.integration_downsize)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -123,7 +128,8 @@ class RegistrationModel(nn.Module):
                 "channels": list(self.channels), "ndim": self.ndim,
                 "integration_steps": self.integration_steps,
                 "label_channels": self.label_channels, "norm": self.norm,
-                "extract_levels": self.extract_levels}
+                "extract_levels": self.extract_levels,
+                "integration_downsize": self.integration_downsize}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
                 moving_label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -161,7 +167,8 @@ class RegistrationModel(nn.Module):
             ddf = spatial.affine_to_ddf(prediction, moving.shape[2:])
         elif self.method == "dvf":
             outputs["dvf"] = prediction
-            ddf = spatial.integrate_dvf(prediction, steps=self.integration_steps)
+            ddf = spatial.integrate_dvf(prediction, steps=self.integration_steps,
+                                        downsize=self.integration_downsize)
         else:
             ddf = prediction
         outputs["ddf"] = ddf

@@ -141,19 +141,37 @@ def voxel_map_ddf(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return (mapped - voxels)[None]
 
 
-def integrate_dvf(dvf: torch.Tensor, steps: int = 7) -> torch.Tensor:
+def integrate_dvf(dvf: torch.Tensor, steps: int = 7, downsize: int = 1) -> torch.Tensor:
     """Integrate a stationary velocity field by scaling and squaring.
 
     ``ddf = dvf / 2**steps``, then ``steps`` times ``ddf = ddf + warp(ddf, ddf)`` (border padding,
     so the field is extrapolated by its edge values rather than pulled towards zero).
 
+    With ``downsize`` > 1 this runs on a grid ``ceil(size / downsize)`` voxels per axis: the
+    velocity is linearly resampled onto it and rescaled into its voxels, and the displacement
+    comes back the same way (VoxelMorph's ``int_downsize``). For a smooth field, such as a
+    coarse-level LocalNet's, that matches full-resolution integration at a fraction of its cost.
+
     Args:
         dvf: (B, ndim, *S) velocity in voxels.
         steps: number of squarings; 0 returns the DVF itself.
+        downsize: integer grid coarsening, >= 1 (1: the field's own grid).
 
     Returns:
         (B, ndim, *S) DDF in voxels.
     """
+    if downsize < 1:
+        raise ValueError(f"downsize {downsize}: must be >= 1")
+    if downsize > 1:
+        shape = dvf.shape[2:]
+        coarse_shape = [-(-size // downsize) for size in shape]
+        ratios = dvf.new_tensor([coarse / size for coarse, size in zip(coarse_shape, shape, strict=True)])
+        ratios = ratios.view((1, -1) + (1,) * len(shape))
+        mode = {2: "bilinear", 3: "trilinear"}[len(shape)]
+        coarse = F.interpolate(dvf, size=coarse_shape, mode=mode, align_corners=False)
+        coarse_ddf = integrate_dvf(coarse * ratios, steps)
+        return F.interpolate(coarse_ddf, size=tuple(shape), mode=mode,
+                             align_corners=False) / ratios
     ddf = dvf / 2**steps
     for _ in range(steps):
         ddf = ddf + warp(ddf, ddf, padding="border")

@@ -94,6 +94,16 @@ def test_dvf_output_is_integrated():
     torch.testing.assert_close(outputs["warped"], spatial.warp(moving, outputs["ddf"]))
 
 
+def test_dvf_integration_downsize_is_part_of_the_model():
+    model = make_model("dvf", integration_steps=5, integration_downsize=2)
+    randomise_heads(model)
+    moving, fixed, _ = pair()
+    outputs = model(moving, fixed)
+    torch.testing.assert_close(outputs["ddf"],
+                               spatial.integrate_dvf(outputs["dvf"], steps=5, downsize=2))
+    assert RegistrationModel(**model.config).integration_downsize == 2
+
+
 def test_dvf_with_zero_steps_is_the_ddf():
     model = make_model("dvf", integration_steps=0)
     randomise_heads(model)
@@ -165,7 +175,8 @@ def test_from_config_and_config_property():
     model = RegistrationModel.from_config(model_config, ndim=2, label_channels=4)
     assert model.config == {"method": "dvf", "backbone": "unet", "channels": [4, 8, 8],
                             "ndim": 2, "integration_steps": 3, "label_channels": 4,
-                            "norm": "batch", "extract_levels": None}
+                            "norm": "batch", "extract_levels": None,
+                            "integration_downsize": 1}
     assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     assert RegistrationModel(**model.config).config == model.config
 
