@@ -165,8 +165,8 @@ def integrate_dvf(dvf: torch.Tensor, steps: int = 7, downsize: int = 1) -> torch
     if downsize > 1:
         shape = dvf.shape[2:]
         coarse_shape = [-(-size // downsize) for size in shape]
-        ratios = dvf.new_tensor([coarse / size for coarse, size in zip(coarse_shape, shape, strict=True)])
-        ratios = ratios.view((1, -1) + (1,) * len(shape))
+        ratios = [coarse / size for coarse, size in zip(coarse_shape, shape, strict=True)]
+        ratios = dvf.new_tensor(ratios).view((1, -1) + (1,) * len(shape))
         mode = {2: "bilinear", 3: "trilinear"}[len(shape)]
         coarse = F.interpolate(dvf, size=coarse_shape, mode=mode, align_corners=False)
         coarse_ddf = integrate_dvf(coarse * ratios, steps)
