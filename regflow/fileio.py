@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -18,12 +19,19 @@ from typing import IO, Any
 from regflow.errors import RegflowError
 
 TEMPORARY_SUFFIX = ".tmp"
+# ".<name>.pid<writer's process id>.<random>.tmp": the process id tells a live writer's temporary
+# (another run writing beside this one) from one a killed writer left behind
+_WRITER_PID = re.compile(r"\.pid(\d+)\.[^.]+\.tmp$")
 
 
 def temporary_sibling(path: Path, directory: bool = False) -> Path:
-    """A new, uniquely named file (or folder) next to ``path``, hidden, ending in ``.tmp``."""
+    """A new, uniquely named file (or folder) next to ``path``, hidden, ending in ``.tmp``.
+
+    The name carries the writing process's id, so that :func:`remove_stale_temporaries` leaves
+    the temporaries of running writers alone.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = f".{path.name}.", TEMPORARY_SUFFIX
+    prefix, suffix = f".{path.name}.pid{os.getpid()}.", TEMPORARY_SUFFIX
     if directory:
         folder = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent)
         os.chmod(folder, 0o777 & ~_current_umask())  # mkdtemp's 0700 would become the output's
@@ -131,18 +139,41 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the hidden ``.*.tmp`` files and folders that killed writers left in ``folder``."""
+    """Delete the hidden ``.*.tmp`` files and folders that killed writers left in ``folder``.
+
+    A temporary whose writer process (named in it) still runs on this machine is kept: two
+    evaluations or trainings writing into one folder must not delete each other's staging.
+    """
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for stale in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+        if _writer_is_running(stale):
+            continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
         removed.append(stale)
     return removed
+
+
+def _writer_is_running(temporary: Path) -> bool:
+    """Whether the process named in a temporary's name (this one included) is alive."""
+    match = _WRITER_PID.search(temporary.name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def check_writable_dir(path: str | Path) -> Path:

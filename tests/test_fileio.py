@@ -3,6 +3,8 @@ import json
 import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -150,14 +152,25 @@ def test_two_processes_racing_on_one_path_never_show_a_torn_file(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["metrics.json"]
 
 
-def test_remove_stale_temporaries_clears_only_hidden_tmp_entries(tmp_path):
-    stale_file = fileio.temporary_sibling(tmp_path / "best.pt")
-    stale_folder = fileio.temporary_sibling(tmp_path / "processed", directory=True)
-    (stale_folder / "images").mkdir()
-    kept = [tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / "best.pt"]
-    for path in kept:
+def _finished_process_id() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_remove_stale_temporaries_clears_only_hidden_tmp_entries_of_dead_writers(tmp_path):
+    dead = _finished_process_id()
+    stale_file = tmp_path / f".best.pt.pid{dead}.x1y2z3.tmp"
+    stale_file.write_text("half a checkpoint")
+    stale_folder = tmp_path / f".processed.pid{dead}.a1b2c3.tmp"
+    (stale_folder / "images").mkdir(parents=True)
+    untagged = tmp_path / ".eval.abc123.tmp"  # written before temporaries named their writer
+    untagged.write_text("old")
+    live = fileio.temporary_sibling(tmp_path / "eval", directory=True)  # this process writes it
+    kept = [tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / "best.pt", live]
+    for path in kept[:3]:
         path.write_text("keep")
     removed = fileio.remove_stale_temporaries(tmp_path)
-    assert sorted(removed) == sorted([stale_file, stale_folder])
+    assert sorted(removed) == sorted([stale_file, stale_folder, untagged])
     assert sorted(tmp_path.iterdir()) == sorted(kept)
     assert fileio.remove_stale_temporaries(tmp_path / "absent") == []
