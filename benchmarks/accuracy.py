@@ -16,7 +16,7 @@ thresholded at 0.5). Rows:
 - regflow's classical mode: ``load_registrar("none", config, refine_steps=N)`` (affine stage, then
   coarse-to-fine non-rigid optimisation of the training's image loss and regulariser).
 - every ``--model NAME=SPEC``: the network's field (``refine_steps=0``) and the field refined for
-  ``--refine-steps`` steps.
+  ``--refine-steps`` steps (default: the config's ``evaluate.refine``).
 
 SimpleITK fields: an ITK displacement field is indexed (x, y, z) = reversed numpy axes and holds
 physical (mm) displacements along x, y, z; fixed point p maps to moving point p + d(p), the same
@@ -360,7 +360,8 @@ class Settings:
         bspline_budget_s: skip B-spline when its first pair takes longer than this.
         classical_steps: refine steps of regflow's classical mode (0: no such row).
         models: (name, path or URI) of trained models.
-        refine_steps: refinement steps of the models' second row (0: no such row).
+        refine_steps: refinement steps of the models' second row (0: no such row; None: the
+            config's ``evaluate.refine.steps``).
     """
 
     split: str = "test"
@@ -371,7 +372,7 @@ class Settings:
     bspline_budget_s: float = 30.0
     classical_steps: int = 150
     models: tuple[tuple[str, str], ...] = ()
-    refine_steps: int = 50
+    refine_steps: int | None = None
 
 
 def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None] = print
@@ -441,12 +442,13 @@ def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None]
         add(f"regflow classical (model none, {settings.classical_steps} affine + "
             f"{settings.classical_steps} non-rigid steps)", registrar_method(registrar))
 
+    refine_steps = (config.evaluate.refine.steps if settings.refine_steps is None
+                    else settings.refine_steps)
     for name, spec in settings.models:
         add(f"{name} (network)", registrar_method(load_registrar(spec, config, refine_steps=0)))
-        if settings.refine_steps > 0:
-            registrar = load_registrar(spec, config, refine_steps=settings.refine_steps)
-            add(f"{name} (+{settings.refine_steps} refinement steps)",
-                registrar_method(registrar))
+        if refine_steps > 0:
+            registrar = load_registrar(spec, config, refine_steps=refine_steps)
+            add(f"{name} (+{refine_steps} refinement steps)", registrar_method(registrar))
 
     notes.append(PUBLISHED)
     return summaries, all_rows, notes
@@ -492,8 +494,9 @@ class _Command(click.Command):
               help="Validation pairs that tune demons [same as --pairs].")
 @click.option("--model", "models", multiple=True, callback=_model_spec,
               metavar="NAME=PATH_OR_URI", help="A trained model (repeatable).")
-@click.option("--refine-steps", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Test-time refinement steps of the models' second row (0: none).")
+@click.option("--refine-steps", type=click.IntRange(min=0),
+              help="Test-time refinement steps of the models' second row (0: none) "
+                   "[evaluate.refine.steps].")
 @click.option("--classical-steps", type=click.IntRange(min=0), default=150, show_default=True,
               help="Steps of regflow's classical mode (model none; 0: skip the row).")
 @click.option("--demons/--no-demons", default=True, show_default=True)
@@ -504,7 +507,7 @@ class _Command(click.Command):
               show_default=True, help="Where the markdown and CSV go.")
 @config_options(load_training_config)
 def main(config: Config, split: str, pairs: int | None, tune_pairs: int | None,
-         models: tuple[tuple[str, str], ...], refine_steps: int, classical_steps: int,
+         models: tuple[tuple[str, str], ...], refine_steps: int | None, classical_steps: int,
          demons: bool, bspline: bool, bspline_budget: float, out_dir: str) -> None:
     """Accuracy table: no registration, SimpleITK, regflow classical and trained models."""
     fileio.check_writable_dir(out_dir)

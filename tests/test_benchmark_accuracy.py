@@ -3,14 +3,16 @@ conversion (axis order, units) and the outputs."""
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from click.testing import CliRunner
 
 from benchmarks import accuracy
-from regflow.config import load_training_config
+from regflow.config import load_config, load_training_config
 from regflow.data.manifest import Manifest
+from regflow.engine import Trainer
 from regflow.paths import manifest_path
 
 
@@ -109,3 +111,18 @@ def test_model_option_needs_a_name():
     assert result.exit_code == 2
     assert "NAME=PATH_OR_URI" in result.output
 
+
+
+def test_model_rows_refine_as_the_config_says_unless_told(tiny_project):
+    config = load_config(tiny_project, ["train.steps=2", "train.val_every=2",
+                                        "evaluate.refine.steps=3"])
+    Trainer(config, manifest_path(config), Path("models/tiny")).fit()
+    rows = {}
+    for refine_steps in (None, 0):
+        settings = accuracy.Settings(split="test", pairs=1, demons_grid=(), bspline=False,
+                                     classical_steps=0, models=(("tiny", "models/tiny/best.pt"),),
+                                     refine_steps=refine_steps)
+        summaries, _, _ = accuracy.run_benchmark(config, settings, log=lambda _: None)
+        rows[refine_steps] = [row["method"] for row in summaries]
+    assert rows[None] == ["no registration", "tiny (network)", "tiny (+3 refinement steps)"]
+    assert rows[0] == ["no registration", "tiny (network)"]
