@@ -97,6 +97,7 @@ def test_a_constant_image_is_nothing_to_register():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 3 min on 2 idle cores; >10 min when another pipeline shares them
 def test_the_same_physical_pair_stored_differently_registers_alike(mirror):
     """Classical registration of a real hippocampus pair, re-stored five ways (issue matrix)."""
     folder = mirror / "Task04_Hippocampus"
