@@ -172,7 +172,7 @@ def _writer_is_running(temporary: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 
