@@ -238,7 +238,13 @@ def log_dataset_input(manifest_path: str | Path, name: str, context: str) -> Non
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     dataset = mlflow.data.from_pandas(cases, source=LocalArtifactDatasetSource(str(path)),
                                       name=name, digest=digest)
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException:
+        # The store checks for the dataset, then inserts it: a parallel worker logging the same
+        # dataset between the two makes this insert break the unique key. By now the row exists,
+        # so a second call only links it to this run; any other failure raises again.
+        mlflow.log_input(dataset, context=context)
 
 
 def log_figure(figure: Any, artifact_file: str) -> None:

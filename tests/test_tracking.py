@@ -3,6 +3,7 @@
 import hashlib
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 import mlflow
@@ -219,14 +220,20 @@ def test_nested_run_has_parent(store):
     assert mlflow.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
-def test_dataset_input_is_recorded(store, tmp_path):
+def tiny_manifest(folder: Path) -> Path:
+    """Write a three-case manifest into ``folder``; return its path."""
     manifest = Manifest(
         dataset="tiny", pairing="unpaired", shape=[4, 4, 4], spacing=[1.0, 1.0, 1.0],
         preprocessing=PreprocessSettings(shape=[4, 4, 4], seed=0),
         cases=[Case(case_id=f"c{i}", split="train", image=f"images/c{i}.nii.gz",
                     image_sha256="ab" * 32) for i in range(3)])
-    path = tmp_path / "manifest.json"
+    path = folder / "manifest.json"
     manifest.write(path)
+    return path
+
+
+def test_dataset_input_is_recorded(store, tmp_path):
+    path = tiny_manifest(tmp_path)
     with start_or_resume_run(EXPERIMENT, run_name="dataset") as run:
         log_dataset_input(path, "tiny", "training")
     (dataset_input,) = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
@@ -263,3 +270,30 @@ def test_other_ranks_log_nothing(store, monkeypatch):
     assert len(mlflow.search_runs([experiment_id])) == before
     monkeypatch.setenv("RANK", "0")  # the global rank decides
     assert is_rank_zero()
+
+
+def test_parallel_workers_logging_one_dataset_all_succeed(store, tmp_path):
+    """The store checks for a dataset, then inserts it: racing between the two must not fail."""
+    path = tiny_manifest(tmp_path)
+    workers = 4
+    barrier = threading.Barrier(workers)
+    errors = []
+
+    def log_from_own_run(index: int) -> None:
+        try:
+            with start_or_resume_run(EXPERIMENT, run_name=f"racer{index}"):
+                barrier.wait()
+                log_dataset_input(path, "racing", "training")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=log_from_own_run, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                              filter_string="attributes.run_name LIKE 'racer%'")
+    assert len(runs) == workers
+    assert all(len(run.inputs.dataset_inputs) == 1 for run in runs)
