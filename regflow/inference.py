@@ -218,7 +218,7 @@ class Registrar:
         started = time.perf_counter()
         if self.model is not None:
             with torch.no_grad():
-                network_ddf = self.model(moving, fixed)["ddf"].float()
+                network_ddf = self.model(moving, fixed, warp=False)["ddf"].float()
         else:
             network_ddf = torch.zeros(fixed.shape[0], self.ndim, *fixed.shape[2:],
                                       device=self.device)

@@ -132,13 +132,16 @@ class RegistrationModel(nn.Module):
                 "integration_downsize": self.integration_downsize}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
-                moving_label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                moving_label: torch.Tensor | None = None, *, warp: bool = True
+                ) -> dict[str, torch.Tensor]:
         """Register ``moving`` to ``fixed``.
 
         Args:
             moving: (B, 1, *S) moving image.
             fixed: (B, 1, *S) fixed image.
             moving_label: (B, L, *S) binary labels in moving space; required for "conditional".
+            warp: False leaves out "warped" and "warped_label", for callers that warp with a
+                field of their own (inference refines the field first).
 
         Returns:
             "ddf": (B, ndim, *S) voxels; "warped": (B, 1, *S); "warped_label": (B, L, *S),
@@ -172,6 +175,8 @@ class RegistrationModel(nn.Module):
         else:
             ddf = prediction
         outputs["ddf"] = ddf
+        if not warp:
+            return outputs
         outputs["warped"] = spatial.warp(moving, ddf)
         if moving_label is not None:
             outputs["warped_label"] = spatial.warp(moving_label, ddf)

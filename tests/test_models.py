@@ -71,6 +71,18 @@ def test_without_moving_label_there_is_no_warped_label():
     assert set(make_model()(moving, fixed)) == {"ddf", "warped"}
 
 
+@pytest.mark.parametrize("method", ["ddf", "dvf", "affine"])
+def test_warp_false_returns_the_same_field_and_no_warped_images(method):
+    model = make_model(method=method, backbone="global" if method == "affine" else "local")
+    randomise_heads(model)
+    moving, fixed, moving_label = pair()
+    full = model(moving, fixed, moving_label)
+    field_only = model(moving, fixed, moving_label, warp=False)
+    assert set(field_only) == set(full) - {"warped", "warped_label"}
+    for key, value in field_only.items():
+        torch.testing.assert_close(value, full[key], rtol=0, atol=0)
+
+
 def test_warped_label_is_the_linearly_warped_moving_label():
     model = make_model()
     randomise_heads(model)

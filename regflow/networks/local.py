@@ -86,5 +86,6 @@ class LocalNet(EncoderDecoder):
         """The coarser levels' field at this level's size, plus this level's own if extracted."""
         if str(level) not in self.heads:
             return coarser
-        field = self.heads[str(level)](features)
+        # Fields have ndim channels: resampling them is ~2x faster in the standard memory order.
+        field = self.heads[str(level)](features).contiguous()
         return field if coarser is None else resize(coarser, features.shape[2:]) + field

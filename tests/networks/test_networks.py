@@ -5,7 +5,7 @@ import torch
 
 from regflow.errors import ConfigError, RegflowError
 from regflow.networks import GlobalNet, LocalNet, UNet, build_backbone
-from regflow.networks.layers import crop_to, normalisation, pad_to_multiple
+from regflow.networks.layers import conv, crop_to, normalisation, pad_to_multiple
 
 CHANNELS = [4, 8]
 SHAPES = {3: (35, 50, 36), 2: (35, 50)}
@@ -163,3 +163,24 @@ def test_instance_norm_normalises_each_channel_of_each_sample():
 def test_unknown_norm_is_a_config_error():
     with pytest.raises(ConfigError, match="train.model.backbone.norm"):
         normalisation(3, 4, "layer")
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_convolutions_of_a_single_pair_run_onednn_and_match_pytorchs_own(ndim):
+    """A batch of one small volume would otherwise take PyTorch's reference kernel (3-7x slower)."""
+    reference = {2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[ndim](16, 16, 3, padding=1)
+    layer = conv(ndim, 16, 16)
+    layer.load_state_dict(reference.state_dict())
+    image = torch.rand(1, 16, *[12] * ndim, requires_grad=True)
+    with torch.profiler.profile() as profile:
+        output = layer(image)
+    kernels = {event.key for event in profile.key_averages()}
+    assert "aten::mkldnn_convolution" in kernels
+    assert not any(kernel.startswith("aten::slow_conv") for kernel in kernels)
+    expected = reference(image)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(output.square().sum(), [image, layer.weight, layer.bias])
+    expected_grads = torch.autograd.grad(expected.square().sum(),
+                                         [image, reference.weight, reference.bias])
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
