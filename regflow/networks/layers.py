@@ -112,10 +112,32 @@ def field_head(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
     return head
 
 
+class InstanceNorm(nn.GroupNorm):
+    """Instance normalisation as ``GroupNorm(C, C)``, trained in the standard memory order on CPU.
+
+    PyTorch's CPU GroupNorm backward is 3-4x slower on ``channels_last_3d`` features than on
+    standard ones (8 channels at 48x64x48, batch 2: 36 ms against 11 ms forward and backward), so
+    while gradients are recorded the features are normalised in the standard order and handed
+    back in ``channels_last_3d``; one LocalNet [8, 16, 32] training step drops from 0.85 s to
+    0.70 s on 2 threads. Inference keeps ``channels_last_3d`` (its forward alone gains nothing).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalise each channel of each sample to zero mean and unit variance, then scale."""
+        if (features.dim() != 5 or features.device.type != "cpu" or features.is_contiguous()
+                or not torch.is_grad_enabled()):
+            return super().forward(features)
+        normalised = super().forward(features.contiguous())
+        return normalised.contiguous(memory_format=torch.channels_last_3d)
+
+
 def normalisation(ndim: int, channels: int, norm: str) -> nn.Module:
     """The feature normalisation named by ``norm`` (one of :data:`NORMS`) for ``channels``."""
     if norm == "instance":
-        return nn.GroupNorm(channels, channels)
+        return InstanceNorm(channels)
     if norm == "batch":
         return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[check_ndim(ndim)](channels)
     if norm == "none":

@@ -5,7 +5,13 @@ import torch
 
 from regflow.errors import ConfigError, RegflowError
 from regflow.networks import GlobalNet, LocalNet, UNet, build_backbone
-from regflow.networks.layers import conv, crop_to, normalisation, pad_to_multiple
+from regflow.networks.layers import (
+    InstanceNorm,
+    conv,
+    crop_to,
+    normalisation,
+    pad_to_multiple,
+)
 
 CHANNELS = [4, 8]
 SHAPES = {3: (35, 50, 36), 2: (35, 50)}
@@ -140,11 +146,11 @@ def test_empty_channels_is_an_error():
         build_backbone("unet", 3, 2, 3, [])
 
 
-@pytest.mark.parametrize(("norm", "kind"), [("instance", torch.nn.GroupNorm),
+@pytest.mark.parametrize(("norm", "kind"), [("instance", InstanceNorm),
                                             ("batch", torch.nn.BatchNorm3d), ("none", None)])
 def test_norm_option_selects_the_feature_normalisation(norm, kind):
     net = LocalNet(3, 2, 3, CHANNELS, norm=norm)
-    found = {type(module) for module in net.modules()} & {torch.nn.GroupNorm, torch.nn.BatchNorm3d}
+    found = {type(module) for module in net.modules()} & {InstanceNorm, torch.nn.BatchNorm3d}
     assert found == ({kind} if kind else set())
 
 
@@ -184,3 +190,25 @@ def test_convolutions_of_a_single_pair_run_onednn_and_match_pytorchs_own(ndim):
                                          [image, reference.weight, reference.bias])
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_instance_norm_of_channels_last_features_matches_group_norm_and_keeps_the_order(grad):
+    features = torch.randn(2, 4, 6, 8, 6).contiguous(memory_format=torch.channels_last_3d)
+    features.requires_grad_(grad)
+    reference = torch.nn.GroupNorm(4, 4)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    layer = normalisation(3, 4, "instance")
+    layer.load_state_dict(reference.state_dict())
+    with torch.set_grad_enabled(grad):
+        output, expected = layer(features), reference(features)
+    assert output.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(output, expected)
+    if grad:
+        upstream = torch.randn_like(output)
+        grads = torch.autograd.grad(output, [features, layer.weight], upstream)
+        expected_grads = torch.autograd.grad(expected, [features, reference.weight], upstream)
+        for value, expected_value in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(value, expected_value)
