@@ -129,6 +129,7 @@ def evaluate_stage(config: Config, metrics_dir: Path = paths.METRICS_DIR,
     out_dir = paths.model_dir(config)
     registrar = load_registrar(str(out_dir / f"{config.evaluate.checkpoint}.pt"), config,
                                device=select_device(config.train.device))
+    run_id = _training_run_id(config, out_dir)
     loader = build_dataloader(manifest_file, config.evaluate.split, config, train=False)
     volumes_dir = paths.volumes_dir(config)
     fileio.remove_stale_temporaries(volumes_dir.parent)
@@ -147,8 +148,23 @@ def evaluate_stage(config: Config, metrics_dir: Path = paths.METRICS_DIR,
     dice_table = evaluation.dice_plot_rows(rows, manifest.channel_names)
     fileio.write_csv(plots_dir / "dice_per_label.csv", dice_table)
     viz.save_figure(viz.dice_bar_figure(dice_table), plots_dir / "dice_per_label.png")
-    _log_evaluation(config, out_dir, headline, metrics_dir, plots_dir, volumes_dir)
+    _log_evaluation(config, run_id, headline, metrics_dir, plots_dir, volumes_dir)
     return headline
+
+
+def _training_run_id(config: Config, out_dir: Path) -> str | None:
+    """The training's MLflow run (models/<name>/run.json), checked before any evaluation work.
+
+    Raises:
+        RegflowError: run.json names a run the configured store does not have.
+    """
+    record = out_dir / "run.json"
+    if not record.exists():
+        return None
+    run_id = json.loads(record.read_text())["run_id"]
+    tracking.configure_mlflow(paths.experiment_name(config.data.dataset))
+    tracking.run_experiment_id(run_id)
+    return run_id
 
 
 def _training_curve_rows(run_id: str) -> list[dict[str, Any]]:
@@ -161,11 +177,9 @@ def _training_curve_rows(run_id: str) -> list[dict[str, Any]]:
     return [rows[step] for step in sorted(rows)]
 
 
-def _log_evaluation(config: Config, out_dir: Path, headline: dict[str, float],
+def _log_evaluation(config: Config, run_id: str | None, headline: dict[str, float],
                     metrics_dir: Path, plots_dir: Path, volumes_dir: Path) -> None:
-    """Log the evaluation into the training run (models/<name>/run.json) and write the curves."""
-    record = out_dir / "run.json"
-    run_id = json.loads(record.read_text())["run_id"] if record.exists() else None
+    """Log the evaluation into the training run (a new run without one) and write the curves."""
     with tracking.start_or_resume_run(paths.experiment_name(config.data.dataset), run_id=run_id,
                                       run_name=config.train.name):
         if run_id:

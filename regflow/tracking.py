@@ -271,6 +271,19 @@ def log_artifact(local_path: str | Path, artifact_path: str | None = None) -> No
         mlflow.log_artifact(str(local_path), artifact_path=artifact_path)
 
 
+def run_experiment_id(run_id: str) -> str:
+    """The experiment of an existing run in the configured store.
+
+    Raises:
+        RegflowError: the run is not in the store (the store's URI named, credentials redacted).
+    """
+    try:
+        return mlflow.get_run(run_id).info.experiment_id
+    except MlflowException:
+        raise RegflowError(f"MLflow run {run_id}: not found in "
+                           f"{redact_text(mlflow.get_tracking_uri())}") from None
+
+
 @contextmanager
 def start_or_resume_run(experiment_name: str, run_id: str | None = None,
                         run_name: str | None = None, nested: bool = False,
@@ -304,11 +317,7 @@ def start_or_resume_run(experiment_name: str, run_id: str | None = None,
         return
     experiment_id = configure_mlflow(experiment_name)
     if run_id is not None:
-        try:
-            experiment_id = mlflow.get_run(run_id).info.experiment_id
-        except MlflowException:
-            raise RegflowError(f"MLflow run {run_id}: not found in "
-                               f"{redact_text(mlflow.get_tracking_uri())}") from None
+        experiment_id = run_experiment_id(run_id)
     # MLflow refuses to resume a run outside the process's active experiment, which an earlier
     # set_experiment (another store, another dataset) may have left pointing elsewhere.
     mlflow.set_experiment(experiment_id=experiment_id)

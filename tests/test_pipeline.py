@@ -5,8 +5,10 @@ from pathlib import Path
 import mlflow
 import nibabel as nib
 import numpy as np
+import pytest
 
 from regflow.config import load_config
+from regflow.errors import RegflowError
 from regflow.inference import load_registrar
 from regflow.predict import predict_split
 from regflow.stages import evaluate_stage, train_stage
@@ -52,3 +54,14 @@ def test_train_evaluate_predict_on_tiny_data(tiny_project):
     names = {path.name for path in written}
     assert "metrics.csv" in names
     assert sum(name.startswith("disp_") for name in names) == 2
+
+
+def test_evaluate_names_a_lost_training_run_before_any_work(tiny_project):
+    config = load_config(tiny_project, ["train.steps=2", "train.val_every=2"])
+    train_stage(config)
+    record = Path("models/tiny/run.json")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "run_id": "0" * 32}))
+    with pytest.raises(RegflowError, match=r"MLflow run 0{32}: not found in sqlite"):
+        evaluate_stage(config)
+    assert not Path("metrics/eval.json").exists()
+    assert not Path("eval/tiny").exists()
