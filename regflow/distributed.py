@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How long the caller gives up the GIL after the last collective, before the group can be torn
+# down. gloo's worker thread frees a finished collective after the caller has moved on, and
+# freeing tensors Python has seen needs the GIL. If the caller reaches the group's destructor
+# (DDP's reducer going out of scope) first, it holds the GIL while joining that worker and both
+# wait forever: a rank hung so in CI, within a few ms of its last barrier. There is no handle on
+# the worker to wait for, hence a pause far longer than its few microseconds of work.
+GLOO_RELEASE_S = 0.5
 
 
 def launched_by_torchrun() -> bool:
@@ -81,6 +89,7 @@ def process_group(device: torch.device) -> Iterator[None]:
         yield
         if owner:
             dist.barrier()  # every rank is done with the group before any rank tears it down
+            time.sleep(GLOO_RELEASE_S)
     finally:
         if owner and is_active():
             dist.destroy_process_group()
@@ -121,12 +130,6 @@ def broadcast_from_main(value: Any) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def barrier() -> None:
-    """Wait until every rank gets here (no-op outside a group)."""
-    if is_active():
-        dist.barrier()
 
 
 def state_checksum(module: torch.nn.Module) -> str:
