@@ -8,6 +8,10 @@ Non-rigid refinement is coarse to fine: ``levels`` stages, the first optimising 
 at ``1 / 2**(levels - 1)`` of the resolution (trilinearly upsampled), each later stage doubling the
 resolution and starting from the field so far. A coarse residual moves whole structures in few
 steps and cannot fold at the voxel scale; the finest stage adds detail.
+
+The regulariser acts on the whole field (``regularize: field``: refinement also smooths the
+network's field) or only on what refinement adds to it (``residual``: the starting field is kept
+where the images give no reason to move it).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class RefineSettings:
         lr: Adam learning rate on the residual field, in voxels per step.
         levels: coarse-to-fine stages the steps are split over (1: full resolution only).
         regularization_scale: multiplies the training's regulariser weights.
+        regularize: ``field`` (the refined field) or ``residual`` (refined minus starting field).
         affine_steps: steps of the affine stage of classical registration (model "none").
         affine_lr: Adam learning rate of the affine stage.
     """
@@ -39,6 +44,7 @@ class RefineSettings:
     lr: float = 0.1
     levels: int = 2
     regularization_scale: float = 1.0
+    regularize: str = "field"
     affine_steps: int = 0
     affine_lr: float = 0.01
 
@@ -89,7 +95,7 @@ def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
         moving: (B, 1, *S) moving image on the fixed grid.
         ddf: (B, ndim, *S) starting displacement in voxels (a network's, or zeros).
         loss: the label-free objective.
-        settings: steps, learning rate, levels, regulariser scale.
+        settings: steps, learning rate, levels, regulariser scale and what it acts on.
 
     Returns:
         (B, ndim, *S) refined DDF (detached); ``ddf`` itself when ``settings.steps`` is 0.
@@ -97,7 +103,9 @@ def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
     if settings.steps <= 0:
         return ddf
     shape = tuple(ddf.shape[2:])
-    current = ddf.detach()
+    start = ddf.detach()
+    baseline = start if settings.regularize == "residual" else torch.zeros_like(start)
+    current = start
     levels = max(1, settings.levels)
     for level, steps in enumerate(_split(settings.steps, levels)):
         factor = 2 ** (levels - 1 - level)
@@ -108,7 +116,7 @@ def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             candidate = current + _upsample(residual, shape)
-            objective = loss(fixed, spatial.warp(moving, candidate), candidate)
+            objective = loss(fixed, spatial.warp(moving, candidate), candidate - baseline)
             objective.backward()
             optimizer.step()
         current = (current + _upsample(residual, shape)).detach()

@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from regflow.config import flatten, load_config, load_training_config
+from regflow.data.sources import CATALOGUE
 from regflow.errors import ConfigError
 
 
@@ -90,3 +93,12 @@ def test_malformed_best_params_names_the_file(tmp_path):
     params.write_text(f"train:\n  best_params: {best}\n")
     with pytest.raises(ConfigError, match=r"best\.yaml: not valid YAML"):
         load_training_config(params)
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "configs/hippocampus-long.yaml",
+                                  "configs/prostate.yaml"])
+def test_the_projects_own_params_files_validate(name):
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / name)
+    assert config.train.steps > 0
+    assert config.data.dataset in CATALOGUE
