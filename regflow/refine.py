@@ -103,9 +103,8 @@ def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
     if settings.steps <= 0:
         return ddf
     shape = tuple(ddf.shape[2:])
-    start = ddf.detach()
-    baseline = start if settings.regularize == "residual" else torch.zeros_like(start)
-    current = start
+    current = ddf.detach()
+    start = current if settings.regularize == "residual" else None
     levels = max(1, settings.levels)
     for level, steps in enumerate(_split(settings.steps, levels)):
         factor = 2 ** (levels - 1 - level)
@@ -116,7 +115,8 @@ def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             candidate = current + _upsample(residual, shape)
-            objective = loss(fixed, spatial.warp(moving, candidate), candidate - baseline)
+            regularized = candidate if start is None else candidate - start
+            objective = loss(fixed, spatial.warp(moving, candidate), regularized)
             objective.backward()
             optimizer.step()
         current = (current + _upsample(residual, shape)).detach()
