@@ -235,7 +235,6 @@ class RefineConfig(Section):
     levels: Annotated[int, Field(ge=1, le=4)] = 2
     regularization_scale: NonNegativeFloat = 1.0
     regularize: Literal["field", "residual"] = "field"
-    smooth: NonNegativeFloat = 0.0  # Gaussian sigma (voxels of each level) on the residual
     affine_steps: NonNegativeInt = 0
     affine_lr: Annotated[float, Field(gt=0)] = 0.01
 

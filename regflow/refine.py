@@ -12,11 +12,6 @@ steps and cannot fold at the voxel scale; the finest stage adds detail.
 The regulariser acts on the whole field (``regularize: field``: refinement also smooths the
 network's field) or only on what refinement adds to it (``residual``: the starting field is kept
 where the images give no reason to move it).
-
-``smooth`` (a Gaussian sigma, in voxels of each stage's grid) filters the residual before it is
-added: Adam moves every voxel of a raw residual by about its learning rate per step, even where
-the image gradient is near zero; smoothed, those incoherent moves average out and only coherent
-displacement survives (a fluid-like regulariser, as ConvexAdam's smoothed Adam stage).
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ import torch.nn.functional as F
 from regflow import spatial
 from regflow.config import LossConfig
 from regflow.losses import CompositeLoss
-from regflow.losses.filters import gaussian_smoothing_kernel, separable_filter, window_weight
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,6 @@ class RefineSettings:
         levels: coarse-to-fine stages the steps are split over (1: full resolution only).
         regularization_scale: multiplies the training's regulariser weights.
         regularize: ``field`` (the refined field) or ``residual`` (refined minus starting field).
-        smooth: Gaussian sigma, in voxels of each stage's grid, filtering the residual (0: none).
         affine_steps: steps of the affine stage of classical registration (model "none").
         affine_lr: Adam learning rate of the affine stage.
     """
@@ -52,7 +45,6 @@ class RefineSettings:
     levels: int = 2
     regularization_scale: float = 1.0
     regularize: str = "field"
-    smooth: float = 0.0
     affine_steps: int = 0
     affine_lr: float = 0.01
 
@@ -94,16 +86,6 @@ def _upsample(field: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(field, size=shape, mode=mode, align_corners=True)
 
 
-def smooth_field(field: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian-filter each component of a (B, ndim, *S) field, renormalised at the border
-    (a constant field stays constant); sigma 0 returns ``field``."""
-    if sigma <= 0:
-        return field
-    kernel = gaussian_smoothing_kernel(sigma)
-    weight = window_weight(kernel, field.shape[2:]).to(field)
-    return separable_filter(field, kernel) / weight
-
-
 def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
                loss: SimilarityLoss, settings: RefineSettings) -> torch.Tensor:
     """Optimise ``ddf`` for one batch of pairs, coarse to fine.
@@ -132,12 +114,12 @@ def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
         optimizer = torch.optim.Adam([residual], lr=settings.lr)
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            candidate = current + _upsample(smooth_field(residual, settings.smooth), shape)
+            candidate = current + _upsample(residual, shape)
             regularized = candidate if start is None else candidate - start
             objective = loss(fixed, spatial.warp(moving, candidate), regularized)
             objective.backward()
             optimizer.step()
-        current = (current + _upsample(smooth_field(residual, settings.smooth), shape)).detach()
+        current = (current + _upsample(residual, shape)).detach()
     return current
 
 
