@@ -234,6 +234,8 @@ class RefineConfig(Section):
     lr: Annotated[float, Field(gt=0)] = 0.1
     levels: Annotated[int, Field(ge=1, le=4)] = 2
     regularization_scale: NonNegativeFloat = 1.0
+    # set: regulariser weight sum / image weight sum, whatever the training's (replaces the scale)
+    regularization_ratio: NonNegativeFloat | None = None
     regularize: Literal["field", "residual"] = "field"
     affine_steps: NonNegativeInt = 0
     affine_lr: Annotated[float, Field(gt=0)] = 0.01

@@ -12,6 +12,12 @@ steps and cannot fold at the voxel scale; the finest stage adds detail.
 The regulariser acts on the whole field (``regularize: field``: refinement also smooths the
 network's field) or only on what refinement adds to it (``residual``: the starting field is kept
 where the images give no reason to move it).
+
+How hard the regulariser pulls is either ``regularization_scale`` (a multiple of the training's
+regulariser weights, so it follows whatever balance training or tuning chose) or, when set,
+``regularization_ratio``: the regulariser weights' sum as a multiple of the image terms' summed
+weight, the same whatever the training's weights (Adam is blind to the objective's overall
+scale, so only this ratio matters).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class RefineSettings:
         lr: Adam learning rate on the residual field, in voxels per step.
         levels: coarse-to-fine stages the steps are split over (1: full resolution only).
         regularization_scale: multiplies the training's regulariser weights.
+        regularization_ratio: if set, replaces the scale: regulariser weight sum over image weight
+            sum (see :meth:`regularization_multiplier`).
         regularize: ``field`` (the refined field) or ``residual`` (refined minus starting field).
         affine_steps: steps of the affine stage of classical registration (model "none").
         affine_lr: Adam learning rate of the affine stage.
@@ -44,9 +52,23 @@ class RefineSettings:
     lr: float = 0.1
     levels: int = 2
     regularization_scale: float = 1.0
+    regularization_ratio: float | None = None
     regularize: str = "field"
     affine_steps: int = 0
     affine_lr: float = 0.01
+
+    def regularization_multiplier(self, loss_config: LossConfig) -> float:
+        """What the training's regulariser weights are multiplied by during optimisation.
+
+        ``regularization_scale``; with ``regularization_ratio``, the factor that makes the
+        regulariser weights sum to that ratio times the image terms' summed weight (0 when the
+        training has no regulariser).
+        """
+        if self.regularization_ratio is None:
+            return self.regularization_scale
+        image = sum(term.weight for term in loss_config.image.values())
+        regularization = sum(term.weight for term in loss_config.regularization.values())
+        return self.regularization_ratio * image / regularization if regularization > 0 else 0.0
 
 
 class SimilarityLoss:

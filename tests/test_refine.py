@@ -82,6 +82,33 @@ def test_a_residual_regulariser_keeps_a_start_field_the_images_already_agree_wit
     assert change["residual"] < 0.06
     assert change["field"] > 3 * change["residual"]
 
+
+def test_a_regularisation_ratio_fixes_the_balance_whatever_the_training_weights():
+    settings = RefineSettings(regularization_scale=5.0, regularization_ratio=2.5)
+    assert RefineSettings(regularization_scale=5.0).regularization_multiplier(LNCC_BENDING) == 5.0
+    assert settings.regularization_multiplier(LNCC_BENDING) == pytest.approx(5.0)  # 2.5 * 1 / 0.5
+    tuned = LossConfig(image={"lncc": {"weight": 0.6, "options": {"kernel_size": 7}}},
+                       regularization={"bending_energy": {"weight": 0.75}})
+    assert settings.regularization_multiplier(tuned) == pytest.approx(2.0)  # 2.5 * 0.6 / 0.75
+    no_regulariser = LossConfig(image={"lncc": {"weight": 1.0}})
+    assert settings.regularization_multiplier(no_regulariser) == 0.0
+    # one ratio, one refined field (Adam ignores the objective's overall scale); one scale, two
+    moving = blobs(seed=1)
+    fixed = spatial.warp(moving, smooth_ddf())
+
+    def refined(config: LossConfig, settings: RefineSettings) -> torch.Tensor:
+        loss = SimilarityLoss(config, settings.regularization_multiplier(config))
+        return refine_ddf(fixed, moving, torch.zeros(1, 3, *SHAPE), loss,
+                          RefineSettings(steps=20, lr=0.1))
+
+    by_scale = RefineSettings(regularization_scale=5.0)
+    ratio_gap = float((refined(LNCC_BENDING, settings) - refined(tuned, settings)).abs().mean())
+    scale_gap = float((refined(LNCC_BENDING, by_scale) - refined(tuned, by_scale)).abs().mean())
+    print(f"\nmean field difference between two trainings' weights: ratio 2.5 {ratio_gap:.4f}, "
+          f"scale x5 {scale_gap:.4f} voxel")
+    assert ratio_gap < 0.005
+    assert scale_gap > 5 * ratio_gap
+
 def test_classical_mode_recovers_a_known_smooth_deformation():
     moving = blobs(seed=4)
     truth = smooth_ddf(magnitude=2.0)
