@@ -189,9 +189,9 @@ class Registrar:
         self.model = model.to(self.device).eval() if model is not None else None
         self.record = record
         self.refine = refine
-        multiplier = refine.regularization_multiplier(loss_config)
-        self.similarity = (SimilarityLoss(loss_config, multiplier)
-                           if refine.steps + refine.affine_steps > 0 else None)
+        self.similarity = (
+            SimilarityLoss(loss_config, refine.regularization_multiplier(loss_config))
+            if refine.steps + refine.affine_steps > 0 else None)
 
     @property
     def ndim(self) -> int:
