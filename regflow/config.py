@@ -237,6 +237,8 @@ class RefineConfig(Section):
     # set: regulariser weight sum / image weight sum, whatever the training's (replaces the scale)
     regularization_ratio: NonNegativeFloat | None = None
     regularize: Literal["field", "residual"] = "field"
+    # Gaussian smoothing (voxels) of the starting field before optimisation; 0: none
+    smooth_sigma: NonNegativeFloat = 0.0
     affine_steps: NonNegativeInt = 0
     affine_lr: Annotated[float, Field(gt=0)] = 0.01
 

@@ -9,6 +9,10 @@ at ``1 / 2**(levels - 1)`` of the resolution (trilinearly upsampled), each later
 resolution and starting from the field so far. A coarse residual moves whole structures in few
 steps and cannot fold at the voxel scale; the finest stage adds detail.
 
+Optionally the starting field is first smoothed with a Gaussian (``smooth_sigma`` voxels): a
+network whose field comes from its full-resolution level carries voxel-scale roughness that
+refinement's regulariser does not remove when it acts only on the residual.
+
 The regulariser acts on the whole field (``regularize: field``: refinement also smooths the
 network's field) or only on what refinement adds to it (``residual``: the starting field is kept
 where the images give no reason to move it).
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from regflow import spatial
 from regflow.config import LossConfig
 from regflow.losses import CompositeLoss
+from regflow.losses.filters import gaussian_smoothing_kernel, separable_filter, window_weight
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class RefineSettings:
         regularization_ratio: if set, replaces the scale: regulariser weight sum over image weight
             sum (see :meth:`regularization_multiplier`).
         regularize: ``field`` (the refined field) or ``residual`` (refined minus starting field).
+        smooth_sigma: Gaussian smoothing of the starting field in voxels (0: none).
         affine_steps: steps of the affine stage of classical registration (model "none").
         affine_lr: Adam learning rate of the affine stage.
     """
@@ -54,6 +60,7 @@ class RefineSettings:
     regularization_scale: float = 1.0
     regularization_ratio: float | None = None
     regularize: str = "field"
+    smooth_sigma: float = 0.0
     affine_steps: int = 0
     affine_lr: float = 0.01
 
@@ -108,6 +115,19 @@ def _upsample(field: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(field, size=shape, mode=mode, align_corners=True)
 
 
+def smooth_field(field: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of a (B, ndim, *S) field, ``sigma`` in voxels (0: the field itself).
+
+    The window is cropped at the border and renormalised there, so a constant field is unchanged
+    and the border is not pulled towards zero.
+    """
+    if sigma <= 0:
+        return field
+    kernel = gaussian_smoothing_kernel(sigma)
+    weight = window_weight(kernel, tuple(field.shape[2:])).to(field.device, field.dtype)
+    return separable_filter(field, kernel) / weight
+
+
 def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
                loss: SimilarityLoss, settings: RefineSettings) -> torch.Tensor:
     """Optimise ``ddf`` for one batch of pairs, coarse to fine.
@@ -117,7 +137,8 @@ def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
         moving: (B, 1, *S) moving image on the fixed grid.
         ddf: (B, ndim, *S) starting displacement in voxels (a network's, or zeros).
         loss: the label-free objective.
-        settings: steps, learning rate, levels, regulariser scale and what it acts on.
+        settings: steps, learning rate, levels, regulariser scale and what it acts on, smoothing
+            of the starting field.
 
     Returns:
         (B, ndim, *S) refined DDF (detached); ``ddf`` itself when ``settings.steps`` is 0.
@@ -125,7 +146,7 @@ def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
     if settings.steps <= 0:
         return ddf
     shape = tuple(ddf.shape[2:])
-    current = ddf.detach()
+    current = smooth_field(ddf.detach(), settings.smooth_sigma)
     start = current if settings.regularize == "residual" else None
     levels = max(1, settings.levels)
     for level, steps in enumerate(_split(settings.steps, levels)):

@@ -7,9 +7,9 @@ from scipy.ndimage import gaussian_filter
 
 from regflow import spatial
 from regflow.config import Config, LossConfig
-from regflow.inference import Registrar, record_from_config
+from regflow.inference import Registrar, record_from_config, refine_settings
 from regflow.models import RegistrationModel
-from regflow.refine import RefineSettings, SimilarityLoss, affine_register, refine_ddf
+from regflow.refine import RefineSettings, SimilarityLoss, affine_register, refine_ddf, smooth_field
 
 LNCC_BENDING = LossConfig(image={"lncc": {"weight": 1.0, "options": {"kernel_size": 7}}},
                           regularization={"bending_energy": {"weight": 0.5}})
@@ -108,6 +108,40 @@ def test_a_regularisation_ratio_fixes_the_balance_whatever_the_training_weights(
           f"scale x5 {scale_gap:.4f} voxel")
     assert ratio_gap < 0.005
     assert scale_gap > 5 * ratio_gap
+
+def test_smoothing_the_start_field_removes_voxel_noise_and_keeps_smooth_motion():
+    """A Gaussian of sigma s scales a sine of wavelength L by exp(-2 pi^2 s^2 / L^2) and the
+    standard deviation of 3-D white noise by about (2 sqrt(pi) s)^(-3/2)."""
+    sigma = 0.75
+    constant = torch.full((1, 3, *SHAPE), 1.5)
+    assert torch.allclose(smooth_field(constant, sigma), constant, atol=1e-6)  # border included
+    sine = smooth_ddf(magnitude=2.0)
+    expected = np.exp(-2 * np.pi ** 2 * sigma ** 2 / SHAPE[1] ** 2)  # channel 0 varies along axis 1
+    ratio = float((interior(smooth_field(sine, sigma))[:, 0] * interior(sine)[:, 0]).sum()
+                  / (interior(sine)[:, 0] ** 2).sum())
+    noise = torch.randn(1, 3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    noise_ratio = float(interior(smooth_field(noise, sigma)).std() / interior(noise).std())
+    print(f"\nsine kept {ratio:.4f} (closed form {expected:.4f}), noise std x{noise_ratio:.3f} "
+          f"(white-noise estimate {(2 * np.sqrt(np.pi) * sigma) ** -1.5:.3f})")
+    assert ratio == pytest.approx(expected, abs=0.005)
+    assert noise_ratio < 0.3
+    assert torch.equal(smooth_field(noise, 0.0), noise)
+
+
+def test_smoothing_belongs_to_refinement_and_comes_from_the_config():
+    config = Config.model_validate({"evaluate": {"refine": {"steps": 5, "smooth_sigma": 0.5}}})
+    assert refine_settings(config).smooth_sigma == 0.5
+    start = torch.randn(1, 3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    loss = SimilarityLoss(LNCC_BENDING)
+    no_steps = RefineSettings(steps=0, smooth_sigma=0.5)
+    assert torch.equal(refine_ddf(blobs(seed=3), blobs(seed=2), start, loss, no_steps), start)
+    # residual regularisation pulls towards the smoothed start, not the raw one
+    smoothed = smooth_field(start, 0.5)
+    refined = refine_ddf(blobs(seed=3), blobs(seed=2), start, loss, RefineSettings(
+        steps=2, lr=1e-4, levels=1, smooth_sigma=0.5, regularize="residual"))
+    assert float((refined - smoothed).abs().max()) < 0.01
+    assert float((refined - start).abs().mean()) > 0.1
+
 
 def test_classical_mode_recovers_a_known_smooth_deformation():
     moving = blobs(seed=4)
