@@ -170,6 +170,7 @@ class ModelConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     integration_steps: Annotated[int, Field(ge=0, le=20)] = 7
     integration_downsize: Annotated[int, Field(ge=1, le=8)] = 1  # dvf: integrate on a coarser grid
+    passes: Annotated[int, Field(ge=1, le=4)] = 1  # ddf/dvf: backbone passes composed (a cascade)
 
 
 class LossTerm(Section):

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from regflow.config import ModelConfig
 
 METHODS = ("ddf", "dvf", "affine", "conditional")
+CASCADE_METHODS = ("ddf", "dvf")
 CHECKPOINT_KEYS = ("config", "state_dict", "regflow_version", "extra")
 
 
@@ -44,6 +45,23 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+def compose_ddfs(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The DDF of warping by ``first`` and then warping that result by ``then``.
+
+    ``warp(warp(m, first), then)[x] = m[x + then[x] + first[x + then[x]]]``, so the composed field
+    is ``then + warp(first, then)``; ``first`` is resampled with border padding (a field does not
+    fall to zero outside the volume).
+
+    Args:
+        first: (B, ndim, *S) the field applied first, in voxels.
+        then: (B, ndim, *S) the field applied to the result, in voxels.
+
+    Returns:
+        (B, ndim, *S) the composed field.
+    """
+    return then + spatial.warp(first, then, padding="border")
+
+
 class RegistrationModel(nn.Module):
     """Backbone + method head: predicts how to move ``moving`` onto ``fixed``.
 
@@ -58,6 +76,10 @@ class RegistrationModel(nn.Module):
     - "conditional": the input also holds the moving label; the backbone predicts
       ``label_channels`` logits whose sigmoid is the label in fixed space (no DDF).
 
+    With ``passes`` > 1 ("ddf" and "dvf"), the same backbone is applied again to the moving image
+    warped by the field so far, and each new field is composed with it (a recursive cascade with
+    shared weights, trained end to end through every pass).
+
     Args:
         method: one of :data:`METHODS`.
         backbone: "local", "unet" or "global" (the latter only, and always, for "affine").
@@ -68,16 +90,18 @@ class RegistrationModel(nn.Module):
         integration_downsize: "dvf": integrate on a grid this many times coarser.
         label_channels: label channels of the "conditional" input and output.
         extract_levels: LocalNet's levels whose fields are summed (None: all).
+        passes: backbone passes whose fields are composed (1: a single field).
 
     Raises:
-        ConfigError: unknown method, or a method/backbone combination that cannot work.
+        ConfigError: unknown method, a method/backbone combination that cannot work, or
+            ``passes`` > 1 for a method other than "ddf" or "dvf".
     """
 
     def __init__(self, method: str = "ddf", backbone: str = "local",
                  channels: Sequence[int] = (16, 32, 64), ndim: int = 3,
                  integration_steps: int = 7, label_channels: int = 1,
                  norm: str = DEFAULT_NORM, extract_levels: Sequence[int] | None = None,
-                 integration_downsize: int = 1) -> None:
+                 integration_downsize: int = 1, passes: int = 1) -> None:
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"train.model.method: unknown method {method!r}; "
@@ -85,7 +109,12 @@ class RegistrationModel(nn.Module):
         if (method == "affine") != (backbone == "global"):
             raise ConfigError(f"train.model: method {method!r} cannot use backbone {backbone!r} "
                               "(method affine goes with backbone global, and only it)")
+        if passes < 1 or (passes > 1 and method not in CASCADE_METHODS):
+            raise ConfigError(f"train.model.passes: {passes} passes need a method of "
+                              f"{', '.join(CASCADE_METHODS)} and at least 1 pass "
+                              f"(method {method!r})")
         self.method = method
+        self.passes = passes
         self.backbone_name = backbone
         self.channels = [int(width) for width in channels]
         self.ndim = ndim
@@ -119,7 +148,8 @@ class RegistrationModel(nn.Module):
                    integration_steps=model_config.integration_steps,
                    label_channels=label_channels, norm=model_config.backbone.norm,
                    extract_levels=model_config.backbone.extract_levels,
-                   integration_downsize=model_config.integration_downsize)
+                   integration_downsize=model_config.integration_downsize,
+                   passes=model_config.passes)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -129,7 +159,7 @@ class RegistrationModel(nn.Module):
                 "integration_steps": self.integration_steps,
                 "label_channels": self.label_channels, "norm": self.norm,
                 "extract_levels": self.extract_levels,
-                "integration_downsize": self.integration_downsize}
+                "integration_downsize": self.integration_downsize, "passes": self.passes}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
                 moving_label: torch.Tensor | None = None, *, warp: bool = True
@@ -146,7 +176,8 @@ class RegistrationModel(nn.Module):
         Returns:
             "ddf": (B, ndim, *S) voxels; "warped": (B, 1, *S); "warped_label": (B, L, *S),
             linearly warped (soft, for Dice training) when ``moving_label`` is given; "theta":
-            (B, ndim, ndim + 1) for "affine"; "dvf": (B, ndim, *S) for "dvf". "conditional"
+            (B, ndim, ndim + 1) for "affine"; "dvf": (B, ndim, *S) for "dvf" (the first pass's
+            velocity when ``passes`` > 1; "ddf" is always the composed field). "conditional"
             returns only "warped_label" (sigmoid, in [0, 1]) and "logits".
 
         Raises:
@@ -163,17 +194,11 @@ class RegistrationModel(nn.Module):
             logits = self.backbone(torch.cat([moving, fixed, moving_label], dim=1))
             return {"warped_label": torch.sigmoid(logits), "logits": logits}
 
-        prediction = self.backbone(torch.cat([moving, fixed], dim=1))
         outputs: dict[str, torch.Tensor] = {}
-        if self.method == "affine":
-            outputs["theta"] = prediction
-            ddf = spatial.affine_to_ddf(prediction, moving.shape[2:])
-        elif self.method == "dvf":
-            outputs["dvf"] = prediction
-            ddf = spatial.integrate_dvf(prediction, steps=self.integration_steps,
-                                        downsize=self.integration_downsize)
-        else:
-            ddf = prediction
+        ddf = self._pass_field(moving, fixed, outputs)
+        for _ in range(self.passes - 1):
+            step = self._pass_field(spatial.warp(moving, ddf), fixed, {})
+            ddf = compose_ddfs(ddf, step)
         outputs["ddf"] = ddf
         if not warp:
             return outputs
@@ -181,6 +206,19 @@ class RegistrationModel(nn.Module):
         if moving_label is not None:
             outputs["warped_label"] = spatial.warp(moving_label, ddf)
         return outputs
+
+    def _pass_field(self, moving: torch.Tensor, fixed: torch.Tensor,
+                    outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One backbone pass: its DDF, its "theta" or "dvf" stored in ``outputs``."""
+        prediction = self.backbone(torch.cat([moving, fixed], dim=1))
+        if self.method == "affine":
+            outputs["theta"] = prediction
+            return spatial.affine_to_ddf(prediction, moving.shape[2:])
+        if self.method == "dvf":
+            outputs["dvf"] = prediction
+            return spatial.integrate_dvf(prediction, steps=self.integration_steps,
+                                         downsize=self.integration_downsize)
+        return prediction
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write a self-describing checkpoint atomically (see :func:`regflow.fileio.atomic_path`).
