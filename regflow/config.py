@@ -248,6 +248,8 @@ class EvaluateConfig(Section):
     """Evaluation of the trained model (and of no registration) on a split."""
 
     refine: RefineConfig = Field(default_factory=RefineConfig)
+    # cascades: backbone passes at test time (None: as trained, train.model.passes)
+    passes: Annotated[int, Field(ge=1, le=4)] | None = None
     split: Literal["val", "test"] = "test"
     checkpoint: Literal["best", "last"] = "best"
     hd95: bool = True

@@ -377,13 +377,15 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
     Args:
         spec: a ``.pt`` checkpoint, ``models:/NAME@ALIAS`` / ``runs:/...``, or "none" (classical
             registration in the frame of ``config.preprocess``, with ``config.train.loss``).
-        config: params; supplies refinement settings, the loss for checkpoints that carry none,
-            and the frame for "none".
+        config: params; supplies refinement settings, a cascade's test-time passes
+            (``evaluate.passes``), the loss for checkpoints that carry none, and the frame for
+            "none".
         refine_steps: overrides ``evaluate.refine.steps``.
         device: where to compute.
 
     Raises:
-        RegflowError: an unknown URI, a corrupt checkpoint or record, or "none" without a config.
+        RegflowError: an unknown URI, a corrupt checkpoint or record, "none" without a config,
+            or ``evaluate.passes`` > 1 for a model that is not "ddf" or "dvf".
     """
     settings = refine_settings(config, refine_steps)
     if spec == NO_MODEL:
@@ -394,6 +396,8 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
         return Registrar(None, record_from_config(config), config.train.loss, settings, device)
     checkpoint = checkpoint_path(spec)
     model, extra = RegistrationModel.load(checkpoint, map_location="cpu")
+    if config is not None and config.evaluate.passes is not None:
+        model.set_passes(config.evaluate.passes, key="evaluate.passes")
     record = PreprocessingRecord.from_checkpoint(extra, str(checkpoint))
     if "loss" in extra:
         loss_config = LossConfig.model_validate(extra["loss"])

@@ -109,12 +109,9 @@ class RegistrationModel(nn.Module):
         if (method == "affine") != (backbone == "global"):
             raise ConfigError(f"train.model: method {method!r} cannot use backbone {backbone!r} "
                               "(method affine goes with backbone global, and only it)")
-        if passes < 1 or (passes > 1 and method not in CASCADE_METHODS):
-            raise ConfigError(f"train.model.passes: {passes} passes need a method of "
-                              f"{', '.join(CASCADE_METHODS)} and at least 1 pass "
-                              f"(method {method!r})")
         self.method = method
-        self.passes = passes
+        self.passes = 1
+        self.set_passes(passes)
         self.backbone_name = backbone
         self.channels = [int(width) for width in channels]
         self.ndim = ndim
@@ -206,6 +203,22 @@ class RegistrationModel(nn.Module):
         if moving_label is not None:
             outputs["warped_label"] = spatial.warp(moving_label, ddf)
         return outputs
+
+    def set_passes(self, passes: int, key: str = "train.model.passes") -> None:
+        """Apply the backbone ``passes`` times from now on (the weights are shared by all passes).
+
+        Args:
+            passes: backbone passes whose fields are composed.
+            key: the config key named in the error.
+
+        Raises:
+            ConfigError: fewer than 1 pass, or more than 1 for a method other than "ddf"/"dvf".
+        """
+        if passes < 1 or (passes > 1 and self.method not in CASCADE_METHODS):
+            raise ConfigError(f"{key}: {passes} passes need a method of "
+                              f"{', '.join(CASCADE_METHODS)} and at least 1 pass "
+                              f"(method {self.method!r})")
+        self.passes = passes
 
     def _pass_field(self, moving: torch.Tensor, fixed: torch.Tensor,
                     outputs: dict[str, torch.Tensor]) -> torch.Tensor:

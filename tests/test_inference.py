@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from regflow.config import Config, LossConfig
-from regflow.errors import NothingToRegister
-from regflow.inference import Registrar, Volume, record_from_config, warp_label
+from regflow.errors import ConfigError, NothingToRegister
+from regflow.inference import Registrar, Volume, load_registrar, record_from_config, warp_label
 from regflow.models import RegistrationModel
 from regflow.predict import warp_array
 from regflow.refine import RefineSettings
@@ -116,3 +116,26 @@ def test_the_same_physical_pair_stored_differently_registers_alike(mirror):
     print()
     for name, case in cases.items():
         assert_registers_alike(name, case, dice[name], dice["as stored"])
+
+
+def save_with_record(model: RegistrationModel, path) -> str:
+    model.save(path, extra={"preprocessing": record_from_config(FRAME).model_dump()})
+    return str(path)
+
+
+@pytest.mark.parametrize(("passes", "expected"), [(None, 2), (3, 3), (1, 1)])
+def test_evaluate_passes_sets_a_cascades_passes_at_test_time(tmp_path, passes, expected):
+    torch.manual_seed(0)
+    checkpoint = save_with_record(RegistrationModel(channels=(4, 8), passes=2),
+                                  tmp_path / "cascade.pt")
+    config = FRAME.model_validate({**FRAME.model_dump(), "evaluate": {"passes": passes}})
+    assert load_registrar(checkpoint, config).model.passes == expected
+    assert load_registrar(checkpoint).model.passes == 2
+
+
+def test_evaluate_passes_on_an_affine_model_is_a_config_error(tmp_path):
+    checkpoint = save_with_record(RegistrationModel("affine", "global", channels=(4, 8)),
+                                  tmp_path / "affine.pt")
+    config = FRAME.model_validate({**FRAME.model_dump(), "evaluate": {"passes": 2}})
+    with pytest.raises(ConfigError, match="evaluate.passes"):
+        load_registrar(checkpoint, config)
