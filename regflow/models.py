@@ -45,23 +45,6 @@ def select_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def compose_ddfs(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
-    """The DDF of warping by ``first`` and then warping that result by ``then``.
-
-    ``warp(warp(m, first), then)[x] = m[x + then[x] + first[x + then[x]]]``, so the composed field
-    is ``then + warp(first, then)``; ``first`` is resampled with border padding (a field does not
-    fall to zero outside the volume).
-
-    Args:
-        first: (B, ndim, *S) the field applied first, in voxels.
-        then: (B, ndim, *S) the field applied to the result, in voxels.
-
-    Returns:
-        (B, ndim, *S) the composed field.
-    """
-    return then + spatial.warp(first, then, padding="border")
-
-
 class RegistrationModel(nn.Module):
     """Backbone + method head: predicts how to move ``moving`` onto ``fixed``.
 
@@ -195,7 +178,7 @@ class RegistrationModel(nn.Module):
         ddf = self._pass_field(moving, fixed, outputs)
         for _ in range(self.passes - 1):
             step = self._pass_field(spatial.warp(moving, ddf), fixed, {})
-            ddf = compose_ddfs(ddf, step)
+            ddf = spatial.compose_ddfs(ddf, step)
         outputs["ddf"] = ddf
         if not warp:
             return outputs

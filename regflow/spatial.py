@@ -141,11 +141,29 @@ def voxel_map_ddf(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return (mapped - voxels)[None]
 
 
+def compose_ddfs(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The DDF of warping by ``first`` and then warping that result by ``then``.
+
+    ``warp(warp(m, first), then)[x] = m[x + then[x] + first[x + then[x]]]``, so the composed field
+    is ``then + warp(first, then)``; ``first`` is resampled with border padding (a field does not
+    fall to zero outside the volume).
+
+    Args:
+        first: (B, ndim, *S) the field applied first, in voxels.
+        then: (B, ndim, *S) the field applied to the result, in voxels.
+
+    Returns:
+        (B, ndim, *S) the composed field.
+    """
+    return then + warp(first, then, padding="border")
+
+
 def integrate_dvf(dvf: torch.Tensor, steps: int = 7, downsize: int = 1) -> torch.Tensor:
     """Integrate a stationary velocity field by scaling and squaring.
 
-    ``ddf = dvf / 2**steps``, then ``steps`` times ``ddf = ddf + warp(ddf, ddf)`` (border padding,
-    so the field is extrapolated by its edge values rather than pulled towards zero).
+    ``ddf = dvf / 2**steps``, then ``steps`` times the field composed with itself,
+    ``ddf = ddf + warp(ddf, ddf)`` (:func:`compose_ddfs`: border padding, so the field is
+    extrapolated by its edge values rather than pulled towards zero).
 
     With ``downsize`` > 1 this runs on a grid ``ceil(size / downsize)`` voxels per axis: the
     velocity is linearly resampled onto it and rescaled into its voxels, and the displacement
@@ -174,7 +192,7 @@ def integrate_dvf(dvf: torch.Tensor, steps: int = 7, downsize: int = 1) -> torch
                              align_corners=False) / ratios
     ddf = dvf / 2**steps
     for _ in range(steps):
-        ddf = ddf + warp(ddf, ddf, padding="border")
+        ddf = compose_ddfs(ddf, ddf)
     return ddf
 
 

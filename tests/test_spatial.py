@@ -1,5 +1,7 @@
 """Tests for regflow.spatial: warping against scipy, integration, affine fields, composition."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from scipy import ndimage
 
 from regflow import spatial
 from regflow.metrics import folding_fraction
+from tests.test_models import smooth_random_image
 
 SHAPES = {2: (11, 9), 3: (10, 12, 8)}
 
@@ -251,3 +254,31 @@ def test_gradcheck_integrate_dvf():
     dvf = torch.rand(1, 3, 4, 5, 3, dtype=torch.float64, generator=generator) * 2.0 - 1.0
     dvf.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v: spatial.integrate_dvf(v, steps=3), (dvf,))
+
+
+def test_composing_translations_adds_them():
+    first = torch.zeros(1, 3, *SHAPES[3])
+    then = torch.zeros(1, 3, *SHAPES[3])
+    first[:, 0], first[:, 2] = 1.5, -0.5
+    then[:, 1], then[:, 2] = 2.0, 1.25
+    composed = spatial.compose_ddfs(first, then)
+    torch.testing.assert_close(composed[:, 0], torch.full((1, *SHAPES[3]), 1.5))
+    torch.testing.assert_close(composed[:, 1], torch.full((1, *SHAPES[3]), 2.0))
+    torch.testing.assert_close(composed[:, 2], torch.full((1, *SHAPES[3]), 0.75))
+
+
+def test_warping_by_the_composed_field_equals_warping_twice():
+    generator = torch.Generator().manual_seed(3)
+    image = smooth_random_image(24, generator)
+    grid = torch.linspace(0, 2 * math.pi, 24)
+    zz, yy, xx = torch.meshgrid(grid, grid, grid, indexing="ij")
+    first = torch.stack([3.0 * torch.sin(yy), 2.0 * torch.cos(xx), 1.6 * torch.sin(zz)])[None]
+    then = torch.stack([1.4 * torch.cos(xx), -2.4 * torch.sin(zz), 1.8 * torch.cos(yy)])[None]
+    twice = spatial.warp(spatial.warp(image, first), then)
+    once = spatial.warp(image, spatial.compose_ddfs(first, then))
+    summed = spatial.warp(image, first + then)
+    interior = (slice(None), slice(None)) + (slice(5, -5),) * 3
+    composed_error = (twice - once)[interior].abs().mean()
+    summed_error = (twice - summed)[interior].abs().mean()
+    assert composed_error < 0.01
+    assert summed_error > 3 * composed_error
