@@ -115,10 +115,20 @@ class IntensityAugment(Section):
     noise_std: NonNegativeFloat = 0.0
 
 
+class FlipAugment(Section):
+    """Random mirroring of the whole pair: fixed, moving and their labels flipped alike (TorchIO
+    RandomFlip), each listed array axis with probability 0.5."""
+
+    enabled: bool = False
+    axes: Annotated[list[Annotated[int, Field(ge=0, le=2)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [0, 1, 2])
+
+
 class AugmentConfig(Section):
     """Training-time augmentation; never applied to validation or test data."""
 
     enabled: bool = True
+    flip: FlipAugment = Field(default_factory=FlipAugment)
     affine: AffineAugment = Field(default_factory=AffineAugment)
     elastic: ElasticAugment = Field(default_factory=ElasticAugment)
     intensity: IntensityAugment = Field(default_factory=IntensityAugment)
@@ -210,6 +220,14 @@ class OptimizerConfig(Section):
     clip_grad_norm: NonNegativeFloat = 0.0
 
 
+class SymmetricConfig(Section):
+    """Symmetric training: every pair registered in both directions in the same step (twice the
+    registrations per step), with an optional inverse-consistency penalty on the two fields."""
+
+    enabled: bool = False
+    consistency_weight: NonNegativeFloat = 0.0
+
+
 class TrainConfig(Section):
     """Training run."""
 
@@ -217,6 +235,7 @@ class TrainConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    symmetric: SymmetricConfig = Field(default_factory=SymmetricConfig)
     steps: PositiveInt = 1000
     val_every: PositiveInt = 100
     checkpoint_every: PositiveInt = 50
@@ -225,6 +244,14 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     best_params: str | None = "models/tuning/best_params.yaml"
     init_from: str | None = None  # checkpoint path or models:/ URI: fine-tune from its weights
+
+    @model_validator(mode="after")
+    def _check_symmetric(self) -> TrainConfig:
+        if (self.symmetric.enabled and self.symmetric.consistency_weight > 0
+                and self.model.method == "conditional"):
+            raise ValueError("symmetric.consistency_weight: method conditional predicts labels, "
+                             "not a field; set it to 0 or use ddf, dvf or affine")
+        return self
 
 
 class RefineConfig(Section):

@@ -38,6 +38,7 @@ from regflow.losses import build_loss
 from regflow.models import RegistrationModel, select_device
 from regflow.redact import redact_text
 from regflow.refine import RefineSettings
+from regflow.symmetric import both_directions, inverse_consistency
 
 ValidationCallback = Callable[[int, dict[str, float]], None]
 
@@ -311,8 +312,15 @@ class Trainer:
         })
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One optimisation step; returns the total and every weighted term as floats."""
+        """One optimisation step; returns the total and every weighted term as floats.
+
+        Under ``train.symmetric`` the batch holds every pair in both directions, and the
+        inverse-consistency penalty of the two fields joins the loss as ``symmetric/consistency``.
+        """
         batch = as_device(batch, self.device)
+        symmetric = self.config.train.symmetric
+        if symmetric.enabled:
+            batch = both_directions(batch)
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
@@ -323,6 +331,10 @@ class Trainer:
                                  fixed_label=batch.get("fixed_label"),
                                  warped_label=outputs.get("warped_label"),
                                  ddf=outputs.get("ddf"))
+        if symmetric.enabled and symmetric.consistency_weight > 0:
+            terms["symmetric/consistency"] = (symmetric.consistency_weight
+                                              * inverse_consistency(*outputs["ddf"].chunk(2)))
+            total = total + terms["symmetric/consistency"]
         total.backward()
         if self.config.train.optimizer.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(),

@@ -14,7 +14,9 @@ the number of workers. Evaluation pairs are drawn once from the seed and are the
 Augmentation (training only) follows DeepReg: the fixed and the moving side are each deformed by
 their own random affine and elastic transform, an image always together with its own label, so that
 labels stay on their anatomy; gamma and noise touch images only. TorchIO measures translation and
-elastic displacement in mm and rotation in degrees.
+elastic displacement in mm and rotation in degrees. A random flip (``augment.flip``, as LapIRN and
+Estienne et al. trained) mirrors the whole pair alike, so the registration task stays the same
+task, seen in a mirror.
 
 Labels arrive as multi-channel binary float32, one channel per foreground label. With
 ``sample_label: stack`` the batch carries every channel and ``label_index = -1``; with ``sample``
@@ -97,12 +99,16 @@ def build_augmentation(augment: AugmentConfig, ndim: int = 3) -> tio.Compose | N
 
     Returns:
         A transform of a subject with ``fixed_image``/``moving_image`` (and ``fixed_label``/
-        ``moving_label``): per side one random affine and one elastic deformation shared by the
-        image and its label; then random gamma and noise on the images.
+        ``moving_label``): a random flip of the whole pair; per side one random affine and one
+        elastic deformation shared by the image and its label; then random gamma and noise on the
+        images.
     """
     if not augment.enabled:
         return None
     transforms: list[tio.Transform] = []
+    flip_axes = tuple(axis for axis in augment.flip.axes if axis < ndim)
+    if augment.flip.enabled and flip_axes:
+        transforms.append(tio.RandomFlip(axes=flip_axes, flip_probability=0.5))
     in_plane = (1, 1, 1, 1, 0, 0) if ndim == 2 else (1,) * 6
     for side in SIDES:
         keys = [f"{side}_image", f"{side}_label"]

@@ -315,3 +315,27 @@ def test_fold_k_validates_on_fold_k_and_trains_on_the_other_folds(make_dataset):
     assert trained_on and not trained_on & in_fold
     with pytest.raises(DataError, match="loader.fold 3 but the manifest has 3 folds"):
         build_dataloader(path, "val", make_config(fold=3), train=False)
+
+
+FLIP_ONLY = {"enabled": True, "flip": {"enabled": True, "axes": [0, 1, 2]},
+             "affine": {"enabled": False}, "elastic": {"enabled": False},
+             "intensity": {"enabled": False}}
+
+
+def test_flip_mirrors_the_whole_pair_alike(synthetic, make_dataset):
+    manifest = make_dataset("unpaired", "integer")
+    loader = build_dataloader(manifest, "train", make_config(3, FLIP_ONLY, batch_size=1), True)
+    flips_seen = set()
+    for batch in [b for batches in epochs(loader, 4) for b in batches]:
+        originals = {side: (synthetic.image(batch[f"{side}_id"][0]),
+                            synthetic.label_channels(batch[f"{side}_id"][0]))
+                     for side in ("fixed", "moving")}
+        # the one set of axes that turns both stored sides into the batch's
+        matches = [axes for axes in ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
+                   if all(np.array_equal(np.flip(image, axes), batch[f"{side}_image"][0, 0])
+                          and np.array_equal(np.flip(label, [a + 1 for a in axes]),
+                                             batch[f"{side}_label"][0])
+                          for side, (image, label) in originals.items())]
+        assert len(matches) == 1
+        flips_seen.add(matches[0])
+    assert len(flips_seen) >= 4  # each axis flipped at random, not always the same way
