@@ -7,6 +7,7 @@ name the key path and what is allowed. ``-S key.path=value`` overrides work as i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -173,6 +174,22 @@ class BackboneConfig(Section):
         return name
 
 
+class HyperConfig(Section):
+    """Amortised loss weight (HyperMorph): the weight of the ``train.loss`` term ``term``
+    (``group.name``) is drawn per batch, log-uniformly from [low, high], and given to the network,
+    which then registers for any weight of that range at test time (``evaluate.hyper_weight``)."""
+
+    term: str = "regularization.bending_energy"
+    low: Annotated[float, Field(gt=0)] = 0.1
+    high: Annotated[float, Field(gt=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _check_range(self) -> HyperConfig:
+        if self.low >= self.high:
+            raise ValueError("low must be below high")
+        return self
+
+
 class ModelConfig(Section):
     """RegistrationModel: method + backbone."""
 
@@ -181,6 +198,10 @@ class ModelConfig(Section):
     integration_steps: Annotated[int, Field(ge=0, le=20)] = 7
     integration_downsize: Annotated[int, Field(ge=1, le=8)] = 1  # dvf: integrate on a coarser grid
     passes: Annotated[int, Field(ge=1, le=4)] = 1  # ddf/dvf: backbone passes composed (a cascade)
+    hyper: HyperConfig | None = None  # HyperMorph: a loss weight drawn per batch, fed to the net
+
+
+LOSS_GROUPS = ("image", "label", "regularization")
 
 
 class LossTerm(Section):
@@ -245,6 +266,27 @@ class TrainConfig(Section):
     best_params: str | None = "models/tuning/best_params.yaml"
     init_from: str | None = None  # checkpoint path or models:/ URI: fine-tune from its weights
 
+    def hyper_term(self) -> LossTerm | None:
+        """The ``train.loss`` term of ``model.hyper`` (None without one)."""
+        if self.model.hyper is None:
+            return None
+        group, _, name = self.model.hyper.term.partition(".")
+        return getattr(self.loss, group, {}).get(name) if group in LOSS_GROUPS else None
+
+    @model_validator(mode="after")
+    def _check_hyper(self) -> TrainConfig:
+        hyper = self.model.hyper
+        if hyper is None:
+            return self
+        term = self.hyper_term()
+        if term is None or term.weight <= 0:
+            raise ValueError(f"model.hyper.term: {hyper.term!r} must name a train.loss term "
+                             "(group.name) with a non-zero weight")
+        if not hyper.low <= term.weight <= hyper.high:
+            raise ValueError(f"model.hyper: the term's weight {term.weight} (the default at test "
+                             f"time) must lie in [low, high] = [{hyper.low}, {hyper.high}]")
+        return self
+
     @model_validator(mode="after")
     def _check_symmetric(self) -> TrainConfig:
         if (self.symmetric.enabled and self.symmetric.consistency_weight > 0
@@ -277,6 +319,8 @@ class EvaluateConfig(Section):
     refine: RefineConfig = Field(default_factory=RefineConfig)
     # cascades: backbone passes at test time (None: as trained, train.model.passes)
     passes: Annotated[int, Field(ge=1, le=4)] | None = None
+    # train.model.hyper models: the loss weight asked for (None: the term's weight in train.loss)
+    hyper_weight: Annotated[float, Field(gt=0)] | None = None
     split: Literal["val", "test"] = "test"
     checkpoint: Literal["best", "last"] = "best"
     hd95: bool = True
@@ -409,6 +453,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"{location}: unknown key"
     message = error["msg"].removeprefix("Value error, ")
+    if location and re.match(r"[a-z_]+(\.[a-z_]+)*: ", message):  # a key below the location
+        return f"{location}.{message}"
     return f"{location}: {message}" if location else message
 
 

@@ -222,9 +222,11 @@ class Trainer:
         self.spacing = self.manifest.voxel_size
         self.digest = config_digest(config)
         seed_everything(config.seed)
+        hyper_term = config.train.hyper_term()
         self.model = RegistrationModel.from_config(
             config.train.model, ndim=len(self.manifest.shape),
-            label_channels=model_label_channels(config, self.manifest)).to(self.device)
+            label_channels=model_label_channels(config, self.manifest),
+            hyper_weight=None if hyper_term is None else hyper_term.weight).to(self.device)
         self.loss = build_loss(config.train.loss)
         self.network: torch.nn.Module = self.model  # what trains: the model or its DDP wrapper
         self.optimizer, self.scheduler = build_optimizer(self.model, config)
@@ -316,21 +318,28 @@ class Trainer:
 
         Under ``train.symmetric`` the batch holds every pair in both directions, and the
         inverse-consistency penalty of the two fields joins the loss as ``symmetric/consistency``.
+        Under ``train.model.hyper`` the term's weight is drawn for this batch
+        (:meth:`draw_hyper_weight`), given to the network and used in the loss; it is returned as
+        ``hyper_weight``.
         """
         batch = as_device(batch, self.device)
         symmetric = self.config.train.symmetric
         if symmetric.enabled:
             batch = both_directions(batch)
+        hyper_weight = self.draw_hyper_weight()
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             outputs = self.network(batch["moving_image"], batch["fixed_image"],
-                                   batch.get("moving_label"))
+                                   batch.get("moving_label"), hyper_weight=hyper_weight)
         outputs = {key: value.float() for key, value in outputs.items()}
+        weights = None
+        if hyper_weight is not None:
+            weights = {self.config.train.model.hyper.term.replace(".", "/"): hyper_weight}
         total, terms = self.loss(batch["fixed_image"], outputs.get("warped"),
                                  fixed_label=batch.get("fixed_label"),
                                  warped_label=outputs.get("warped_label"),
-                                 ddf=outputs.get("ddf"))
+                                 ddf=outputs.get("ddf"), weights=weights)
         if symmetric.enabled and symmetric.consistency_weight > 0:
             terms["symmetric/consistency"] = (symmetric.consistency_weight
                                               * inverse_consistency(*outputs["ddf"].chunk(2)))
@@ -341,7 +350,21 @@ class Trainer:
                                            self.config.train.optimizer.clip_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return {"total": total.item(), **{name: value.item() for name, value in terms.items()}}
+        values = {"total": total.item(), **{name: value.item() for name, value in terms.items()}}
+        if hyper_weight is not None:
+            values["hyper_weight"] = hyper_weight
+        return values
+
+    def draw_hyper_weight(self) -> float | None:
+        """This step's ``train.model.hyper`` weight, log-uniform in [low, high] (None without
+        hyper). Drawn from (seed, step), so a resumed run draws what the uninterrupted one would,
+        and every DDP rank draws the same weight."""
+        hyper = self.config.train.model.hyper
+        if hyper is None:
+            return None
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step)
+        position = torch.rand((), generator=generator).item()
+        return hyper.low * (hyper.high / hyper.low) ** position
 
     def validate(self) -> dict[str, float]:
         """Dice per label and folding on the validation pairs; logs pictures of the first."""

@@ -378,14 +378,15 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
         spec: a ``.pt`` checkpoint, ``models:/NAME@ALIAS`` / ``runs:/...``, or "none" (classical
             registration in the frame of ``config.preprocess``, with ``config.train.loss``).
         config: params; supplies refinement settings, a cascade's test-time passes
-            (``evaluate.passes``), the loss for checkpoints that carry none, and the frame for
-            "none".
+            (``evaluate.passes``), a HyperMorph model's loss weight (``evaluate.hyper_weight``),
+            the loss for checkpoints that carry none, and the frame for "none".
         refine_steps: overrides ``evaluate.refine.steps``.
         device: where to compute.
 
     Raises:
         RegflowError: an unknown URI, a corrupt checkpoint or record, "none" without a config,
-            or ``evaluate.passes`` > 1 for a model that is not "ddf" or "dvf".
+            ``evaluate.passes`` > 1 for a model that is not "ddf" or "dvf", or
+            ``evaluate.hyper_weight`` for a model not conditioned on one or outside its range.
     """
     settings = refine_settings(config, refine_steps)
     if spec == NO_MODEL:
@@ -398,6 +399,8 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
     model, extra = RegistrationModel.load(checkpoint, map_location="cpu")
     if config is not None and config.evaluate.passes is not None:
         model.set_passes(config.evaluate.passes, key="evaluate.passes")
+    if config is not None and config.evaluate.hyper_weight is not None:
+        model.set_hyper_weight(config.evaluate.hyper_weight)
     record = PreprocessingRecord.from_checkpoint(extra, str(checkpoint))
     if "loss" in extra:
         loss_config = LossConfig.model_validate(extra["loss"])
@@ -405,7 +408,17 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
         loss_config = config.train.loss
     else:
         loss_config = LossConfig(image={"lncc": {"weight": 1.0}})
+    if model.hyper is not None:  # refinement regularises as hard as the network was asked to
+        loss_config = with_term_weight(loss_config, model.hyper["term"], model.hyper["weight"])
     return Registrar(model, record, loss_config, settings, device)
+
+
+def with_term_weight(loss_config: LossConfig, term: str, weight: float) -> LossConfig:
+    """A copy of ``loss_config`` whose term ``group.name`` has ``weight``."""
+    group, _, name = term.partition(".")
+    tree = loss_config.model_dump()
+    tree[group][name]["weight"] = weight
+    return LossConfig.model_validate(tree)
 
 
 def record_from_config(config: Config) -> PreprocessingRecord:

@@ -3,6 +3,7 @@ checkpoints (constructor config + weights + regflow version)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ from regflow import __version__, spatial
 from regflow.errors import ConfigError, RegflowError
 from regflow.fileio import atomic_path
 from regflow.networks import build_backbone
+from regflow.networks.conditioning import Conditioner
 from regflow.networks.layers import DEFAULT_NORM
 
 if TYPE_CHECKING:
@@ -63,6 +65,11 @@ class RegistrationModel(nn.Module):
     warped by the field so far, and each new field is composed with it (a recursive cascade with
     shared weights, trained end to end through every pass).
 
+    With ``hyper`` (HyperMorph's amortised loss weight), the backbone's normalisation layers are
+    modulated by the weight of one loss term (:mod:`regflow.networks.conditioning`): trained over
+    a range of weights, the model answers for any weight in it. ``hyper["weight"]`` is the weight
+    used when a call gives none (see :meth:`set_hyper_weight`).
+
     Args:
         method: one of :data:`METHODS`.
         backbone: "local", "unet" or "global" (the latter only, and always, for "affine").
@@ -74,17 +81,20 @@ class RegistrationModel(nn.Module):
         label_channels: label channels of the "conditional" input and output.
         extract_levels: LocalNet's levels whose fields are summed (None: all).
         passes: backbone passes whose fields are composed (1: a single field).
+        hyper: None, or ``{"term": "group.name", "low": float, "high": float, "weight": float}``:
+            the loss term whose weight conditions the network, its range and the default weight.
 
     Raises:
-        ConfigError: unknown method, a method/backbone combination that cannot work, or
-            ``passes`` > 1 for a method other than "ddf" or "dvf".
+        ConfigError: unknown method, a method/backbone combination that cannot work,
+            ``passes`` > 1 for a method other than "ddf" or "dvf", or a bad ``hyper`` range.
     """
 
     def __init__(self, method: str = "ddf", backbone: str = "local",
                  channels: Sequence[int] = (16, 32, 64), ndim: int = 3,
                  integration_steps: int = 7, label_channels: int = 1,
                  norm: str = DEFAULT_NORM, extract_levels: Sequence[int] | None = None,
-                 integration_downsize: int = 1, passes: int = 1) -> None:
+                 integration_downsize: int = 1, passes: int = 1,
+                 hyper: dict[str, Any] | None = None) -> None:
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"train.model.method: unknown method {method!r}; "
@@ -112,24 +122,40 @@ class RegistrationModel(nn.Module):
             norm=norm,
             extract_levels=self.extract_levels,
         )
+        self.hyper: dict[str, Any] | None = None
+        if hyper is not None:
+            if not 0 < hyper["low"] < hyper["high"]:
+                raise ConfigError(f"train.model.hyper: need 0 < low < high, got {hyper['low']} "
+                                  f"and {hyper['high']}")
+            self.hyper = {"term": hyper["term"], "low": float(hyper["low"]),
+                          "high": float(hyper["high"]), "weight": float(hyper["low"])}
+            default = hyper.get("weight") or math.sqrt(hyper["low"] * hyper["high"])
+            self.set_hyper_weight(default, key="train.model.hyper")
+            self.conditioner = Conditioner(self.backbone)
 
     @classmethod
     def from_config(cls, model_config: ModelConfig, ndim: int = 3,
-                    label_channels: int = 1) -> RegistrationModel:
+                    label_channels: int = 1, hyper_weight: float | None = None
+                    ) -> RegistrationModel:
         """Build from ``train.model`` of params.yaml.
 
         Args:
             model_config: method, backbone name/channels and integration steps.
             ndim: spatial dimensions of the data (len of the manifest's shape).
             label_channels: label channels (used by method "conditional").
+            hyper_weight: with ``train.model.hyper``, the default weight (the term's weight in
+                ``train.loss``).
         """
+        hyper = None
+        if model_config.hyper is not None:
+            hyper = {**model_config.hyper.model_dump(), "weight": hyper_weight}
         return cls(method=model_config.method, backbone=model_config.backbone.name,
                    channels=model_config.backbone.channels, ndim=ndim,
                    integration_steps=model_config.integration_steps,
                    label_channels=label_channels, norm=model_config.backbone.norm,
                    extract_levels=model_config.backbone.extract_levels,
                    integration_downsize=model_config.integration_downsize,
-                   passes=model_config.passes)
+                   passes=model_config.passes, hyper=hyper)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -139,11 +165,12 @@ class RegistrationModel(nn.Module):
                 "integration_steps": self.integration_steps,
                 "label_channels": self.label_channels, "norm": self.norm,
                 "extract_levels": self.extract_levels,
-                "integration_downsize": self.integration_downsize, "passes": self.passes}
+                "integration_downsize": self.integration_downsize, "passes": self.passes,
+                "hyper": None if self.hyper is None else dict(self.hyper)}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
-                moving_label: torch.Tensor | None = None, *, warp: bool = True
-                ) -> dict[str, torch.Tensor]:
+                moving_label: torch.Tensor | None = None, *, warp: bool = True,
+                hyper_weight: float | None = None) -> dict[str, torch.Tensor]:
         """Register ``moving`` to ``fixed``.
 
         Args:
@@ -152,6 +179,8 @@ class RegistrationModel(nn.Module):
             moving_label: (B, L, *S) binary labels in moving space; required for "conditional".
             warp: False leaves out "warped" and "warped_label", for callers that warp with a
                 field of their own (inference refines the field first).
+            hyper_weight: a ``hyper`` model's loss weight for this call (None: ``hyper["weight"]``;
+                training passes the weight it draws).
 
         Returns:
             "ddf": (B, ndim, *S) voxels; "warped": (B, 1, *S); "warped_label": (B, L, *S),
@@ -167,6 +196,10 @@ class RegistrationModel(nn.Module):
         if moving.shape != fixed.shape or moving.dim() != self.ndim + 2:
             raise RegflowError(f"model: expected moving and fixed of one shape (B, 1, {self.ndim} "
                                f"sizes), got {tuple(moving.shape)} and {tuple(fixed.shape)}")
+        if self.hyper is not None:
+            weight = self.hyper["weight"] if hyper_weight is None else hyper_weight
+            self.conditioner(torch.full((moving.shape[0], 1), self.hyper_position(weight),
+                                        dtype=moving.dtype, device=moving.device))
         if self.method == "conditional":
             if moving_label is None or moving_label.shape[1] != self.label_channels:
                 raise RegflowError(f"model: method conditional needs a moving label with "
@@ -202,6 +235,26 @@ class RegistrationModel(nn.Module):
                               f"{', '.join(CASCADE_METHODS)} and at least 1 pass "
                               f"(method {self.method!r})")
         self.passes = passes
+
+    def set_hyper_weight(self, weight: float, key: str = "evaluate.hyper_weight") -> None:
+        """Use this loss weight from now on when a call gives none (a ``hyper`` model only).
+
+        Raises:
+            ConfigError: the model is not conditioned, or the weight is outside its range.
+        """
+        if self.hyper is None:
+            raise ConfigError(f"{key}: the model is not conditioned on a loss weight "
+                              "(train.model.hyper)")
+        low, high = self.hyper["low"], self.hyper["high"]
+        if not low <= weight <= high:
+            raise ConfigError(f"{key}: {weight} is outside the range the model was trained on, "
+                              f"[{low}, {high}] for {self.hyper['term']}")
+        self.hyper["weight"] = float(weight)
+
+    def hyper_position(self, weight: float) -> float:
+        """Where ``weight`` lies in the ``hyper`` range on a log scale: 0 at low, 1 at high."""
+        low, high = self.hyper["low"], self.hyper["high"]
+        return math.log(weight / low) / math.log(high / low)
 
     def _pass_field(self, moving: torch.Tensor, fixed: torch.Tensor,
                     outputs: dict[str, torch.Tensor]) -> torch.Tensor:

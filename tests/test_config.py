@@ -102,3 +102,23 @@ def test_the_projects_own_params_files_validate(name):
     config = load_config(root / name)
     assert config.train.steps > 0
     assert config.data.dataset in CATALOGUE
+
+
+HYPER_OVERRIDES = ["train.model.hyper.term=regularization.bending_energy",
+                   "train.model.hyper.low=0.1", "train.model.hyper.high=5.0"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["train.model.hyper.term=regularization.gradient_norm"],
+     r"train.model.hyper.term: 'regularization.gradient_norm' must name a train.loss term"),
+    (["train.model.hyper.term=bending_energy"], r"must name a train.loss term \(group.name\)"),
+    (["train.loss.regularization.bending_energy.weight=8"], r"weight 8.0 .* \[0.1, 5.0\]"),
+    (["train.model.hyper.low=6.0"], r"train.model.hyper: .*low must be below high"),
+])
+def test_hyper_needs_a_weighted_term_whose_weight_is_in_range(tmp_path, extra, message):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  loss:\n    image: {lncc: {weight: 1.0}}\n"
+                    "    regularization: {bending_energy: {weight: 0.5}}\n")
+    assert load_config(path, HYPER_OVERRIDES).train.hyper_term().weight == 0.5
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, HYPER_OVERRIDES + extra)

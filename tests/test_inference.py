@@ -6,7 +6,14 @@ import torch
 
 from regflow.config import Config, LossConfig
 from regflow.errors import ConfigError, NothingToRegister
-from regflow.inference import Registrar, Volume, load_registrar, record_from_config, warp_label
+from regflow.inference import (
+    Registrar,
+    Volume,
+    load_registrar,
+    record_from_config,
+    warp_label,
+    with_term_weight,
+)
 from regflow.models import RegistrationModel
 from regflow.predict import warp_array
 from regflow.refine import RefineSettings
@@ -139,3 +146,25 @@ def test_evaluate_passes_on_an_affine_model_is_a_config_error(tmp_path):
     config = FRAME.model_validate({**FRAME.model_dump(), "evaluate": {"passes": 2}})
     with pytest.raises(ConfigError, match="evaluate.passes"):
         load_registrar(checkpoint, config)
+
+
+def test_evaluate_hyper_weight_conditions_the_model_and_its_refinement(tmp_path):
+    hyper = {"term": "regularization.bending_energy", "low": 0.1, "high": 5.0, "weight": 0.5}
+    model = RegistrationModel(channels=(4, 8), hyper=hyper)
+    model.save(tmp_path / "hyper.pt", extra={
+        "preprocessing": record_from_config(FRAME).model_dump(),
+        "loss": {"image": {"lncc": {"weight": 1.0}},
+                 "regularization": {"bending_energy": {"weight": 0.5}}}})
+    default = load_registrar(str(tmp_path / "hyper.pt"), FRAME)
+    assert default.model.hyper["weight"] == 0.5
+    config = FRAME.model_validate({**FRAME.model_dump(), "evaluate": {"hyper_weight": 2.0}})
+    asked = load_registrar(str(tmp_path / "hyper.pt"), config)
+    assert asked.model.hyper["weight"] == 2.0
+    loss = LossConfig.model_validate({"image": {"lncc": {"weight": 1.0}},
+                                      "regularization": {"bending_energy": {"weight": 0.5}}})
+    reweighted = with_term_weight(loss, "regularization.bending_energy", 2.0)
+    assert reweighted.regularization["bending_energy"].weight == 2.0
+    assert reweighted.image["lncc"].weight == 1.0
+    plain = save_with_record(RegistrationModel(channels=(4, 8)), tmp_path / "plain.pt")
+    with pytest.raises(ConfigError, match="evaluate.hyper_weight: the model is not conditioned"):
+        load_registrar(plain, config)

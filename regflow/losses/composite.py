@@ -119,7 +119,8 @@ class CompositeLoss:
     def __call__(self, fixed: torch.Tensor | None, warped: torch.Tensor | None,
                  fixed_label: torch.Tensor | None = None,
                  warped_label: torch.Tensor | None = None,
-                 ddf: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 ddf: torch.Tensor | None = None, weights: dict[str, float] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute every active term.
 
         Args:
@@ -128,6 +129,8 @@ class CompositeLoss:
             fixed_label: (B, L, *S) fixed label, needed by label terms.
             warped_label: (B, L, *S) warped moving label, needed by label terms.
             ddf: (B, ndim, *S) displacement field in voxels, needed by regularisation terms.
+            weights: term key ("regularization/bending_energy") -> weight for this call instead
+                of the configured one (a HyperMorph draw).
 
         Every term runs in at least float32 with autocast off, whatever the callers' precision.
 
@@ -151,7 +154,8 @@ class CompositeLoss:
             arguments = [_full_precision(inputs[name]) for name in names]
             # sums over whole volumes (histograms, windows) need float32 even under mixed precision
             with torch.autocast(arguments[0].device.type, enabled=False):
-                values[term.key] = term.weight * term.function(*arguments, **term.options)
+                weight = (weights or {}).get(term.key, term.weight)
+                values[term.key] = weight * term.function(*arguments, **term.options)
         return sum(values.values()), values
 
 
