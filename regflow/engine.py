@@ -447,6 +447,12 @@ class Trainer:
         settings = self.config.train
         main = distributed.is_main_process()
         resumed = self.resume_if_possible()
+        if main and self.run_id is not None and not tracking.run_exists(self.run_id):
+            print(f"regflow train: MLflow run {self.run_id} (recorded in {self.run_record_path}) "
+                  f"is not in the tracking store {redact_text(tracking.tracking_uri())}; "
+                  f"{'continuing from step ' + str(self.step) if resumed else 'starting'} "
+                  "in a new run", file=sys.stderr, flush=True)
+            self.run_id = None
         resumed_from = self.step
         if not resumed and settings.init_from:
             self.initialise_from(settings.init_from)
@@ -456,16 +462,17 @@ class Trainer:
         experiment = paths.experiment_name(self.manifest.dataset)
         loader = build_dataloader(self.manifest_path, "train", self.config, train=True)
         stopped_early = False
+        new_run = self.run_id is None
         with tracking.start_or_resume_run(experiment, run_id=self.run_id,
                                           run_name=run_name or settings.name,
                                           nested=nested, tags=tags,
                                           log_system_metrics=not nested) as run:
             self.run_id = distributed.broadcast_from_main(run.info.run_id if main else None)
-            if not resumed:
+            if new_run:
                 tracking.log_config(self.config)
                 tracking.log_dataset_input(self.manifest_path, self.manifest.dataset,
                                            "training")
-            else:
+            if resumed:
                 tracking.set_tag("regflow.resumed_from_step", str(self.step))
             if main:
                 self.write_run_record()

@@ -284,6 +284,16 @@ def run_experiment_id(run_id: str) -> str:
                            f"{redact_text(mlflow.get_tracking_uri())}") from None
 
 
+def run_exists(run_id: str) -> bool:
+    """Whether the project store (:func:`tracking_uri`) holds the run ``run_id``."""
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 @contextmanager
 def start_or_resume_run(experiment_name: str, run_id: str | None = None,
                         run_name: str | None = None, nested: bool = False,

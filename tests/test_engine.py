@@ -161,3 +161,35 @@ def test_optimizers_by_name_take_their_closed_form_steps(name, settings, expecte
         optimizer.step()
         weights.append(model.weight.item())
     assert weights == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_a_run_record_naming_a_run_missing_from_the_store_starts_a_new_run(tiny_project,
+                                                                          with_checkpoint):
+    """A fresh clone carries models/<name>/run.json from a store it does not have: training
+    says so in one line and goes on in a new run (from the checkpoint's step when there is one)."""
+    config = load_config(tiny_project, ["train.steps=2", "train.val_every=2"])
+    if with_checkpoint:
+        Trainer(config, Path("data/processed/tiny/manifest.json"), Path("models/tiny")).fit()
+        config = load_config(tiny_project, ["train.steps=4", "train.val_every=2"])
+    record = Path("models/tiny/run.json")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    digest = config_digest(config)
+    record.write_text(json.dumps({"run_id": "77804727c24448c3aeca65222f55b8de",
+                                  "config_digest": digest}))
+    if with_checkpoint:  # the checkpoint names the missing run too
+        model, extra = RegistrationModel.load("models/tiny/last.pt")
+        extra["training"]["run_id"] = "77804727c24448c3aeca65222f55b8de"
+        model.save("models/tiny/last.pt", extra=extra)
+    result = subprocess.run([sys.executable, "-m", "regflow.cli", "train", "-S",
+                             f"train.steps={config.train.steps}", "-S", "train.val_every=2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "77804727" in line]
+    assert len(notes) == 1 and "not in the tracking store" in notes[0]
+    assert ("continuing from step 2" in notes[0]) == with_checkpoint
+    new_id = json.loads(record.read_text())["run_id"]
+    assert new_id != "77804727c24448c3aeca65222f55b8de"
+    run = mlflow.get_run(new_id)
+    assert run.data.params["train.steps"] == str(config.train.steps)
+    assert run.data.metrics["train/steps_done"] == config.train.steps
