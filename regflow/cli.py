@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from regflow import __version__
-from regflow.config import Config, load_config, load_training_config
+from regflow.config import (
+    Config,
+    apply_override,
+    load_config,
+    load_training_config,
+    parse_override,
+    validate_config,
+)
 from regflow.errors import RegflowError
 from regflow.fileio import check_writable_dir, check_writable_file
 from regflow.redact import redact_text
@@ -93,6 +101,31 @@ def config_options(loader: Callable[..., Config] = load_config
         return wrapper
 
     return decorate
+
+
+def checkpoint_config(checkpoint: Path, fallback: Config) -> Config:
+    """The config a shipped checkpoint carries, with the command's ``-S`` overrides applied;
+    ``fallback`` for a checkpoint that carries none."""
+    from regflow.models import RegistrationModel
+    from regflow.shipping import shipped_config
+
+    _, extra = RegistrationModel.load(checkpoint)
+    stored = shipped_config(extra, str(checkpoint))
+    if stored is None:
+        return fallback
+    tree = stored.model_dump(mode="json")
+    for text in click.get_current_context().params.get("overrides", ()):
+        apply_override(tree, *parse_override(text))
+    return validate_config(tree, source=f"{checkpoint} (its stored config)")
+
+
+def evaluation_settings_given() -> bool:
+    """Whether the current command was given a config file (``-c``) or ``-S evaluate.*``: then
+    the config's test-time settings apply rather than a shipped checkpoint's own."""
+    context = click.get_current_context()
+    explicit_file = context.get_parameter_source("config_path") != ParameterSource.DEFAULT
+    overrides = context.params.get("overrides", ())
+    return explicit_file or any(item.startswith("evaluate.") for item in overrides)
 
 
 @click.group(cls=RegflowGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -256,7 +289,11 @@ def predict(config: Config, model_spec: str, refine_steps: int | None, init: str
             fixed: str | None, moving: str | None, moving_label: str | None,
             fixed_label: str | None, split: str | None, learn2reg: bool, layout: str,
             out: str) -> None:
-    """Register a raw pair (any size/spacing) or a dataset split with a trained model."""
+    """Register a raw pair (any size/spacing) or a dataset split with a trained model.
+
+    A shipped checkpoint (models/shipped/) registers with the test-time settings it was evaluated
+    with, unless -c or -S evaluate.* asks for others.
+    """
     if not split and not (fixed and moving):
         raise RegflowError("predict: give --fixed and --moving, or --split")
     if layout == "deepreg" and not split:
@@ -271,7 +308,8 @@ def predict(config: Config, model_spec: str, refine_steps: int | None, init: str
                               fixed=optional(fixed), moving=optional(moving),
                               moving_label=optional(moving_label),
                               fixed_label=optional(fixed_label), split=split,
-                              learn2reg=learn2reg, init=init, layout=layout)
+                              learn2reg=learn2reg, init=init, layout=layout,
+                              own_settings=not evaluation_settings_given())
     click.echo(f"wrote {len(written)} files to {out}")
 
 
@@ -288,15 +326,44 @@ def tune(config: Config, storage: str | None) -> None:
 
 
 @cli.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="Register this checkpoint (e.g. the shipped weights in models/shipped/) "
+                   "without training: evaluate it on evaluate.split first (fetching and "
+                   "preprocessing the dataset when needed). A shipped checkpoint brings its own "
+                   "config unless -c is given.")
 @config_options(load_training_config)
-def register(config: Config) -> None:
+def register(config: Config, checkpoint: str | None) -> None:
     """Log the trained model as a pyfunc, register it and gate the @champion alias."""
-    from regflow.stages import register_stage
+    from regflow.stages import register_checkpoint_stage, register_stage
 
-    decision = register_stage(config)
+    if checkpoint:
+        if not evaluation_settings_given():
+            config = checkpoint_config(Path(checkpoint), config)
+        decision = register_checkpoint_stage(config, Path(checkpoint),
+                                             mirror=os.environ.get(MIRROR_ENV))
+    else:
+        decision = register_stage(config)
     state = "is now @champion" if decision["champion"] else "is @challenger only"
     click.echo(f"{decision['model_name']} version {decision['version']} {state}: "
                f"{decision['reason']}")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="The trained checkpoint, e.g. models/<name>/best.pt.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="The shipped .pt file to write.")
+@click.option("--half", is_flag=True, help="Store the weights as float16 (half the size).")
+@config_options(load_training_config)
+def export(config: Config, checkpoint: str, out: str, half: bool) -> None:
+    """Package a checkpoint to ship: weights, the config it was trained with, and the config's
+    evaluate section as its own test-time settings (used by predict and register --checkpoint)."""
+    claim_output(out, suffixes=(".pt",))
+    from regflow.shipping import export_checkpoint
+
+    shipped = export_checkpoint(Path(checkpoint), config, Path(out), half=half)
+    click.echo(f"wrote {out}: {shipped['bytes']} bytes, {shipped['parameters']} parameters, "
+               f"sha256 {shipped['sha256']}")
 
 
 @cli.command()

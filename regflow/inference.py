@@ -33,8 +33,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from regflow import spatial
-from regflow.config import Config, LossConfig, PreprocessConfig
+from regflow import shipping, spatial
+from regflow.config import Config, EvaluateConfig, LossConfig, PreprocessConfig
 from regflow.data.io import read_volume
 from regflow.data.manifest import PreprocessingRecord, PreprocessSettings
 from regflow.data.preprocess import process_image
@@ -361,9 +361,10 @@ class Registrar:
         return torch.einsum("ij,bj...->bi...", linear, displaced) + shift - voxels
 
 
-def refine_settings(config: Config | None, steps: int | None = None) -> RefineSettings:
-    """``evaluate.refine`` of the config, with ``steps`` (``--refine-steps``) overriding."""
-    section = config.evaluate.refine if config is not None else None
+def refine_settings(evaluate: EvaluateConfig | None, steps: int | None = None
+                    ) -> RefineSettings:
+    """``evaluate.refine``, with ``steps`` (``--refine-steps``) overriding."""
+    section = evaluate.refine if evaluate is not None else None
     settings = RefineSettings(**section.model_dump()) if section is not None else RefineSettings()
     if steps is not None:
         settings = RefineSettings(**{**settings.__dict__, "steps": steps})
@@ -371,7 +372,7 @@ def refine_settings(config: Config | None, steps: int | None = None) -> RefineSe
 
 
 def load_registrar(spec: str, config: Config | None = None, refine_steps: int | None = None,
-                   device: torch.device | None = None) -> Registrar:
+                   device: torch.device | None = None, own_settings: bool = False) -> Registrar:
     """A Registrar from a checkpoint path, an MLflow model URI or "none".
 
     Args:
@@ -382,14 +383,17 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
             the loss for checkpoints that carry none, and the frame for "none".
         refine_steps: overrides ``evaluate.refine.steps``.
         device: where to compute.
+        own_settings: a shipped checkpoint's own test-time settings (:mod:`regflow.shipping`)
+            instead of ``config.evaluate`` (``regflow predict`` without an explicit config).
 
     Raises:
         RegflowError: an unknown URI, a corrupt checkpoint or record, "none" without a config,
             ``evaluate.passes`` > 1 for a model that is not "ddf" or "dvf", or
             ``evaluate.hyper_weight`` for a model not conditioned on one or outside its range.
     """
-    settings = refine_settings(config, refine_steps)
+    evaluate = config.evaluate if config is not None else None
     if spec == NO_MODEL:
+        settings = refine_settings(evaluate, refine_steps)
         if config is None:
             raise RegflowError("--model none needs a config (params.yaml) for its frame and loss")
         if settings.steps > 0 and settings.affine_steps == 0:
@@ -397,10 +401,13 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
         return Registrar(None, record_from_config(config), config.train.loss, settings, device)
     checkpoint = checkpoint_path(spec)
     model, extra = RegistrationModel.load(checkpoint, map_location="cpu")
-    if config is not None and config.evaluate.passes is not None:
-        model.set_passes(config.evaluate.passes, key="evaluate.passes")
-    if config is not None and config.evaluate.hyper_weight is not None:
-        model.set_hyper_weight(config.evaluate.hyper_weight)
+    if own_settings and shipping.EVALUATE_KEY in extra:
+        evaluate = EvaluateConfig.model_validate(extra[shipping.EVALUATE_KEY])
+    settings = refine_settings(evaluate, refine_steps)
+    if evaluate is not None and evaluate.passes is not None:
+        model.set_passes(evaluate.passes, key="evaluate.passes")
+    if evaluate is not None and evaluate.hyper_weight is not None:
+        model.set_hyper_weight(evaluate.hyper_weight)
     record = PreprocessingRecord.from_checkpoint(extra, str(checkpoint))
     if "loss" in extra:
         loss_config = LossConfig.model_validate(extra["loss"])

@@ -269,16 +269,23 @@ class RegistrationModel(nn.Module):
                                          downsize=self.integration_downsize)
         return prediction
 
-    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None,
+             half: bool = False) -> None:
         """Write a self-describing checkpoint atomically (see :func:`regflow.fileio.atomic_path`).
 
         Args:
             path: the ``.pt`` file; missing folders are created.
             extra: anything ``torch.load(weights_only=True)`` can read back (plain containers,
                 numbers, strings, tensors; e.g. optimiser state and step).
+            half: store floating-point weights as float16 (half the size; :meth:`load` turns
+                them back into the model's float32).
         """
+        state = self.state_dict()
+        if half:
+            state = {key: value.half() if value.is_floating_point() else value
+                     for key, value in state.items()}
         with atomic_path(path) as temporary:
-            torch.save({"config": self.config, "state_dict": self.state_dict(),
+            torch.save({"config": self.config, "state_dict": state,
                         "regflow_version": __version__, "extra": extra or {}}, temporary)
 
     @classmethod

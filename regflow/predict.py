@@ -231,8 +231,12 @@ def predict_split(registrar: Registrar, config: Config, manifest_file: Path, spl
 def predict_command(config: Config, model_spec: str, out_dir: Path, *, refine_steps: int | None,
                     fixed: Path | None, moving: Path | None, moving_label: Path | None,
                     fixed_label: Path | None, split: str | None, learn2reg: bool,
-                    init: str, layout: str = "regflow") -> list[Path]:
+                    init: str, layout: str = "regflow", own_settings: bool = False
+                    ) -> list[Path]:
     """``regflow predict``: a raw pair or a split, with a model, an MLflow URI or none.
+
+    ``own_settings``: a shipped checkpoint's own test-time settings instead of the config's
+    (:func:`regflow.inference.load_registrar`).
 
     Raises:
         RegflowError: neither a pair nor a split, the DeepReg layout without a split, or any
@@ -244,7 +248,7 @@ def predict_command(config: Config, model_spec: str, out_dir: Path, *, refine_st
         raise RegflowError("predict: give --fixed and --moving, or --split")
     if layout == "deepreg" and not split:
         raise RegflowError("predict: --layout deepreg writes a split's pairs; give --split")
-    registrar = load_registrar(model_spec, config, refine_steps)
+    registrar = load_registrar(model_spec, config, refine_steps, own_settings=own_settings)
     if split:
         return predict_split(registrar, config, manifest_path(config), split, out_dir,
                              learn2reg, layout)

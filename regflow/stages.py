@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,73 @@ def register_stage(config: Config, models_dir: Path = Path("models"),
     return decision
 
 
+def register_checkpoint_stage(config: Config, checkpoint: Path,
+                              mirror: str | None = None) -> dict[str, Any]:
+    """Register an existing checkpoint (e.g. shipped weights) without training.
+
+    Fetches and preprocesses ``data.dataset`` when it is not processed yet, evaluates the
+    checkpoint on ``evaluate.split`` with ``evaluate``'s test-time settings into a new MLflow run
+    (its metrics and per-pair table), then logs, registers and gates it like ``register_stage``;
+    writes models/registered.json.
+
+    Args:
+        config: the config to evaluate and register with (for shipped weights, the one stored in
+            the checkpoint).
+        checkpoint: the ``.pt`` file.
+        mirror: a local dataset mirror for the fetch (``$REGFLOW_DATA_MIRROR``).
+
+    Raises:
+        RegflowError: an unreadable checkpoint, a dataset that cannot be fetched, an empty split.
+    """
+    if not checkpoint.is_file():
+        raise RegflowError(f"{checkpoint}: no such checkpoint file")
+    if not paths.manifest_path(config, must_exist=False).exists():
+        fetch_stage(config, mirror=mirror)
+        preprocess_stage(config)
+    rows, headline = evaluate_checkpoint(config, checkpoint)
+    experiment = paths.experiment_name(config.data.dataset)
+    with tracking.start_or_resume_run(experiment, run_name=f"register-{checkpoint.stem}",
+                                      tags={"regflow.checkpoint": str(checkpoint)}) as run:
+        tracking.log_config(config)
+        mlflow.log_metrics({f"eval/{key}": value for key, value in headline.items()
+                            if np.isfinite(value)})
+        with tempfile.TemporaryDirectory() as scratch:
+            table = fileio.write_csv(Path(scratch) / "pairs.csv", rows)
+            mlflow.log_artifact(str(table), artifact_path="evaluation/metrics")
+        run_id = run.info.run_id
+    decision = registry.register_model(checkpoint, run_id, headline, config, experiment)
+    fileio.write_json(paths.REGISTERED_JSON, decision)
+    return decision
+
+
+def evaluate_checkpoint(config: Config, checkpoint: Path, on_pair: Any = None
+                        ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per-pair rows and headline metrics of a checkpoint on ``evaluate.split`` of the processed
+    dataset, with ``evaluate``'s test-time settings (and the unregistered baseline per pair).
+
+    Args:
+        config: validated params.
+        checkpoint: the ``.pt`` file.
+        on_pair: called with (batch, outputs, index) for each pair (e.g. a volume writer).
+
+    Raises:
+        RegflowError: no processed dataset, an unreadable checkpoint, or an empty split.
+    """
+    manifest_file = paths.manifest_path(config)
+    manifest = Manifest.read(manifest_file)
+    registrar = load_registrar(str(checkpoint), config, device=select_device(config.train.device))
+    loader = build_dataloader(manifest_file, config.evaluate.split, config, train=False)
+    rows = evaluation.evaluate_pairs(registrar, loader, manifest.voxel_size,
+                                     manifest.channel_names, with_hd95=config.evaluate.hd95,
+                                     baseline=True, on_pair=on_pair)
+    if not rows:
+        raise RegflowError(f"{manifest_file}: split {config.evaluate.split!r} has no pairs")
+    headline = evaluation.headline_metrics(rows, manifest.channel_names)
+    if manifest.simulated:
+        headline["simulated_data"] = 1.0
+    return rows, headline
+
+
 def evaluate_stage(config: Config, metrics_dir: Path = paths.METRICS_DIR,
                    plots_dir: Path = paths.PLOTS_DIR) -> dict[str, float]:
     """Evaluate models/<name>/<best|last>.pt (with ``evaluate.refine``) on a processed split.
@@ -124,25 +192,15 @@ def evaluate_stage(config: Config, metrics_dir: Path = paths.METRICS_DIR,
     Returns:
         The headline metrics written to metrics/eval.json.
     """
-    manifest_file = paths.manifest_path(config)
-    manifest = Manifest.read(manifest_file)
     out_dir = paths.model_dir(config)
-    registrar = load_registrar(str(out_dir / f"{config.evaluate.checkpoint}.pt"), config,
-                               device=select_device(config.train.device))
     run_id = _training_run_id(config, out_dir)
-    loader = build_dataloader(manifest_file, config.evaluate.split, config, train=False)
     volumes_dir = paths.volumes_dir(config)
     fileio.remove_stale_temporaries(volumes_dir.parent)
     with fileio.atomic_directory(volumes_dir) as staging:
         writer = VolumeWriter(staging) if config.evaluate.save_volumes else None
-        rows = evaluation.evaluate_pairs(registrar, loader, manifest.voxel_size,
-                                         manifest.channel_names, with_hd95=config.evaluate.hd95,
-                                         baseline=True, on_pair=writer)
-    if not rows:
-        raise RegflowError(f"{manifest_file}: split {config.evaluate.split!r} has no pairs")
-    headline = evaluation.headline_metrics(rows, manifest.channel_names)
-    if manifest.simulated:
-        headline["simulated_data"] = 1.0
+        rows, headline = evaluate_checkpoint(
+            config, out_dir / f"{config.evaluate.checkpoint}.pt", on_pair=writer)
+    manifest = Manifest.read(paths.manifest_path(config))
     fileio.write_json(metrics_dir / "eval.json", headline)
     fileio.write_csv(metrics_dir / "pairs.csv", rows)
     dice_table = evaluation.dice_plot_rows(rows, manifest.channel_names)

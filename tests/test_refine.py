@@ -130,7 +130,7 @@ def test_smoothing_the_start_field_removes_voxel_noise_and_keeps_smooth_motion()
 
 def test_smoothing_belongs_to_refinement_and_comes_from_the_config():
     config = Config.model_validate({"evaluate": {"refine": {"steps": 5, "smooth_sigma": 0.5}}})
-    assert refine_settings(config).smooth_sigma == 0.5
+    assert refine_settings(config.evaluate).smooth_sigma == 0.5
     start = torch.randn(1, 3, *SHAPE, generator=torch.Generator().manual_seed(1))
     loss = SimilarityLoss(LNCC_BENDING)
     no_steps = RefineSettings(steps=0, smooth_sigma=0.5)
