@@ -89,7 +89,15 @@ def test_headline_metrics_pair_before_and_after():
     assert headline == {
         "pairs": 2.0, "dice_mean": 0.65, "dice_mean_before": 0.3, "hd95_mean": 3.0,
         "hd95_mean_before": 7.0, "tre_mm": 2.0, "tre_mm_before": 6.0, "folding_pct": 1.0,
-        "sdlogj": 0.2, "dice_a": 0.7, "dice_b": 0.6, "time_ms_per_pair": 200.0}
+        "sdlogj": 0.2, "dice_a": 0.7, "dice_b": 0.6, "dice30": 0.63, "time_ms_per_pair": 200.0}
+
+
+def test_dice30_is_the_30th_percentile_of_the_pairs_dice():
+    rows = [{"fixed_id": str(k), "moving_id": "m", "method": "regflow", "time_s": 0.1,
+             "dice_mean": dice} for k, dice in enumerate([0.9, 0.1, 0.5, 0.7, 0.3, 0.8, 0.2,
+                                                          0.6, 0.4, float("nan"), 1.0])]
+    # sorted 0.1 ... 1.0 (the NaN pair left out): rank 0.3 * 9 = 2.7 -> 0.3 + 0.7 * 0.1
+    assert headline_metrics(rows, [])["dice30"] == pytest.approx(0.37)
 
 
 def test_dice_plot_rows_one_row_per_label_and_method():
