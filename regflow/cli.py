@@ -262,6 +262,23 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
     click.echo(f"wrote {out} ({len(translation.skipped)} keys not translated)")
 
 
+def check_predict_options(split: str | None, fixed: str | None, moving: str | None,
+                          layout: str, png: bool, nifti: bool) -> None:
+    """Reject ``regflow predict`` option combinations it cannot honour, before any work starts.
+
+    Raises:
+        RegflowError: neither a pair nor a split, the DeepReg layout without a split, or
+            ``--no-png``/``--no-nifti`` outside the DeepReg layout.
+    """
+    if not split and not (fixed and moving):
+        raise RegflowError("predict: give --fixed and --moving, or --split")
+    if layout == "deepreg" and not split:
+        raise RegflowError("predict: --layout deepreg writes a split's pairs; give --split")
+    if layout != "deepreg" and not (png and nifti):
+        raise RegflowError("predict: --no-png and --no-nifti shape the --layout deepreg tree; "
+                           "add --layout deepreg")
+
+
 @cli.command()
 @click.option("--model", "model_spec", required=True,
               help="Checkpoint path, an MLflow URI such as models:/regflow@champion, or 'none' "
@@ -283,21 +300,21 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
 @click.option("--layout", type=click.Choice(["regflow", "deepreg"]), default="regflow",
               show_default=True, help="With --split: deepreg writes deepreg_predict's pair_<i>/ "
                                       "folders (NIfTI and PNG) and its metrics CSVs.")
+@click.option("--no-png", "no_png", is_flag=True, help="--layout deepreg: no PNG slices.")
+@click.option("--no-nifti", "no_nifti", is_flag=True,
+              help="--layout deepreg: no NIfTI volumes (metrics and PNG only).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_options()
 def predict(config: Config, model_spec: str, refine_steps: int | None, init: str,
             fixed: str | None, moving: str | None, moving_label: str | None,
             fixed_label: str | None, split: str | None, learn2reg: bool, layout: str,
-            out: str) -> None:
+            no_png: bool, no_nifti: bool, out: str) -> None:
     """Register a raw pair (any size/spacing) or a dataset split with a trained model.
 
     A shipped checkpoint (models/shipped/) registers with the test-time settings it was evaluated
     with, unless -c or -S evaluate.* asks for others.
     """
-    if not split and not (fixed and moving):
-        raise RegflowError("predict: give --fixed and --moving, or --split")
-    if layout == "deepreg" and not split:
-        raise RegflowError("predict: --layout deepreg writes a split's pairs; give --split")
+    check_predict_options(split, fixed, moving, layout, not no_png, not no_nifti)
     claim_output(out, folder=True)
     from regflow.predict import predict_command  # only now: torch takes seconds
 
@@ -309,7 +326,8 @@ def predict(config: Config, model_spec: str, refine_steps: int | None, init: str
                               moving_label=optional(moving_label),
                               fixed_label=optional(fixed_label), split=split,
                               learn2reg=learn2reg, init=init, layout=layout,
-                              own_settings=not evaluation_settings_given())
+                              own_settings=not evaluation_settings_given(),
+                              png=not no_png, nifti=not no_nifti)
     click.echo(f"wrote {len(written)} files to {out}")
 
 
