@@ -249,8 +249,9 @@ def warp(image: str, ddf: str, out: str, nearest: bool) -> None:
 def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
     """Translate DeepReg CONFIGS (merged in order, like --config_path) into a params file.
 
-    Every DeepReg key that has no regflow translation is printed with the reason; the losses get
-    the options that reproduce DeepReg's formulas.
+    DeepReg 0.1.0/0.1.1 configs are upgraded first, as DeepReg does. Every DeepReg key that has no
+    regflow translation is printed with the reason, and so is every key DeepReg itself ignores;
+    the losses get the options that reproduce DeepReg's formulas.
     """
     from regflow.deepreg import import_deepreg
 
@@ -259,7 +260,10 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
         click.echo(f"note: {note}")
     for key, reason in translation.skipped:
         click.echo(f"not translated: {key}: {reason}")
-    click.echo(f"wrote {out} ({len(translation.skipped)} keys not translated)")
+    for key, reason in translation.ignored:
+        click.echo(f"ignored: {key}: {reason}")
+    click.echo(f"wrote {out} ({len(translation.skipped)} keys not translated, "
+               f"{len(translation.ignored)} ignored as DeepReg ignores them)")
 
 
 def check_predict_options(split: str | None, fixed: str | None, moving: str | None,

@@ -2,9 +2,11 @@
 
 DeepReg runs ``deepreg_train --config_path a.yaml b.yaml``: the files are merged in order, a later
 file overriding an earlier one key by key (maps merge recursively, anything else is replaced).
-:func:`merge_configs` does the same; :func:`translate` maps the merged tree onto regflow's params
-and picks the loss options that reproduce DeepReg's formulas. Every DeepReg key is either used or
-reported with the reason it was not; nothing is dropped silently.
+:func:`merge_configs` does the same; :func:`translate` first upgrades DeepReg 0.1.0/0.1.1 trees as
+DeepReg does (:mod:`regflow.deepreg_upgrade`), then maps the tree onto regflow's params and picks
+the loss options that reproduce DeepReg's formulas. Every DeepReg key is used, reported as not
+translated (with the reason), or reported as ignored because DeepReg ignores it too; nothing is
+dropped silently.
 
 All translation tables live at the top of this module.
 """
@@ -23,6 +25,7 @@ import yaml
 from regflow import fileio
 from regflow.config import validate_config
 from regflow.data.layouts import discover_cases
+from regflow.deepreg_upgrade import leaves, upgrade
 from regflow.errors import ConfigError, RegflowError
 
 # the order of the sections in the written params file, as in params.yaml
@@ -94,11 +97,14 @@ class Translation:
         params: the regflow params tree (what params.yaml holds).
         skipped: ``(DeepReg key path, reason)`` for every key that was not translated.
         notes: conversions worth knowing (steps from epochs, renamed methods, ...).
+        ignored: ``(DeepReg key path, reason)`` for keys DeepReg itself does not use in this
+            config (another optimiser's settings, label losses of unlabelled data).
     """
 
     params: dict[str, Any]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
 def merge_configs(trees: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -146,17 +152,6 @@ def read_deepreg_configs(paths: Sequence[str | Path]) -> dict[str, Any]:
     return merge_configs(trees)
 
 
-def _leaves(node: Any, prefix: str = "") -> list[str]:
-    """Key paths of every leaf; maps and lists of maps are walked (list items as ``key[i]``)."""
-    if isinstance(node, dict) and node:
-        return [leaf for key, child in node.items()
-                for leaf in _leaves(child, f"{prefix}.{key}" if prefix else str(key))]
-    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
-        return [leaf for index, item in enumerate(node)
-                for leaf in _leaves(item, f"{prefix}[{index}]")]
-    return [prefix]
-
-
 class _Reader:
     """Reads a DeepReg tree by key path and remembers which leaves were used or reported."""
 
@@ -164,6 +159,7 @@ class _Reader:
         self.tree = tree
         self.handled: set[str] = set()
         self.skipped: list[tuple[str, str]] = []
+        self.ignored: list[tuple[str, str]] = []
 
     def node(self, path: str) -> Any:
         """The value at a dotted path (``[i]`` indexes lists), or None."""
@@ -182,40 +178,30 @@ class _Reader:
         self._mark(path)
         return default if value is None else value
 
-    def skip(self, path: str, reason: str) -> None:
-        """Report every leaf under ``path`` (if present) with ``reason``."""
+    def skip(self, path: str, reason: str, ignored: bool = False) -> None:
+        """Report every leaf under ``path`` (if present) with ``reason``: as not translated, or
+        as ``ignored`` (DeepReg does not use it either)."""
         if self.node(path) is None:
             return
-        for leaf in _leaves(self.node(path), path):
+        report = self.ignored if ignored else self.skipped
+        for leaf in leaves(self.node(path), path):
             if leaf not in self.handled:
-                self.skipped.append((leaf, reason))
+                report.append((leaf, reason))
         self._mark(path)
 
     def _mark(self, path: str) -> None:
         if self.node(path) is not None:
-            self.handled.update(_leaves(self.node(path), path))
+            self.handled.update(leaves(self.node(path), path))
 
     def unhandled(self) -> list[str]:
         """Leaves neither translated nor reported, in file order."""
-        return [leaf for leaf in _leaves(self.tree) if leaf not in self.handled]
+        return [leaf for leaf in leaves(self.tree) if leaf not in self.handled]
 
 
 def _split_settings(reader: _Reader) -> dict[str, dict[str, Any]]:
-    """{deepreg split: {dir, format, labeled}} from either DeepReg dataset layout.
-
-    DeepReg 1.x: ``dataset.<split>.{dir,format,labeled}``; 0.1.x: ``dataset.dir.<split>`` with
-    ``dataset.format`` and ``dataset.labeled`` shared.
-    """
-    settings = {}
-    for split in SPLIT_FOLDERS:
-        if isinstance(reader.node(f"dataset.{split}"), dict):
-            settings[split] = {key: reader.get(f"dataset.{split}.{key}")
-                               for key in ("dir", "format", "labeled")}
-        else:
-            settings[split] = {"dir": reader.get(f"dataset.dir.{split}"),
-                               "format": reader.get("dataset.format"),
-                               "labeled": reader.get("dataset.labeled")}
-    return settings
+    """{deepreg split: {dir, format, labeled}} of ``dataset.<split>`` (None where absent)."""
+    return {split: {key: reader.get(f"dataset.{split}.{key}")
+                    for key in ("dir", "format", "labeled")} for split in SPLIT_FOLDERS}
 
 
 def _one_dir(reader: _Reader, split: str, value: Any) -> str | None:
@@ -372,7 +358,8 @@ def _translate_loss(reader: _Reader, params: dict[str, Any], labeled: bool) -> N
                             f"{', '.join(LOSS_NAMES[group])}")
                 continue
             if group == "label" and not labeled:
-                reader.skip(path, "the data are unlabeled (DeepReg skips label losses too)")
+                reader.skip(path, "the data are unlabeled: DeepReg builds no label loss",
+                            ignored=True)
                 continue
             reader.get(f"{path}.name")
             term, options = LOSS_NAMES[group][name]
@@ -413,22 +400,19 @@ def _translate_optimizer(reader: _Reader, params: dict[str, Any]) -> None:
         raise ConfigError(f"train.optimizer.name: regflow has adam, adamw, sgd and rmsprop, "
                           f"not {given!r}")
     settings = reader.node("train.optimizer") or {}
-    # DeepReg 0.1.x nests the settings under the optimiser's name
-    nested = next((f"train.optimizer.{key}" for key in settings
-                   if isinstance(settings[key], dict) and key.lower() == given.lower()), None)
     optimizer: dict[str, Any] = {"name": name, "schedule": "constant", "warmup_steps": 0,
                                  "clip_grad_norm": 0.0, "weight_decay": 0.0}
-    for prefix in filter(None, ("train.optimizer", nested)):
-        if reader.node(f"{prefix}.learning_rate") is not None:
-            optimizer["lr"] = float(reader.get(f"{prefix}.learning_rate"))
-        if reader.node(f"{prefix}.momentum") is not None:
-            if name in ("sgd", "rmsprop"):
-                optimizer["momentum"] = float(reader.get(f"{prefix}.momentum"))
-            else:
-                reader.skip(f"{prefix}.momentum", f"{name} takes no momentum")
+    if reader.node("train.optimizer.learning_rate") is not None:
+        optimizer["lr"] = float(reader.get("train.optimizer.learning_rate"))
+    if reader.node("train.optimizer.momentum") is not None:
+        if name in ("sgd", "rmsprop"):
+            optimizer["momentum"] = float(reader.get("train.optimizer.momentum"))
+        else:
+            reader.skip("train.optimizer.momentum", f"{name} takes no momentum")
     for key, value in settings.items():
-        if isinstance(value, dict) and f"train.optimizer.{key}" != nested:
-            reader.skip(f"train.optimizer.{key}", f"unused by DeepReg too (optimizer is {given})")
+        if isinstance(value, dict):
+            reader.skip(f"train.optimizer.{key}", f"unused by DeepReg too (optimizer is {given})",
+                        ignored=True)
     params["train"]["optimizer"] = optimizer
 
 
@@ -496,8 +480,10 @@ def translate(deepreg: dict[str, Any], name: str) -> Translation:
         ConfigError: the config lacks what any DeepReg run needs (dataset.type, a train folder)
             or names a method, backbone or optimiser regflow does not have.
     """
-    reader = _Reader(deepreg)
-    notes: list[str] = []
+    upgraded = upgrade(deepreg)
+    reader = _Reader(upgraded.tree)
+    reader.ignored += upgraded.ignored
+    notes = [f"DeepReg's upgrade of older configs: {change}" for change in upgraded.changes]
     params: dict[str, Any] = {"train": {"name": name, "amp": False, "best_params": None},
                               "tune": {"enabled": False}}
     pairing, labeled, file_format, train_path = _translate_data(reader, name, params, notes)
@@ -505,6 +491,10 @@ def translate(deepreg: dict[str, Any], name: str) -> Translation:
     if method == "conditional" and not labeled:
         raise ConfigError("train.method conditional needs labeled data")
     _translate_loss(reader, params, labeled)
+    if not any(term["weight"] > 0 for terms in params["train"]["loss"].values()
+               for term in terms.values()):
+        raise ConfigError("train.loss: no DeepReg loss term with a non-zero weight could be "
+                          "translated; the config's loss section is empty or unknown")
     _translate_optimizer(reader, params)
     samples = _train_samples(train_path, pairing, file_format,
                              reader.node("dataset.sample_image_in_group") is not False)
@@ -514,7 +504,7 @@ def translate(deepreg: dict[str, Any], name: str) -> Translation:
                  "tune.enabled false (no tuned weights from another experiment)")
     skipped = reader.skipped + [(leaf, "no regflow equivalent") for leaf in reader.unhandled()]
     ordered = {section: params[section] for section in SECTION_ORDER if section in params}
-    return Translation(ordered, skipped, notes)
+    return Translation(ordered, skipped, notes, reader.ignored)
 
 
 def dataset_name(path: str | Path) -> str:
@@ -539,6 +529,7 @@ def import_deepreg(paths: Sequence[str | Path], out: str | Path) -> Translation:
     header = [f"# regflow params translated from DeepReg: {' + '.join(map(str, paths))}"]
     header += [f"# note: {note}" for note in translation.notes]
     header += [f"# not translated: {key}: {reason}" for key, reason in translation.skipped]
+    header += [f"# ignored: {key}: {reason}" for key, reason in translation.ignored]
     body = yaml.safe_dump(translation.params, sort_keys=False)
     fileio.write_text(out, "\n".join(header) + "\n" + body)
     return translation

@@ -89,12 +89,12 @@ def test_paired_ddf_translation_selects_deepreg_semantics(tmp_path, monkeypatch)
     assert params["train"]["optimizer"]["lr"] == 1e-5
     # 3 pairs, batch 2: ceil(3 / 2) = 2 steps per epoch; 2 epochs, saved every 2 epochs
     assert (params["train"]["steps"], params["train"]["checkpoint_every"]) == (4, 4)
-    skipped = dict(result.skipped)
-    assert set(skipped) == {
-        "dataset.valid.dir", "train.optimizer.sgd.learning_rate",
-        "train.optimizer.sgd.momentum", "train.optimizer.rms.learning_rate",
-        "train.optimizer.rms.momentum", "train.preprocess.shuffle_buffer_num_batch"}
-    assert "unused by DeepReg too" in skipped["train.optimizer.sgd.momentum"]
+    assert set(dict(result.skipped)) == {"dataset.valid.dir",
+                                         "train.preprocess.shuffle_buffer_num_batch"}
+    ignored = dict(result.ignored)  # the upgrade lifts train.optimizer.adam, drops the others
+    assert set(ignored) == {"train.optimizer.sgd.learning_rate", "train.optimizer.sgd.momentum",
+                            "train.optimizer.rms.learning_rate", "train.optimizer.rms.momentum"}
+    assert "unused by DeepReg too" in ignored["train.optimizer.sgd.momentum"]
 
 
 def test_unknown_keys_and_old_layouts_are_reported_key_by_key():
@@ -158,6 +158,10 @@ SCENARIOS = {
     "grouped-mr-heart": (["demos_grouped_mr_heart.yaml"], "demos/grouped_mr_heart/dataset",
                          "grouped", ["preprocess.shape=[16,16,16]",
                                      "train.model.backbone.channels=[2,4,8,16]"]),
+    "grouped-mr-heart-v011": (["config_test_grouped_mr_heart_v011.yaml"],
+                              "demos/grouped_mr_heart/dataset", "grouped",
+                              ["preprocess.shape=[16,16,16]",
+                               "train.model.backbone.channels=[2,4,8,16]"]),
     "unpaired-ct-abdomen": (["demos_unpaired_ct_abdomen_comb.yaml"],
                             "demos/unpaired_ct_abdomen/dataset", "unpaired",
                             ["preprocess.shape=[16,16,16]",
@@ -186,3 +190,42 @@ def test_real_deepreg_configs_translate_validate_and_train_two_steps(
     outcome = Trainer(config, Path(manifest), Path("models") / name).fit()
     assert outcome.steps == 2
     assert np.isfinite(outcome.best_score)
+
+
+def test_v011_config_imports_with_its_loss_model_and_backbone(tmp_path):
+    """DeepReg 0.1.1's format (train.model, loss.dissimilarity, energy_type, optimizer sections)
+    is upgraded as DeepReg 0.1.2 does before it is translated."""
+    out = tmp_path / "params.yaml"
+    result = CliRunner().invoke(cli, ["import-deepreg",
+                                      str(CONFIGS / "config_test_grouped_mr_heart_v011.yaml"),
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    train = yaml.safe_load(out.read_text())["train"]
+    assert train["loss"] == {
+        "image": {"gmi": {"weight": 1.0, "options": {"eps": 1e-5}}},
+        "regularization": {"gradient_norm": {"weight": 0.25, "options": {"norm": "l2"}}}}
+    assert train["model"]["method"] == "ddf"
+    assert train["model"]["backbone"] == {"name": "local", "channels": [32, 64, 128, 256],
+                                          "norm": "batch"}
+    assert train["optimizer"]["lr"] == 1e-4
+
+
+def test_v010_demo_config_imports_with_its_loss_model_and_backbone(tmp_path):
+    """DeepReg 0.1.0's paired_mrus_prostate demo: a dataset file (several folders per split) and
+    a training file in the old format, merged as --config_path does."""
+    out = tmp_path / "params.yaml"
+    files = ["demos_paired_mrus_prostate_dataset0_v010.yaml",
+             "demos_paired_mrus_prostate_train_v010.yaml"]
+    result = CliRunner().invoke(cli, ["import-deepreg", *[str(CONFIGS / name) for name in files],
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    params = yaml.safe_load(out.read_text())
+    loss = params["train"]["loss"]
+    assert loss["image"] == {"ssd": {"weight": 0.0, "options": {}}}
+    assert loss["label"]["dice"]["weight"] == 1.0
+    assert loss["label"]["dice"]["options"]["scales"] == [0, 1, 2, 4, 8, 16]
+    assert loss["regularization"] == {"bending_energy": {"weight": 0.5,
+                                                         "options": {"stencil": "wide"}}}
+    assert params["train"]["model"]["backbone"]["channels"] == [16, 32, 64]
+    assert params["train"]["optimizer"]["lr"] == 1e-5
+    assert params["loader"]["augment"]["affine"]["enabled"] is True  # DeepReg's default since 0.1.1
