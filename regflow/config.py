@@ -29,6 +29,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Shape3 = Annotated[list[PositiveInt], Field(min_length=2, max_length=3)]
+FolderList = Annotated[list[str], Field(min_length=1)]
 
 
 def _check_known(kind: str, names: list[str], known: list[str]) -> None:
@@ -51,6 +52,8 @@ class LocalDataset(Section):
     pairing: Literal["paired", "unpaired", "grouped"]
     format: Literal["nifti", "h5"] = "nifti"
     label_names: list[str] | None = None
+    # the folders of each split, relative to path (DeepReg's dir lists); None: path/<split>
+    splits: dict[Literal["train", "val", "test"], FolderList] | None = None
 
 
 class DataConfig(Section):

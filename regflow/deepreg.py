@@ -14,6 +14,7 @@ All translation tables live at the top of this module.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -204,39 +205,60 @@ def _split_settings(reader: _Reader) -> dict[str, dict[str, Any]]:
                     for key in ("dir", "format", "labeled")} for split in SPLIT_FOLDERS}
 
 
-def _one_dir(reader: _Reader, split: str, value: Any) -> str | None:
-    """A split's DeepReg directory as one path; lists of several folders are reported."""
-    if isinstance(value, list):
-        if len(value) > 1:
-            reader.skipped.append((f"dataset.{split}.dir", "several folders per split: regflow "
-                                   "reads one folder per split; merge them into one"))
-        value = value[0] if value else None
-    return None if value is None else str(value)
+def _dir_list(value: Any) -> list[str]:
+    """A split's DeepReg ``dir``: one folder or a list of them, as a list of paths."""
+    if value is None:
+        return []
+    return [str(folder) for folder in (value if isinstance(value, list) else [value])]
 
 
-def _train_samples(folder: Path, pairing: str, file_format: str, sample_image_in_group: bool
-                   ) -> int | None:
-    """Training samples per DeepReg epoch: pairs (paired), images // 2 (unpaired), groups
-    (grouped, one pair per group) or images (grouped without sampling); None if unreadable."""
+def _train_samples(folders: Sequence[Path], pairing: str, file_format: str,
+                   sample_image_in_group: bool) -> int | None:
+    """Training samples per DeepReg epoch over the training folders: pairs (paired), images // 2
+    (unpaired), groups (grouped, one pair per group) or images (grouped without sampling); None
+    if a folder is unreadable."""
     try:
-        cases, _ = discover_cases(folder, f"deepreg-{pairing}", pairing, file_format)
+        found = [discover_cases(folder, f"deepreg-{pairing}", pairing, file_format)[0]
+                 for folder in folders]
     except RegflowError:
         return None
     if pairing == "unpaired":
-        return max(1, len(cases) // 2)
+        return max(1, sum(map(len, found)) // 2)
     if pairing == "grouped" and sample_image_in_group:
-        return len({case.group for case in cases})
-    return len(cases)
+        return sum(len({case.group for case in cases}) for cases in found)
+    return sum(map(len, found))
+
+
+def _split_folders(reader: _Reader, dirs: dict[str, list[str]]
+                   ) -> tuple[str, dict[str, list[str]] | None]:
+    """The data.local root and, unless they are ``<root>/{train,val,test}``, the folders of each
+    regflow split relative to it (DeepReg's ``valid`` is regflow's ``val``)."""
+    if dirs["valid"] and dirs["valid"] == dirs["test"]:
+        reader.skipped.append(("dataset.valid.dir", "the test folder doubles as validation in "
+                               "DeepReg; regflow never validates on test data and carves val out "
+                               "of train (preprocess.val_fraction)"))
+        dirs = {**dirs, "valid": []}
+    used = {folder: split for split, folder in SPLIT_FOLDERS.items() if dirs[split]}
+    try:
+        root = os.path.commonpath([str(Path(path).parent) for split in used.values()
+                                   for path in dirs[split]])
+    except ValueError:
+        raise ConfigError("dataset: the split folders mix absolute and relative paths; use one "
+                          "kind") from None
+    splits = {folder: [os.path.relpath(path, root) for path in dirs[split]]
+              for folder, split in used.items()}
+    standard = all(folders == [folder] for folder, folders in splits.items())
+    return root or ".", None if standard else splits
 
 
 def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: list[str]
-                    ) -> tuple[str, bool, str, Path]:
-    """Fill data, preprocess and loader; return (pairing, labeled, file format, train folder)."""
+                    ) -> tuple[str, bool, str, list[Path]]:
+    """Fill data, preprocess and loader; return (pairing, labeled, file format, train folders)."""
     pairing = reader.get("dataset.type")
     if pairing not in ("paired", "unpaired", "grouped"):
         raise ConfigError(f"dataset.type: expected paired, unpaired or grouped, got {pairing!r}")
     splits = _split_settings(reader)
-    dirs = {split: _one_dir(reader, split, values["dir"]) for split, values in splits.items()}
+    dirs = {split: _dir_list(values["dir"]) for split, values in splits.items()}
     if not dirs["train"]:
         raise ConfigError("dataset.train.dir: DeepReg configs need a training folder")
     file_format = splits["train"]["format"] or "nifti"
@@ -248,24 +270,11 @@ def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: l
             if other is not None and other != value:
                 reader.skipped.append((f"dataset.{split}.{key}", f"regflow uses the train "
                                        f"split's {key} ({value}) for every split"))
-    train_path = Path(dirs["train"])
-    root = str(train_path.parent)
-    for split, folder in SPLIT_FOLDERS.items():
-        path = dirs[split]
-        if path is None:
-            continue
-        if split == "valid" and path == dirs["test"]:
-            reader.skipped.append(("dataset.valid.dir", "the test folder doubles as validation "
-                                   "in DeepReg; regflow never validates on test data and carves "
-                                   "val out of train (preprocess.val_fraction)"))
-        elif Path(path).parent != train_path.parent or Path(path).name != folder:
-            reader.skipped.append((f"dataset.{split}.dir", f"regflow reads <root>/{folder} with "
-                                   f"root {root}; move or link {path} there"))
-    if train_path.name != "train":
-        reader.skipped.append(("dataset.train.dir", f"regflow reads <root>/train with root "
-                               f"{root}; rename {train_path.name} to train"))
-    params["data"] = {"dataset": name, "local": {name: {"path": root, "pairing": pairing,
-                                                        "format": file_format}}}
+    root, folders = _split_folders(reader, dirs)
+    local: dict[str, Any] = {"path": root, "pairing": pairing, "format": file_format}
+    if folders is not None:
+        local["splits"] = folders
+    params["data"] = {"dataset": name, "local": {name: local}}
     shape = (reader.get("dataset.fixed_image_shape") if pairing == "paired"
              else reader.get("dataset.image_shape"))
     if pairing == "paired":
@@ -286,7 +295,7 @@ def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: l
         if reader.get("dataset.sample_image_in_group", True) is False:
             loader["group_pairs"] = "all"
     params["loader"] = loader
-    return pairing, labeled, file_format, train_path
+    return pairing, labeled, file_format, [Path(folder) for folder in dirs["train"]]
 
 
 def _backbone(reader: _Reader, backbone: str) -> dict[str, Any]:
@@ -486,7 +495,7 @@ def translate(deepreg: dict[str, Any], name: str) -> Translation:
     notes = [f"DeepReg's upgrade of older configs: {change}" for change in upgraded.changes]
     params: dict[str, Any] = {"train": {"name": name, "amp": False, "best_params": None},
                               "tune": {"enabled": False}}
-    pairing, labeled, file_format, train_path = _translate_data(reader, name, params, notes)
+    pairing, labeled, file_format, train_folders = _translate_data(reader, name, params, notes)
     method = _translate_model(reader, params, notes)
     if method == "conditional" and not labeled:
         raise ConfigError("train.method conditional needs labeled data")
@@ -496,7 +505,7 @@ def translate(deepreg: dict[str, Any], name: str) -> Translation:
         raise ConfigError("train.loss: no DeepReg loss term with a non-zero weight could be "
                           "translated; the config's loss section is empty or unknown")
     _translate_optimizer(reader, params)
-    samples = _train_samples(train_path, pairing, file_format,
+    samples = _train_samples(train_folders, pairing, file_format,
                              reader.node("dataset.sample_image_in_group") is not False)
     _translate_schedule(reader, params, notes, samples)
     _translate_augmentation(reader, params)

@@ -146,6 +146,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, arguments):
     assert not out.exists()
 
 
+PARTS = {f"part{index:02d}": 1 for index in range(11)}  # DeepReg's paired_mrus_prostate folders
+
+
+def test_several_folders_per_split_become_the_local_datasets_splits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_layout(Path("demos/paired_mrus_prostate/dataset"), "paired", {**PARTS, "part03": 3})
+    result = translate(read_deepreg_configs([CONFIGS / "demos_paired_mrus_prostate.yaml"]), "p")
+    assert result.params["data"]["local"]["p"] == {
+        "path": "demos/paired_mrus_prostate/dataset", "pairing": "paired", "format": "nifti",
+        "splits": {"train": [f"part{index:02d}" for index in range(8)], "val": ["part08"],
+                   "test": ["part09", "part10"]}}
+    assert not [key for key, _ in result.skipped if key.startswith("dataset")]
+    # 10 training pairs in 8 folders, batch 4: 3 steps per epoch, 5000 epochs
+    assert result.params["train"]["steps"] == 15000
+
+
 SCENARIOS = {
     "paired-ddf": (["config_test_paired_nifti.yaml", "config_test_ddf.yaml"],
                    "data/test/nifti/paired", "paired", []),
@@ -162,6 +178,11 @@ SCENARIOS = {
                               "demos/grouped_mr_heart/dataset", "grouped",
                               ["preprocess.shape=[16,16,16]",
                                "train.model.backbone.channels=[2,4,8,16]"]),
+    "paired-mrus-prostate-v010": (["demos_paired_mrus_prostate_dataset0_v010.yaml",
+                                   "demos_paired_mrus_prostate_train_v010.yaml"],
+                                  "demos/paired_mrus_prostate/dataset", "paired",
+                                  ["preprocess.shape=[16,16,16]",
+                                   "train.model.backbone.channels=[2,4,8]"], PARTS),
     "unpaired-ct-abdomen": (["demos_unpaired_ct_abdomen_comb.yaml"],
                             "demos/unpaired_ct_abdomen/dataset", "unpaired",
                             ["preprocess.shape=[16,16,16]",
@@ -173,11 +194,12 @@ SCENARIOS = {
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_real_deepreg_configs_translate_validate_and_train_two_steps(
         scenario, tmp_path, monkeypatch, mlflow_store):
-    files, root, pairing, shrink = SCENARIOS[scenario]
+    files, root, pairing, shrink, *layout = SCENARIOS[scenario]
     monkeypatch.chdir(tmp_path)
     folders = {"train": 4, "test": 2}
     if "val" in yaml.safe_dump(read_deepreg_configs([CONFIGS / name for name in files])):
         folders["val"] = 2
+    folders = layout[0] if layout else folders
     write_layout(Path(root), pairing, folders)
     result = CliRunner().invoke(cli, ["import-deepreg", *[str(CONFIGS / name) for name in files],
                                       "-o", "params.yaml"])
