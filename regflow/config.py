@@ -263,6 +263,9 @@ class TrainConfig(Section):
     steps: PositiveInt = 1000
     val_every: PositiveInt = 100
     checkpoint_every: PositiveInt = 50
+    # what steps, val_every and checkpoint_every count: optimiser steps, or epochs (DeepReg's
+    # unit: passes over the training pairs, each ceil(pairs / batch) steps once data exist)
+    unit: Literal["steps", "epochs"] = "steps"
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
     amp: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -409,6 +412,17 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def in_steps(self, steps_per_epoch: int) -> Config:
+        """This config with ``train.unit`` "epochs" turned into steps: ``steps``, ``val_every``
+        and ``checkpoint_every`` multiplied by ``steps_per_epoch``; a config in steps comes back
+        as it is."""
+        if self.train.unit == "steps":
+            return self
+        train = self.train.model_copy(update={
+            "unit": "steps", **{key: getattr(self.train, key) * steps_per_epoch
+                                for key in ("steps", "val_every", "checkpoint_every")}})
+        return self.model_copy(update={"train": train})
 
 
 def parse_yaml(text: str, source: str) -> Any:

@@ -434,8 +434,10 @@ def _translate_schedule(reader: _Reader, params: dict[str, Any], notes: list[str
     save_period = int(reader.get("train.save_period", epochs))
     if samples is None:
         per_epoch = 1
-        notes.append("train.steps: the training folder could not be read, so steps = epochs "
-                     "(one step per epoch); set train.steps yourself")
+        params["train"]["unit"] = "epochs"
+        notes.append("train.unit epochs: the training folders could not be read to count their "
+                     "samples, so train.steps and the cadences count DeepReg's epochs "
+                     "(ceil(samples / batch) steps each, counted when training starts)")
     else:
         per_epoch = math.ceil(samples / batch)
         notes.append(f"train.steps = epochs x ceil(train samples / batch) = {epochs} x "

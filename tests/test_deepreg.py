@@ -119,6 +119,7 @@ def test_unknown_keys_and_old_layouts_are_reported_key_by_key():
     assert result.params["train"]["optimizer"]["name"] == "rmsprop"
     assert result.params["train"]["optimizer"]["momentum"] == 0.5
     assert any("could not be read" in note for note in result.notes)
+    assert result.params["train"]["unit"] == "epochs"  # counted once the data exist
 
 
 def test_command_writes_a_valid_params_file_and_names_untranslated_keys(tmp_path):
