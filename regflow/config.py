@@ -98,7 +98,9 @@ class AffineAugment(Section):
     """Random affine augmentation (TorchIO RandomAffine)."""
 
     enabled: bool = True
-    scales: NonNegativeFloat = 0.05
+    # zoom factor drawn from [1 - scales, 1 + scales], or from [low, high] when given as a pair
+    scales: NonNegativeFloat | Annotated[list[NonNegativeFloat],
+                                         Field(min_length=2, max_length=2)] = 0.05
     degrees: NonNegativeFloat = 5.0
     translation: NonNegativeFloat = 2.0
 
@@ -169,6 +171,8 @@ class BackboneConfig(Section):
     channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
     norm: Literal["instance", "batch", "none"] = "instance"
     extract_levels: list[NonNegativeInt] | None = None  # local: levels whose fields are summed
+    pooling: bool = True  # down-sample by max pooling (false: stride-2 convolutions, as DeepReg)
+    concat_skip: bool = True  # unet: concatenate encoder skips (false: add them, as DeepReg)
 
     @field_validator("name")
     @classmethod
@@ -202,6 +206,9 @@ class ModelConfig(Section):
     integration_downsize: Annotated[int, Field(ge=1, le=8)] = 1  # dvf: integrate on a coarser grid
     passes: Annotated[int, Field(ge=1, le=4)] = 1  # ddf/dvf: backbone passes composed (a cascade)
     hyper: HyperConfig | None = None  # HyperMorph: a loss weight drawn per batch, fed to the net
+    # ddf/dvf: the field on a cubic B-spline grid with this control point spacing in voxels (one
+    # per axis, or one for all), DeepReg's control_points; None: a dense field
+    control_points: PositiveInt | list[PositiveInt] | None = None
 
 
 LOSS_GROUPS = ("image", "label", "regularization")

@@ -44,10 +44,12 @@ LOSS_NAMES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "gncc": ("gncc", {"squared": True, "eps": 1e-5}),
     },
     "label": {
-        "dice": ("dice", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5}),
-        "jaccard": ("jaccard", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5}),
+        "dice": ("dice", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5,
+                          "background_mode": "generalised"}),
+        "jaccard": ("jaccard", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5,
+                                "background_mode": "generalised"}),
         "ssd": ("ssd", {}),
-        "cross-entropy": ("cross_entropy", {}),
+        "cross-entropy": ("cross_entropy", {"smooth": 1e-5, "background_mode": "generalised"}),
     },
     "regularization": {
         "bending": ("bending_energy", {"stencil": "wide"}),
@@ -56,24 +58,18 @@ LOSS_NAMES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
 }
 
 # DeepReg loss option -> regflow option, per regflow term (DeepReg's own defaults are above)
+OVERLAP_OPTIONS = {"scales": "scales", "binary": "binary", "smooth_nr": "smooth_nr",
+                   "smooth_dr": "smooth_dr", "background_weight": "background_weight",
+                   "kernel": "kernel"}
 LOSS_OPTIONS: dict[str, dict[str, str]] = {
     "lncc": {"kernel_size": "kernel_size", "kernel_type": "kernel", "smooth_nr": "smooth_nr",
              "smooth_dr": "eps"},
     "gmi": {"num_bins": "num_bins", "sigma_ratio": "sigma_ratio"},
-    "dice": {"scales": "scales", "binary": "binary", "smooth_nr": "smooth_nr",
-             "smooth_dr": "smooth_dr"},
-    "jaccard": {"scales": "scales", "binary": "binary", "smooth_nr": "smooth_nr",
-                "smooth_dr": "smooth_dr"},
-    "ssd": {"scales": "scales"},
-    "cross_entropy": {"scales": "scales"},
-}
-
-LOSS_OPTION_REASONS = {
-    "background_weight": "DeepReg mixes a background term into each label's score (generalised "
-                         "dice); regflow's background_weight adds an implicit background channel "
-                         "instead: set train.loss.label.<term>.options.background_weight yourself",
-    "kernel": "regflow's multi-scale smoothing is Gaussian only (no cauchy)",
-    "smooth": "regflow's cross_entropy clamps probabilities to [1e-7, 1 - 1e-7] instead",
+    "dice": OVERLAP_OPTIONS,
+    "jaccard": OVERLAP_OPTIONS,
+    "ssd": {"scales": "scales", "kernel": "kernel"},
+    "cross_entropy": {"scales": "scales", "binary": "binary", "smooth": "smooth",
+                      "background_weight": "background_weight", "kernel": "kernel"},
 }
 
 OPTIMIZER_NAMES = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "rms": "rmsprop",
@@ -81,7 +77,7 @@ OPTIMIZER_NAMES = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "rms": "rmspr
 
 BACKBONE_NAMES = ("local", "unet", "global")
 
-AUGMENTATIONS = {"affine": "affine", "ddf": "elastic"}
+AUGMENTATIONS = ("affine", "ddf")
 
 # train.preprocess keys with a reason they are not translated
 PREPROCESS_REASONS = {
@@ -330,16 +326,38 @@ def _translate_model(reader: _Reader, params: dict[str, Any], notes: list[str]) 
         notes.append(f"train.method {method} with backbone global -> regflow method affine "
                      "(GlobalNet's affine turned into a DDF, as in DeepReg)")
         method = "affine"
-    for key in ("pooling", "concat_skip", "control_points", "encode_kernel_sizes",
-                "decode_kernel_sizes", "strides", "padding", "out_kernel_initializer",
-                "out_activation", "encode_num_channels", "decode_num_channels"):
+    for key in ("encode_kernel_sizes", "decode_kernel_sizes", "strides", "padding",
+                "out_kernel_initializer", "out_activation", "encode_num_channels",
+                "decode_num_channels"):
         reader.skip(f"train.backbone.{key}", "no regflow equivalent (fixed by the backbone)")
-    params["train"]["model"] = {
-        "method": method,
-        "backbone": {**_backbone(reader, backbone), "norm": "batch"},
-    }
+    model: dict[str, Any] = {"method": method, "backbone": {**_backbone(reader, backbone),
+                                                            "norm": "batch"}}
+    model["backbone"].update(_skips_and_pooling(reader, backbone))
+    control_points = reader.node("train.backbone.control_points")
+    if control_points and method in ("ddf", "dvf"):
+        model["control_points"] = reader.get("train.backbone.control_points")
+    else:
+        reader.skip("train.backbone.control_points", f"DeepReg's B-spline grid shapes a ddf or "
+                    f"dvf, not method {method}")
+    params["train"]["model"] = model
     notes.append("train.model.backbone.norm batch: DeepReg's conv blocks use batch norm")
     return method
+
+
+def _skips_and_pooling(reader: _Reader, backbone: str) -> dict[str, Any]:
+    """``pooling`` as given (DeepReg's default true is regflow's); ``concat_skip`` for unet,
+    whose skips DeepReg adds unless told to concatenate (regflow concatenates by default)."""
+    settings = {}
+    if reader.node("train.backbone.pooling") is not None:
+        settings["pooling"] = bool(reader.get("train.backbone.pooling"))
+    concat = reader.node("train.backbone.concat_skip")
+    if backbone == "unet":
+        settings["concat_skip"] = bool(reader.get("train.backbone.concat_skip", False))
+    elif concat:
+        reader.skip("train.backbone.concat_skip", f"regflow's {backbone} backbone adds its skips")
+    else:
+        reader.get("train.backbone.concat_skip")  # false: what the backbone does anyway
+    return settings
 
 
 def _loss_entries(reader: _Reader, group: str) -> list[tuple[str, dict[str, Any]]]:
@@ -379,16 +397,13 @@ def _translate_loss(reader: _Reader, params: dict[str, Any], labeled: bool) -> N
                     continue
                 if term == "gradient_norm" and key == "l1":
                     options["norm"] = "l1" if reader.get(f"{path}.l1") else "l2"
-                elif key == "kernel" and entry[key] == "gaussian":
-                    reader.get(f"{path}.kernel")  # DeepReg's default smoothing, as regflow's
                 elif key in LOSS_OPTIONS.get(term, {}):
                     value = reader.get(f"{path}.{key}")
                     if key == "scales" and not isinstance(value, list):
                         value = [value]
                     options[LOSS_OPTIONS[term][key]] = value
                 else:
-                    reader.skip(f"{path}.{key}", LOSS_OPTION_REASONS.get(
-                        key, f"{term} has no such option in regflow"))
+                    reader.skip(f"{path}.{key}", f"{term} has no such option in regflow")
             terms = loss.setdefault(group, {})
             if term in terms and terms[term]["options"] != options:
                 reader.skip(path, f"a second {term} term with other options; regflow keeps one "
@@ -451,30 +466,68 @@ def _translate_schedule(reader: _Reader, params: dict[str, Any], notes: list[str
         reader.skip(f"train.preprocess.{key}", reason)
 
 
+def _affine_augment(scale: float) -> dict[str, Any]:
+    """TorchIO RandomAffine settings spanning DeepReg's ``affine`` augmentation of ``scale``.
+
+    DeepReg samples at ``x A + b``, x in voxels from the first voxel, with A and b fitted to four
+    cube corners each scaled by factors drawn from [1 - scale, 1]: per axis a zoom of
+    1 / A_ii in [1, 1 / (1 - scale)], off-diagonal terms within +-scale / 2 (a rotation of up to
+    scale / 2 radians and a shear) and a shift within +-scale voxels. TorchIO draws the same zoom
+    range, rotations up to that angle and shifts in mm, about the image centre, without shear.
+    """
+    return {"enabled": True, "scales": [1.0, round(1 / (1 - scale), 6)],
+            "degrees": round(math.degrees(scale / 2), 6), "translation": float(scale)}
+
+
+def _ddf_augment(strength: float, low_res_size: Sequence[int]) -> tuple[str, dict[str, Any]]:
+    """(section, settings) of TorchIO's transform for DeepReg's ``ddf`` augmentation.
+
+    DeepReg draws a ``low_res_size`` grid of displacements ``U(0, strength) x N(0, 1)`` voxels
+    (standard deviation ``strength / sqrt(3)``) and resizes it linearly to the image. TorchIO's
+    elastic deformation draws ``U(-d, d)`` (the same deviation for ``d = strength``) on a cubic
+    B-spline grid whose outer two rings are held at zero: ``max(low_res_size) + 4`` control points
+    leave DeepReg's number free per axis. A 1x1x1 grid is one random translation: TorchIO's
+    RandomAffine translation of the same deviation.
+    """
+    if max(low_res_size) == 1:
+        return "affine", {"enabled": True, "scales": 0.0, "degrees": 0.0,
+                          "translation": float(strength)}
+    return "elastic", {"enabled": True, "control_points": max(5, max(low_res_size) + 4),
+                       "max_displacement": float(strength)}
+
+
 def _translate_augmentation(reader: _Reader, params: dict[str, Any]) -> None:
-    """DeepReg's data_augmentation entries -> loader.augment (TorchIO's own parameters)."""
+    """DeepReg's data_augmentation entries -> loader.augment: TorchIO transforms spanning what
+    DeepReg's draw (see :func:`_affine_augment` and :func:`_ddf_augment`)."""
     path = "train.preprocess.data_augmentation"
     node = reader.node(path)
     entries = node if isinstance(node, list) else [node] if isinstance(node, dict) else []
-    enabled = {"affine": False, "elastic": False}
+    augment: dict[str, Any] = {"affine": {"enabled": False}, "elastic": {"enabled": False}}
     for index, entry in enumerate(entries):
         entry_path = f"{path}[{index}]" if isinstance(node, list) else path
-        kind = AUGMENTATIONS.get(entry.get("name"))
-        if kind is None:
-            reader.skip(entry_path, f"unknown augmentation {entry.get('name')!r}")
+        name = entry.get("name")
+        if name not in AUGMENTATIONS:
+            reader.skip(entry_path, f"unknown augmentation {name!r}")
             continue
-        enabled[kind] = True
         reader.get(f"{entry_path}.name")
+        if name == "affine":
+            section, settings = "affine", _affine_augment(
+                float(reader.get(f"{entry_path}.scale", 0.1)))
+        else:
+            size = reader.get(f"{entry_path}.low_res_size", [1, 1, 1])
+            section, settings = _ddf_augment(float(reader.get(f"{entry_path}.field_strength", 1)),
+                                             [int(value) for value in size])
+        if augment[section]["enabled"]:
+            reader.skip(entry_path, f"a second transform for TorchIO's {section} augmentation")
+            continue
+        augment[section] = settings
         for key in entry:
-            if key != "name":
-                reader.skip(f"{entry_path}.{key}", "regflow's augmentation has its own "
-                            "parameters (loader.augment)")
+            if key not in ("name", "scale", "field_strength", "low_res_size"):
+                reader.skip(f"{entry_path}.{key}", f"DeepReg's {name} augmentation has no such "
+                            "option")
     params["loader"]["augment"] = {
-        "enabled": any(enabled.values()),
-        "affine": {"enabled": enabled["affine"]},
-        "elastic": {"enabled": enabled["elastic"]},
-        "intensity": {"enabled": False},
-    }
+        "enabled": augment["affine"]["enabled"] or augment["elastic"]["enabled"],
+        **augment, "intensity": {"enabled": False}}
 
 
 def translate(deepreg: dict[str, Any], name: str) -> Translation:
