@@ -1,4 +1,4 @@
-"""The ``regflow`` command line: one command per DVC stage plus predict/warp/request.
+"""The ``regflow`` command line: one command per DVC stage plus predict/warp/request/vis.
 
 Commands only parse options, load the config and call the library; a :class:`RegflowError` or an
 ``OSError`` (permission denied, disk full, ...) becomes one line on stderr and exit code 2.
@@ -249,8 +249,9 @@ def warp(image: str, ddf: str, out: str, nearest: bool) -> None:
 def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
     """Translate DeepReg CONFIGS (merged in order, like --config_path) into a params file.
 
-    Every DeepReg key that has no regflow translation is printed with the reason; the losses get
-    the options that reproduce DeepReg's formulas.
+    DeepReg 0.1.0/0.1.1 configs are upgraded first, as DeepReg does. Every DeepReg key that has no
+    regflow translation is printed with the reason, and so is every key DeepReg itself ignores;
+    the losses get the options that reproduce DeepReg's formulas.
     """
     from regflow.deepreg import import_deepreg
 
@@ -259,7 +260,27 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
         click.echo(f"note: {note}")
     for key, reason in translation.skipped:
         click.echo(f"not translated: {key}: {reason}")
-    click.echo(f"wrote {out} ({len(translation.skipped)} keys not translated)")
+    for key, reason in translation.ignored:
+        click.echo(f"ignored: {key}: {reason}")
+    click.echo(f"wrote {out} ({len(translation.skipped)} keys not translated, "
+               f"{len(translation.ignored)} ignored as DeepReg ignores them)")
+
+
+def check_predict_options(split: str | None, fixed: str | None, moving: str | None,
+                          layout: str, png: bool, nifti: bool) -> None:
+    """Reject ``regflow predict`` option combinations it cannot honour, before any work starts.
+
+    Raises:
+        RegflowError: neither a pair nor a split, the DeepReg layout without a split, or
+            ``--no-png``/``--no-nifti`` outside the DeepReg layout.
+    """
+    if not split and not (fixed and moving):
+        raise RegflowError("predict: give --fixed and --moving, or --split")
+    if layout == "deepreg" and not split:
+        raise RegflowError("predict: --layout deepreg writes a split's pairs; give --split")
+    if layout != "deepreg" and not (png and nifti):
+        raise RegflowError("predict: --no-png and --no-nifti shape the --layout deepreg tree; "
+                           "add --layout deepreg")
 
 
 @cli.command()
@@ -283,21 +304,21 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
 @click.option("--layout", type=click.Choice(["regflow", "deepreg"]), default="regflow",
               show_default=True, help="With --split: deepreg writes deepreg_predict's pair_<i>/ "
                                       "folders (NIfTI and PNG) and its metrics CSVs.")
+@click.option("--no-png", "no_png", is_flag=True, help="--layout deepreg: no PNG slices.")
+@click.option("--no-nifti", "no_nifti", is_flag=True,
+              help="--layout deepreg: no NIfTI volumes (metrics and PNG only).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_options()
 def predict(config: Config, model_spec: str, refine_steps: int | None, init: str,
             fixed: str | None, moving: str | None, moving_label: str | None,
             fixed_label: str | None, split: str | None, learn2reg: bool, layout: str,
-            out: str) -> None:
+            no_png: bool, no_nifti: bool, out: str) -> None:
     """Register a raw pair (any size/spacing) or a dataset split with a trained model.
 
     A shipped checkpoint (models/shipped/) registers with the test-time settings it was evaluated
     with, unless -c or -S evaluate.* asks for others.
     """
-    if not split and not (fixed and moving):
-        raise RegflowError("predict: give --fixed and --moving, or --split")
-    if layout == "deepreg" and not split:
-        raise RegflowError("predict: --layout deepreg writes a split's pairs; give --split")
+    check_predict_options(split, fixed, moving, layout, not no_png, not no_nifti)
     claim_output(out, folder=True)
     from regflow.predict import predict_command  # only now: torch takes seconds
 
@@ -309,8 +330,148 @@ def predict(config: Config, model_spec: str, refine_steps: int | None, init: str
                               moving_label=optional(moving_label),
                               fixed_label=optional(fixed_label), split=split,
                               learn2reg=learn2reg, init=init, layout=layout,
-                              own_settings=not evaluation_settings_given())
+                              own_settings=not evaluation_settings_given(),
+                              png=not no_png, nifti=not no_nifti)
     click.echo(f"wrote {len(written)} files to {out}")
+
+
+@cli.group(cls=RegflowGroup)
+def vis() -> None:
+    """Pictures of volumes, fields and predict outputs (DeepReg's deepreg_vis, and more).
+
+    GIFs and PNGs go to files; inside an MLflow run (an active one, or MLFLOW_RUN_ID) they are
+    also logged to it under vis/.
+    """
+
+
+AXIS_OPTION = click.option("--axis", type=click.IntRange(0, 2), default=2, show_default=True,
+                           help="Array axis the slices are taken along.")
+INTERVAL_OPTION = click.option("--interval", type=click.IntRange(min=10), default=100,
+                               show_default=True, help="Milliseconds per GIF frame.")
+ZOOM_OPTION = click.option("--zoom", type=click.IntRange(1, 32),
+                           help="Pixels per voxel (default: a panel of about 256 pixels).")
+
+
+def finish_pictures(written: Sequence[Path], root: Path) -> None:
+    """Log the pictures to the current MLflow run (if any) and name them."""
+    from regflow.vis import log_to_mlflow
+
+    run_id = log_to_mlflow(written, root)
+    for path in written:
+        click.echo(f"wrote {path}")
+    if run_id:
+        click.echo(f"logged {len(written)} pictures to MLflow run {run_id}")
+
+
+@vis.command("slices")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .gif.")
+@AXIS_OPTION
+@INTERVAL_OPTION
+@ZOOM_OPTION
+def vis_slices(images: tuple[str, ...], out: str, axis: int, interval: int,
+               zoom: int | None) -> None:
+    """A GIF stepping through the slices of IMAGES (several: side by side)."""
+    claim_output(out, suffixes=(".gif",))
+    from regflow.data.io import nifti_stem
+    from regflow.vis import read_image, slices_gif
+
+    written = slices_gif([read_image(path) for path in images], out,
+                         [nifti_stem(path) for path in images], axis, interval, zoom)
+    finish_pictures([written], written.parent)
+
+
+@vis.command("warp")
+@click.option("--moving", required=True, type=click.Path(dir_okay=False), help="Moving image.")
+@click.option("--ddf", required=True, type=click.Path(dir_okay=False),
+              help="DDF on the moving image's grid (NIfTI, .npy, .npz), voxels.")
+@click.option("--fixed", type=click.Path(dir_okay=False), help="Fixed image, shown beside.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .gif.")
+@AXIS_OPTION
+@click.option("--slice", "index", type=click.IntRange(min=0), help="Slice (default: middle).")
+@click.option("--frames", type=click.IntRange(min=2), default=20, show_default=True)
+@click.option("--grid-step", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Deformation grid spacing in voxels.")
+@INTERVAL_OPTION
+@ZOOM_OPTION
+def vis_warp(moving: str, ddf: str, fixed: str | None, out: str, axis: int, index: int | None,
+             frames: int, grid_step: int, interval: int, zoom: int | None) -> None:
+    """A GIF of MOVING warping by 0 to 1 times the DDF, its deformation grid drawn over it."""
+    claim_output(out, suffixes=(".gif",))
+    from regflow.vis import read_field, read_image, warp_gif
+
+    written = warp_gif(read_image(moving), read_field(ddf), out,
+                       read_image(fixed) if fixed else None, axis, index, frames, interval,
+                       grid_step, zoom)
+    finish_pictures([written], written.parent)
+
+
+@vis.command("mosaic")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .png.")
+@click.option("--slices", help="Comma-separated slice indices (default: five interior ones).")
+@AXIS_OPTION
+def vis_mosaic(images: tuple[str, ...], out: str, slices: str | None, axis: int) -> None:
+    """A PNG of slices (rows) across IMAGES (columns)."""
+    try:
+        chosen = [int(value) for value in slices.split(",")] if slices else None
+    except ValueError:
+        raise RegflowError(f"--slices {slices!r}: expected comma-separated integers") from None
+    claim_output(out, suffixes=(".png",))
+    from regflow.data.io import nifti_stem
+    from regflow.vis import mosaic_png, read_image
+
+    written = mosaic_png([read_image(path) for path in images],
+                         [nifti_stem(path) for path in images], out, chosen, axis)
+    finish_pictures([written], written.parent)
+
+
+@vis.command("checkerboard")
+@click.option("--fixed", required=True, type=click.Path(dir_okay=False), help="Fixed image.")
+@click.option("--warped", required=True, type=click.Path(dir_okay=False),
+              help="Warped moving image on the fixed grid.")
+@click.option("--moving", type=click.Path(dir_okay=False),
+              help="Moving image on the fixed grid, for the 'before' column.")
+@click.option("--tiles", type=click.IntRange(min=2), default=8, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .png.")
+def vis_checkerboard(fixed: str, warped: str, moving: str | None, tiles: int, out: str) -> None:
+    """A PNG interleaving fixed and warped (and fixed and moving) in a checkerboard."""
+    claim_output(out, suffixes=(".png",))
+    from regflow.vis import checkerboard_png, read_image
+
+    written = checkerboard_png(read_image(fixed), read_image(warped), out,
+                               read_image(moving) if moving else None, tiles)
+    finish_pictures([written], written.parent)
+
+
+@vis.command("jacobian")
+@click.option("--ddf", required=True, type=click.Path(dir_okay=False),
+              help="DDF (NIfTI, .npy, .npz), voxels.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .png.")
+def vis_jacobian(ddf: str, out: str) -> None:
+    """A PNG of the DDF's Jacobian determinant, folding (det <= 0) marked."""
+    claim_output(out, suffixes=(".png",))
+    from regflow.vis import jacobian_png, read_field
+
+    written = jacobian_png(read_field(ddf), out)
+    finish_pictures([written], written.parent)
+
+
+@vis.command("predicted")
+@click.argument("folder", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder (default: FOLDER/vis).")
+@AXIS_OPTION
+@click.option("--frames", type=click.IntRange(min=2), default=20, show_default=True)
+def vis_predicted(folder: str, out: str | None, axis: int, frames: int) -> None:
+    """Every picture for each pair_<i>/ of a `regflow predict --layout deepreg` FOLDER."""
+    from regflow.vis import predicted_pairs, predicted_pictures
+
+    predicted_pairs(folder)
+    target = Path(out) if out else Path(folder) / "vis"
+    claim_output(target, folder=True)
+
+    finish_pictures(predicted_pictures(folder, target, axis, frames), target)
 
 
 @cli.command()

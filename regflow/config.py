@@ -29,6 +29,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Shape3 = Annotated[list[PositiveInt], Field(min_length=2, max_length=3)]
+FolderList = Annotated[list[str], Field(min_length=1)]
 
 
 def _check_known(kind: str, names: list[str], known: list[str]) -> None:
@@ -51,6 +52,8 @@ class LocalDataset(Section):
     pairing: Literal["paired", "unpaired", "grouped"]
     format: Literal["nifti", "h5"] = "nifti"
     label_names: list[str] | None = None
+    # the folders of each split, relative to path (DeepReg's dir lists); None: path/<split>
+    splits: dict[Literal["train", "val", "test"], FolderList] | None = None
 
 
 class DataConfig(Section):
@@ -95,7 +98,9 @@ class AffineAugment(Section):
     """Random affine augmentation (TorchIO RandomAffine)."""
 
     enabled: bool = True
-    scales: NonNegativeFloat = 0.05
+    # zoom factor drawn from [1 - scales, 1 + scales], or from [low, high] when given as a pair
+    scales: NonNegativeFloat | Annotated[list[NonNegativeFloat],
+                                         Field(min_length=2, max_length=2)] = 0.05
     degrees: NonNegativeFloat = 5.0
     translation: NonNegativeFloat = 2.0
 
@@ -166,6 +171,8 @@ class BackboneConfig(Section):
     channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
     norm: Literal["instance", "batch", "none"] = "instance"
     extract_levels: list[NonNegativeInt] | None = None  # local: levels whose fields are summed
+    pooling: bool = True  # down-sample by max pooling (false: stride-2 convolutions, as DeepReg)
+    concat_skip: bool = True  # unet: concatenate encoder skips (false: add them, as DeepReg)
 
     @field_validator("name")
     @classmethod
@@ -199,6 +206,9 @@ class ModelConfig(Section):
     integration_downsize: Annotated[int, Field(ge=1, le=8)] = 1  # dvf: integrate on a coarser grid
     passes: Annotated[int, Field(ge=1, le=4)] = 1  # ddf/dvf: backbone passes composed (a cascade)
     hyper: HyperConfig | None = None  # HyperMorph: a loss weight drawn per batch, fed to the net
+    # ddf/dvf: the field on a cubic B-spline grid with this control point spacing in voxels (one
+    # per axis, or one for all), DeepReg's control_points; None: a dense field
+    control_points: PositiveInt | list[PositiveInt] | None = None
 
 
 LOSS_GROUPS = ("image", "label", "regularization")
@@ -260,6 +270,9 @@ class TrainConfig(Section):
     steps: PositiveInt = 1000
     val_every: PositiveInt = 100
     checkpoint_every: PositiveInt = 50
+    # what steps, val_every and checkpoint_every count: optimiser steps, or epochs (DeepReg's
+    # unit: passes over the training pairs, each ceil(pairs / batch) steps once data exist)
+    unit: Literal["steps", "epochs"] = "steps"
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
     amp: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -406,6 +419,17 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def in_steps(self, steps_per_epoch: int) -> Config:
+        """This config with ``train.unit`` "epochs" turned into steps: ``steps``, ``val_every``
+        and ``checkpoint_every`` multiplied by ``steps_per_epoch``; a config in steps comes back
+        as it is."""
+        if self.train.unit == "steps":
+            return self
+        train = self.train.model_copy(update={
+            "unit": "steps", **{key: getattr(self.train, key) * steps_per_epoch
+                                for key in ("steps", "val_every", "checkpoint_every")}})
+        return self.model_copy(update={"train": train})
 
 
 def parse_yaml(text: str, source: str) -> Any:

@@ -2,9 +2,11 @@
 
 DeepReg runs ``deepreg_train --config_path a.yaml b.yaml``: the files are merged in order, a later
 file overriding an earlier one key by key (maps merge recursively, anything else is replaced).
-:func:`merge_configs` does the same; :func:`translate` maps the merged tree onto regflow's params
-and picks the loss options that reproduce DeepReg's formulas. Every DeepReg key is either used or
-reported with the reason it was not; nothing is dropped silently.
+:func:`merge_configs` does the same; :func:`translate` first upgrades DeepReg 0.1.0/0.1.1 trees as
+DeepReg does (:mod:`regflow.deepreg_upgrade`), then maps the tree onto regflow's params and picks
+the loss options that reproduce DeepReg's formulas. Every DeepReg key is used, reported as not
+translated (with the reason), or reported as ignored because DeepReg ignores it too; nothing is
+dropped silently.
 
 All translation tables live at the top of this module.
 """
@@ -12,6 +14,7 @@ All translation tables live at the top of this module.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ import yaml
 from regflow import fileio
 from regflow.config import validate_config
 from regflow.data.layouts import discover_cases
+from regflow.deepreg_upgrade import leaves, upgrade
 from regflow.errors import ConfigError, RegflowError
 
 # the order of the sections in the written params file, as in params.yaml
@@ -40,10 +44,12 @@ LOSS_NAMES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "gncc": ("gncc", {"squared": True, "eps": 1e-5}),
     },
     "label": {
-        "dice": ("dice", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5}),
-        "jaccard": ("jaccard", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5}),
+        "dice": ("dice", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5,
+                          "background_mode": "generalised"}),
+        "jaccard": ("jaccard", {"denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5,
+                                "background_mode": "generalised"}),
         "ssd": ("ssd", {}),
-        "cross-entropy": ("cross_entropy", {}),
+        "cross-entropy": ("cross_entropy", {"smooth": 1e-5, "background_mode": "generalised"}),
     },
     "regularization": {
         "bending": ("bending_energy", {"stencil": "wide"}),
@@ -52,24 +58,18 @@ LOSS_NAMES: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
 }
 
 # DeepReg loss option -> regflow option, per regflow term (DeepReg's own defaults are above)
+OVERLAP_OPTIONS = {"scales": "scales", "binary": "binary", "smooth_nr": "smooth_nr",
+                   "smooth_dr": "smooth_dr", "background_weight": "background_weight",
+                   "kernel": "kernel"}
 LOSS_OPTIONS: dict[str, dict[str, str]] = {
     "lncc": {"kernel_size": "kernel_size", "kernel_type": "kernel", "smooth_nr": "smooth_nr",
              "smooth_dr": "eps"},
     "gmi": {"num_bins": "num_bins", "sigma_ratio": "sigma_ratio"},
-    "dice": {"scales": "scales", "binary": "binary", "smooth_nr": "smooth_nr",
-             "smooth_dr": "smooth_dr"},
-    "jaccard": {"scales": "scales", "binary": "binary", "smooth_nr": "smooth_nr",
-                "smooth_dr": "smooth_dr"},
-    "ssd": {"scales": "scales"},
-    "cross_entropy": {"scales": "scales"},
-}
-
-LOSS_OPTION_REASONS = {
-    "background_weight": "DeepReg mixes a background term into each label's score (generalised "
-                         "dice); regflow's background_weight adds an implicit background channel "
-                         "instead: set train.loss.label.<term>.options.background_weight yourself",
-    "kernel": "regflow's multi-scale smoothing is Gaussian only (no cauchy)",
-    "smooth": "regflow's cross_entropy clamps probabilities to [1e-7, 1 - 1e-7] instead",
+    "dice": OVERLAP_OPTIONS,
+    "jaccard": OVERLAP_OPTIONS,
+    "ssd": {"scales": "scales", "kernel": "kernel"},
+    "cross_entropy": {"scales": "scales", "binary": "binary", "smooth": "smooth",
+                      "background_weight": "background_weight", "kernel": "kernel"},
 }
 
 OPTIMIZER_NAMES = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "rms": "rmsprop",
@@ -77,7 +77,7 @@ OPTIMIZER_NAMES = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "rms": "rmspr
 
 BACKBONE_NAMES = ("local", "unet", "global")
 
-AUGMENTATIONS = {"affine": "affine", "ddf": "elastic"}
+AUGMENTATIONS = ("affine", "ddf")
 
 # train.preprocess keys with a reason they are not translated
 PREPROCESS_REASONS = {
@@ -94,11 +94,14 @@ class Translation:
         params: the regflow params tree (what params.yaml holds).
         skipped: ``(DeepReg key path, reason)`` for every key that was not translated.
         notes: conversions worth knowing (steps from epochs, renamed methods, ...).
+        ignored: ``(DeepReg key path, reason)`` for keys DeepReg itself does not use in this
+            config (another optimiser's settings, label losses of unlabelled data).
     """
 
     params: dict[str, Any]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
 def merge_configs(trees: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -146,17 +149,6 @@ def read_deepreg_configs(paths: Sequence[str | Path]) -> dict[str, Any]:
     return merge_configs(trees)
 
 
-def _leaves(node: Any, prefix: str = "") -> list[str]:
-    """Key paths of every leaf; maps and lists of maps are walked (list items as ``key[i]``)."""
-    if isinstance(node, dict) and node:
-        return [leaf for key, child in node.items()
-                for leaf in _leaves(child, f"{prefix}.{key}" if prefix else str(key))]
-    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
-        return [leaf for index, item in enumerate(node)
-                for leaf in _leaves(item, f"{prefix}[{index}]")]
-    return [prefix]
-
-
 class _Reader:
     """Reads a DeepReg tree by key path and remembers which leaves were used or reported."""
 
@@ -164,6 +156,7 @@ class _Reader:
         self.tree = tree
         self.handled: set[str] = set()
         self.skipped: list[tuple[str, str]] = []
+        self.ignored: list[tuple[str, str]] = []
 
     def node(self, path: str) -> Any:
         """The value at a dotted path (``[i]`` indexes lists), or None."""
@@ -182,75 +175,86 @@ class _Reader:
         self._mark(path)
         return default if value is None else value
 
-    def skip(self, path: str, reason: str) -> None:
-        """Report every leaf under ``path`` (if present) with ``reason``."""
+    def skip(self, path: str, reason: str, ignored: bool = False) -> None:
+        """Report every leaf under ``path`` (if present) with ``reason``: as not translated, or
+        as ``ignored`` (DeepReg does not use it either)."""
         if self.node(path) is None:
             return
-        for leaf in _leaves(self.node(path), path):
+        report = self.ignored if ignored else self.skipped
+        for leaf in leaves(self.node(path), path):
             if leaf not in self.handled:
-                self.skipped.append((leaf, reason))
+                report.append((leaf, reason))
         self._mark(path)
 
     def _mark(self, path: str) -> None:
         if self.node(path) is not None:
-            self.handled.update(_leaves(self.node(path), path))
+            self.handled.update(leaves(self.node(path), path))
 
     def unhandled(self) -> list[str]:
         """Leaves neither translated nor reported, in file order."""
-        return [leaf for leaf in _leaves(self.tree) if leaf not in self.handled]
+        return [leaf for leaf in leaves(self.tree) if leaf not in self.handled]
 
 
 def _split_settings(reader: _Reader) -> dict[str, dict[str, Any]]:
-    """{deepreg split: {dir, format, labeled}} from either DeepReg dataset layout.
-
-    DeepReg 1.x: ``dataset.<split>.{dir,format,labeled}``; 0.1.x: ``dataset.dir.<split>`` with
-    ``dataset.format`` and ``dataset.labeled`` shared.
-    """
-    settings = {}
-    for split in SPLIT_FOLDERS:
-        if isinstance(reader.node(f"dataset.{split}"), dict):
-            settings[split] = {key: reader.get(f"dataset.{split}.{key}")
-                               for key in ("dir", "format", "labeled")}
-        else:
-            settings[split] = {"dir": reader.get(f"dataset.dir.{split}"),
-                               "format": reader.get("dataset.format"),
-                               "labeled": reader.get("dataset.labeled")}
-    return settings
+    """{deepreg split: {dir, format, labeled}} of ``dataset.<split>`` (None where absent)."""
+    return {split: {key: reader.get(f"dataset.{split}.{key}")
+                    for key in ("dir", "format", "labeled")} for split in SPLIT_FOLDERS}
 
 
-def _one_dir(reader: _Reader, split: str, value: Any) -> str | None:
-    """A split's DeepReg directory as one path; lists of several folders are reported."""
-    if isinstance(value, list):
-        if len(value) > 1:
-            reader.skipped.append((f"dataset.{split}.dir", "several folders per split: regflow "
-                                   "reads one folder per split; merge them into one"))
-        value = value[0] if value else None
-    return None if value is None else str(value)
+def _dir_list(value: Any) -> list[str]:
+    """A split's DeepReg ``dir``: one folder or a list of them, as a list of paths."""
+    if value is None:
+        return []
+    return [str(folder) for folder in (value if isinstance(value, list) else [value])]
 
 
-def _train_samples(folder: Path, pairing: str, file_format: str, sample_image_in_group: bool
-                   ) -> int | None:
-    """Training samples per DeepReg epoch: pairs (paired), images // 2 (unpaired), groups
-    (grouped, one pair per group) or images (grouped without sampling); None if unreadable."""
+def _train_samples(folders: Sequence[Path], pairing: str, file_format: str,
+                   sample_image_in_group: bool) -> int | None:
+    """Training samples per DeepReg epoch over the training folders: pairs (paired), images // 2
+    (unpaired), groups (grouped, one pair per group) or images (grouped without sampling); None
+    if a folder is unreadable."""
     try:
-        cases, _ = discover_cases(folder, f"deepreg-{pairing}", pairing, file_format)
+        found = [discover_cases(folder, f"deepreg-{pairing}", pairing, file_format)[0]
+                 for folder in folders]
     except RegflowError:
         return None
     if pairing == "unpaired":
-        return max(1, len(cases) // 2)
+        return max(1, sum(map(len, found)) // 2)
     if pairing == "grouped" and sample_image_in_group:
-        return len({case.group for case in cases})
-    return len(cases)
+        return sum(len({case.group for case in cases}) for cases in found)
+    return sum(map(len, found))
+
+
+def _split_folders(reader: _Reader, dirs: dict[str, list[str]]
+                   ) -> tuple[str, dict[str, list[str]] | None]:
+    """The data.local root and, unless they are ``<root>/{train,val,test}``, the folders of each
+    regflow split relative to it (DeepReg's ``valid`` is regflow's ``val``)."""
+    if dirs["valid"] and dirs["valid"] == dirs["test"]:
+        reader.skipped.append(("dataset.valid.dir", "the test folder doubles as validation in "
+                               "DeepReg; regflow never validates on test data and carves val out "
+                               "of train (preprocess.val_fraction)"))
+        dirs = {**dirs, "valid": []}
+    used = {folder: split for split, folder in SPLIT_FOLDERS.items() if dirs[split]}
+    try:
+        root = os.path.commonpath([str(Path(path).parent) for split in used.values()
+                                   for path in dirs[split]])
+    except ValueError:
+        raise ConfigError("dataset: the split folders mix absolute and relative paths; use one "
+                          "kind") from None
+    splits = {folder: [os.path.relpath(path, root) for path in dirs[split]]
+              for folder, split in used.items()}
+    standard = all(folders == [folder] for folder, folders in splits.items())
+    return root or ".", None if standard else splits
 
 
 def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: list[str]
-                    ) -> tuple[str, bool, str, Path]:
-    """Fill data, preprocess and loader; return (pairing, labeled, file format, train folder)."""
+                    ) -> tuple[str, bool, str, list[Path]]:
+    """Fill data, preprocess and loader; return (pairing, labeled, file format, train folders)."""
     pairing = reader.get("dataset.type")
     if pairing not in ("paired", "unpaired", "grouped"):
         raise ConfigError(f"dataset.type: expected paired, unpaired or grouped, got {pairing!r}")
     splits = _split_settings(reader)
-    dirs = {split: _one_dir(reader, split, values["dir"]) for split, values in splits.items()}
+    dirs = {split: _dir_list(values["dir"]) for split, values in splits.items()}
     if not dirs["train"]:
         raise ConfigError("dataset.train.dir: DeepReg configs need a training folder")
     file_format = splits["train"]["format"] or "nifti"
@@ -262,24 +266,11 @@ def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: l
             if other is not None and other != value:
                 reader.skipped.append((f"dataset.{split}.{key}", f"regflow uses the train "
                                        f"split's {key} ({value}) for every split"))
-    train_path = Path(dirs["train"])
-    root = str(train_path.parent)
-    for split, folder in SPLIT_FOLDERS.items():
-        path = dirs[split]
-        if path is None:
-            continue
-        if split == "valid" and path == dirs["test"]:
-            reader.skipped.append(("dataset.valid.dir", "the test folder doubles as validation "
-                                   "in DeepReg; regflow never validates on test data and carves "
-                                   "val out of train (preprocess.val_fraction)"))
-        elif Path(path).parent != train_path.parent or Path(path).name != folder:
-            reader.skipped.append((f"dataset.{split}.dir", f"regflow reads <root>/{folder} with "
-                                   f"root {root}; move or link {path} there"))
-    if train_path.name != "train":
-        reader.skipped.append(("dataset.train.dir", f"regflow reads <root>/train with root "
-                               f"{root}; rename {train_path.name} to train"))
-    params["data"] = {"dataset": name, "local": {name: {"path": root, "pairing": pairing,
-                                                        "format": file_format}}}
+    root, folders = _split_folders(reader, dirs)
+    local: dict[str, Any] = {"path": root, "pairing": pairing, "format": file_format}
+    if folders is not None:
+        local["splits"] = folders
+    params["data"] = {"dataset": name, "local": {name: local}}
     shape = (reader.get("dataset.fixed_image_shape") if pairing == "paired"
              else reader.get("dataset.image_shape"))
     if pairing == "paired":
@@ -300,7 +291,7 @@ def _translate_data(reader: _Reader, name: str, params: dict[str, Any], notes: l
         if reader.get("dataset.sample_image_in_group", True) is False:
             loader["group_pairs"] = "all"
     params["loader"] = loader
-    return pairing, labeled, file_format, train_path
+    return pairing, labeled, file_format, [Path(folder) for folder in dirs["train"]]
 
 
 def _backbone(reader: _Reader, backbone: str) -> dict[str, Any]:
@@ -335,16 +326,38 @@ def _translate_model(reader: _Reader, params: dict[str, Any], notes: list[str]) 
         notes.append(f"train.method {method} with backbone global -> regflow method affine "
                      "(GlobalNet's affine turned into a DDF, as in DeepReg)")
         method = "affine"
-    for key in ("pooling", "concat_skip", "control_points", "encode_kernel_sizes",
-                "decode_kernel_sizes", "strides", "padding", "out_kernel_initializer",
-                "out_activation", "encode_num_channels", "decode_num_channels"):
+    for key in ("encode_kernel_sizes", "decode_kernel_sizes", "strides", "padding",
+                "out_kernel_initializer", "out_activation", "encode_num_channels",
+                "decode_num_channels"):
         reader.skip(f"train.backbone.{key}", "no regflow equivalent (fixed by the backbone)")
-    params["train"]["model"] = {
-        "method": method,
-        "backbone": {**_backbone(reader, backbone), "norm": "batch"},
-    }
+    model: dict[str, Any] = {"method": method, "backbone": {**_backbone(reader, backbone),
+                                                            "norm": "batch"}}
+    model["backbone"].update(_skips_and_pooling(reader, backbone))
+    control_points = reader.node("train.backbone.control_points")
+    if control_points and method in ("ddf", "dvf"):
+        model["control_points"] = reader.get("train.backbone.control_points")
+    else:
+        reader.skip("train.backbone.control_points", f"DeepReg's B-spline grid shapes a ddf or "
+                    f"dvf, not method {method}")
+    params["train"]["model"] = model
     notes.append("train.model.backbone.norm batch: DeepReg's conv blocks use batch norm")
     return method
+
+
+def _skips_and_pooling(reader: _Reader, backbone: str) -> dict[str, Any]:
+    """``pooling`` as given (DeepReg's default true is regflow's); ``concat_skip`` for unet,
+    whose skips DeepReg adds unless told to concatenate (regflow concatenates by default)."""
+    settings = {}
+    if reader.node("train.backbone.pooling") is not None:
+        settings["pooling"] = bool(reader.get("train.backbone.pooling"))
+    concat = reader.node("train.backbone.concat_skip")
+    if backbone == "unet":
+        settings["concat_skip"] = bool(reader.get("train.backbone.concat_skip", False))
+    elif concat:
+        reader.skip("train.backbone.concat_skip", f"regflow's {backbone} backbone adds its skips")
+    else:
+        reader.get("train.backbone.concat_skip")  # false: what the backbone does anyway
+    return settings
 
 
 def _loss_entries(reader: _Reader, group: str) -> list[tuple[str, dict[str, Any]]]:
@@ -372,7 +385,8 @@ def _translate_loss(reader: _Reader, params: dict[str, Any], labeled: bool) -> N
                             f"{', '.join(LOSS_NAMES[group])}")
                 continue
             if group == "label" and not labeled:
-                reader.skip(path, "the data are unlabeled (DeepReg skips label losses too)")
+                reader.skip(path, "the data are unlabeled: DeepReg builds no label loss",
+                            ignored=True)
                 continue
             reader.get(f"{path}.name")
             term, options = LOSS_NAMES[group][name]
@@ -383,16 +397,13 @@ def _translate_loss(reader: _Reader, params: dict[str, Any], labeled: bool) -> N
                     continue
                 if term == "gradient_norm" and key == "l1":
                     options["norm"] = "l1" if reader.get(f"{path}.l1") else "l2"
-                elif key == "kernel" and entry[key] == "gaussian":
-                    reader.get(f"{path}.kernel")  # DeepReg's default smoothing, as regflow's
                 elif key in LOSS_OPTIONS.get(term, {}):
                     value = reader.get(f"{path}.{key}")
                     if key == "scales" and not isinstance(value, list):
                         value = [value]
                     options[LOSS_OPTIONS[term][key]] = value
                 else:
-                    reader.skip(f"{path}.{key}", LOSS_OPTION_REASONS.get(
-                        key, f"{term} has no such option in regflow"))
+                    reader.skip(f"{path}.{key}", f"{term} has no such option in regflow")
             terms = loss.setdefault(group, {})
             if term in terms and terms[term]["options"] != options:
                 reader.skip(path, f"a second {term} term with other options; regflow keeps one "
@@ -413,22 +424,19 @@ def _translate_optimizer(reader: _Reader, params: dict[str, Any]) -> None:
         raise ConfigError(f"train.optimizer.name: regflow has adam, adamw, sgd and rmsprop, "
                           f"not {given!r}")
     settings = reader.node("train.optimizer") or {}
-    # DeepReg 0.1.x nests the settings under the optimiser's name
-    nested = next((f"train.optimizer.{key}" for key in settings
-                   if isinstance(settings[key], dict) and key.lower() == given.lower()), None)
     optimizer: dict[str, Any] = {"name": name, "schedule": "constant", "warmup_steps": 0,
                                  "clip_grad_norm": 0.0, "weight_decay": 0.0}
-    for prefix in filter(None, ("train.optimizer", nested)):
-        if reader.node(f"{prefix}.learning_rate") is not None:
-            optimizer["lr"] = float(reader.get(f"{prefix}.learning_rate"))
-        if reader.node(f"{prefix}.momentum") is not None:
-            if name in ("sgd", "rmsprop"):
-                optimizer["momentum"] = float(reader.get(f"{prefix}.momentum"))
-            else:
-                reader.skip(f"{prefix}.momentum", f"{name} takes no momentum")
+    if reader.node("train.optimizer.learning_rate") is not None:
+        optimizer["lr"] = float(reader.get("train.optimizer.learning_rate"))
+    if reader.node("train.optimizer.momentum") is not None:
+        if name in ("sgd", "rmsprop"):
+            optimizer["momentum"] = float(reader.get("train.optimizer.momentum"))
+        else:
+            reader.skip("train.optimizer.momentum", f"{name} takes no momentum")
     for key, value in settings.items():
-        if isinstance(value, dict) and f"train.optimizer.{key}" != nested:
-            reader.skip(f"train.optimizer.{key}", f"unused by DeepReg too (optimizer is {given})")
+        if isinstance(value, dict):
+            reader.skip(f"train.optimizer.{key}", f"unused by DeepReg too (optimizer is {given})",
+                        ignored=True)
     params["train"]["optimizer"] = optimizer
 
 
@@ -441,8 +449,10 @@ def _translate_schedule(reader: _Reader, params: dict[str, Any], notes: list[str
     save_period = int(reader.get("train.save_period", epochs))
     if samples is None:
         per_epoch = 1
-        notes.append("train.steps: the training folder could not be read, so steps = epochs "
-                     "(one step per epoch); set train.steps yourself")
+        params["train"]["unit"] = "epochs"
+        notes.append("train.unit epochs: the training folders could not be read to count their "
+                     "samples, so train.steps and the cadences count DeepReg's epochs "
+                     "(ceil(samples / batch) steps each, counted when training starts)")
     else:
         per_epoch = math.ceil(samples / batch)
         notes.append(f"train.steps = epochs x ceil(train samples / batch) = {epochs} x "
@@ -456,30 +466,68 @@ def _translate_schedule(reader: _Reader, params: dict[str, Any], notes: list[str
         reader.skip(f"train.preprocess.{key}", reason)
 
 
+def _affine_augment(scale: float) -> dict[str, Any]:
+    """TorchIO RandomAffine settings spanning DeepReg's ``affine`` augmentation of ``scale``.
+
+    DeepReg samples at ``x A + b``, x in voxels from the first voxel, with A and b fitted to four
+    cube corners each scaled by factors drawn from [1 - scale, 1]: per axis a zoom of
+    1 / A_ii in [1, 1 / (1 - scale)], off-diagonal terms within +-scale / 2 (a rotation of up to
+    scale / 2 radians and a shear) and a shift within +-scale voxels. TorchIO draws the same zoom
+    range, rotations up to that angle and shifts in mm, about the image centre, without shear.
+    """
+    return {"enabled": True, "scales": [1.0, round(1 / (1 - scale), 6)],
+            "degrees": round(math.degrees(scale / 2), 6), "translation": float(scale)}
+
+
+def _ddf_augment(strength: float, low_res_size: Sequence[int]) -> tuple[str, dict[str, Any]]:
+    """(section, settings) of TorchIO's transform for DeepReg's ``ddf`` augmentation.
+
+    DeepReg draws a ``low_res_size`` grid of displacements ``U(0, strength) x N(0, 1)`` voxels
+    (standard deviation ``strength / sqrt(3)``) and resizes it linearly to the image. TorchIO's
+    elastic deformation draws ``U(-d, d)`` (the same deviation for ``d = strength``) on a cubic
+    B-spline grid whose outer two rings are held at zero: ``max(low_res_size) + 4`` control points
+    leave DeepReg's number free per axis. A 1x1x1 grid is one random translation: TorchIO's
+    RandomAffine translation of the same deviation.
+    """
+    if max(low_res_size) == 1:
+        return "affine", {"enabled": True, "scales": 0.0, "degrees": 0.0,
+                          "translation": float(strength)}
+    return "elastic", {"enabled": True, "control_points": max(5, max(low_res_size) + 4),
+                       "max_displacement": float(strength)}
+
+
 def _translate_augmentation(reader: _Reader, params: dict[str, Any]) -> None:
-    """DeepReg's data_augmentation entries -> loader.augment (TorchIO's own parameters)."""
+    """DeepReg's data_augmentation entries -> loader.augment: TorchIO transforms spanning what
+    DeepReg's draw (see :func:`_affine_augment` and :func:`_ddf_augment`)."""
     path = "train.preprocess.data_augmentation"
     node = reader.node(path)
     entries = node if isinstance(node, list) else [node] if isinstance(node, dict) else []
-    enabled = {"affine": False, "elastic": False}
+    augment: dict[str, Any] = {"affine": {"enabled": False}, "elastic": {"enabled": False}}
     for index, entry in enumerate(entries):
         entry_path = f"{path}[{index}]" if isinstance(node, list) else path
-        kind = AUGMENTATIONS.get(entry.get("name"))
-        if kind is None:
-            reader.skip(entry_path, f"unknown augmentation {entry.get('name')!r}")
+        name = entry.get("name")
+        if name not in AUGMENTATIONS:
+            reader.skip(entry_path, f"unknown augmentation {name!r}")
             continue
-        enabled[kind] = True
         reader.get(f"{entry_path}.name")
+        if name == "affine":
+            section, settings = "affine", _affine_augment(
+                float(reader.get(f"{entry_path}.scale", 0.1)))
+        else:
+            size = reader.get(f"{entry_path}.low_res_size", [1, 1, 1])
+            section, settings = _ddf_augment(float(reader.get(f"{entry_path}.field_strength", 1)),
+                                             [int(value) for value in size])
+        if augment[section]["enabled"]:
+            reader.skip(entry_path, f"a second transform for TorchIO's {section} augmentation")
+            continue
+        augment[section] = settings
         for key in entry:
-            if key != "name":
-                reader.skip(f"{entry_path}.{key}", "regflow's augmentation has its own "
-                            "parameters (loader.augment)")
+            if key not in ("name", "scale", "field_strength", "low_res_size"):
+                reader.skip(f"{entry_path}.{key}", f"DeepReg's {name} augmentation has no such "
+                            "option")
     params["loader"]["augment"] = {
-        "enabled": any(enabled.values()),
-        "affine": {"enabled": enabled["affine"]},
-        "elastic": {"enabled": enabled["elastic"]},
-        "intensity": {"enabled": False},
-    }
+        "enabled": augment["affine"]["enabled"] or augment["elastic"]["enabled"],
+        **augment, "intensity": {"enabled": False}}
 
 
 def translate(deepreg: dict[str, Any], name: str) -> Translation:
@@ -496,17 +544,23 @@ def translate(deepreg: dict[str, Any], name: str) -> Translation:
         ConfigError: the config lacks what any DeepReg run needs (dataset.type, a train folder)
             or names a method, backbone or optimiser regflow does not have.
     """
-    reader = _Reader(deepreg)
-    notes: list[str] = []
+    upgraded = upgrade(deepreg)
+    reader = _Reader(upgraded.tree)
+    reader.ignored += upgraded.ignored
+    notes = [f"DeepReg's upgrade of older configs: {change}" for change in upgraded.changes]
     params: dict[str, Any] = {"train": {"name": name, "amp": False, "best_params": None},
                               "tune": {"enabled": False}}
-    pairing, labeled, file_format, train_path = _translate_data(reader, name, params, notes)
+    pairing, labeled, file_format, train_folders = _translate_data(reader, name, params, notes)
     method = _translate_model(reader, params, notes)
     if method == "conditional" and not labeled:
         raise ConfigError("train.method conditional needs labeled data")
     _translate_loss(reader, params, labeled)
+    if not any(term["weight"] > 0 for terms in params["train"]["loss"].values()
+               for term in terms.values()):
+        raise ConfigError("train.loss: no DeepReg loss term with a non-zero weight could be "
+                          "translated; the config's loss section is empty or unknown")
     _translate_optimizer(reader, params)
-    samples = _train_samples(train_path, pairing, file_format,
+    samples = _train_samples(train_folders, pairing, file_format,
                              reader.node("dataset.sample_image_in_group") is not False)
     _translate_schedule(reader, params, notes, samples)
     _translate_augmentation(reader, params)
@@ -514,7 +568,7 @@ def translate(deepreg: dict[str, Any], name: str) -> Translation:
                  "tune.enabled false (no tuned weights from another experiment)")
     skipped = reader.skipped + [(leaf, "no regflow equivalent") for leaf in reader.unhandled()]
     ordered = {section: params[section] for section in SECTION_ORDER if section in params}
-    return Translation(ordered, skipped, notes)
+    return Translation(ordered, skipped, notes, reader.ignored)
 
 
 def dataset_name(path: str | Path) -> str:
@@ -539,6 +593,7 @@ def import_deepreg(paths: Sequence[str | Path], out: str | Path) -> Translation:
     header = [f"# regflow params translated from DeepReg: {' + '.join(map(str, paths))}"]
     header += [f"# note: {note}" for note in translation.notes]
     header += [f"# not translated: {key}: {reason}" for key, reason in translation.skipped]
+    header += [f"# ignored: {key}: {reason}" for key, reason in translation.ignored]
     body = yaml.safe_dump(translation.params, sort_keys=False)
     fileio.write_text(out, "\n".join(header) + "\n" + body)
     return translation

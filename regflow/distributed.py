@@ -37,6 +37,12 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV)
 
 
+def launch_world_size() -> int:
+    """The number of processes this run trains with, known before the group is joined:
+    torchrun's ``WORLD_SIZE``, else 1."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
 def is_active() -> bool:
     """True inside an initialised process group."""
     return dist.is_available() and dist.is_initialized()

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from regflow import distributed, fileio, paths, tracking, viz
 from regflow.config import Config
-from regflow.data.loader import build_dataloader
+from regflow.data.loader import build_dataloader, steps_per_epoch
 from regflow.data.manifest import Manifest
 from regflow.errors import RegflowError
 from regflow.evaluation import as_device, evaluate_pairs, summarise
@@ -211,6 +211,9 @@ class Trainer:
 
     def __init__(self, config: Config, manifest_path: Path, out_dir: Path,
                  on_validation: ValidationCallback | None = None, log_pictures: bool = True):
+        if config.train.unit == "epochs":  # the run in steps from here on
+            config = config.in_steps(steps_per_epoch(manifest_path, config,
+                                                     distributed.launch_world_size()))
         self.config = config
         self.manifest_path = Path(manifest_path)
         self.manifest = Manifest.read(self.manifest_path)

@@ -209,17 +209,20 @@ class Registrar:
 
         Returns:
             On the CPU: "ddf" (B, ndim, *S) voxels, "warped" (B, 1, *S), "warped_label" when a
-            label is given, "network_ddf" (the field before refinement) and "time_s" (a 0-d
-            tensor: seconds per pair, network and refinement).
+            label is given, "network_ddf" (the field before refinement), the network's "theta"
+            (B, ndim, ndim + 1) of method affine or "dvf" (B, ndim, *S) of method dvf, and
+            "time_s" (a 0-d tensor: seconds per pair, network and refinement).
         """
         moving, fixed = moving.to(self.device), fixed.to(self.device)
         if self.conditional:
             return self._predict_labels(moving, fixed, moving_label)
         self._synchronise()
         started = time.perf_counter()
+        network: dict[str, torch.Tensor] = {}
         if self.model is not None:
             with torch.no_grad():
-                network_ddf = self.model(moving, fixed, warp=False)["ddf"].float()
+                network = self.model(moving, fixed, warp=False)
+            network_ddf = network["ddf"].float()
         else:
             network_ddf = torch.zeros(fixed.shape[0], self.ndim, *fixed.shape[2:],
                                       device=self.device)
@@ -232,6 +235,7 @@ class Registrar:
         self._synchronise()
         seconds = (time.perf_counter() - started) / fixed.shape[0]
         outputs = {"ddf": ddf, "network_ddf": network_ddf, "warped": spatial.warp(moving, ddf)}
+        outputs.update({key: network[key] for key in ("theta", "dvf") if key in network})
         if moving_label is not None:
             outputs["warped_label"] = spatial.warp(moving_label.to(self.device).float(), ddf)
         result = {key: value.detach().float().cpu() for key, value in outputs.items()}

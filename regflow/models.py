@@ -70,6 +70,10 @@ class RegistrationModel(nn.Module):
     a range of weights, the model answers for any weight in it. ``hyper["weight"]`` is the weight
     used when a call gives none (see :meth:`set_hyper_weight`).
 
+    With ``control_points`` ("ddf" and "dvf", DeepReg's option) the backbone's field is reduced to
+    a cubic B-spline control grid of that spacing and interpolated back
+    (:func:`regflow.spatial.bspline_field`): a smooth field of few degrees of freedom.
+
     Args:
         method: one of :data:`METHODS`.
         backbone: "local", "unet" or "global" (the latter only, and always, for "affine").
@@ -83,10 +87,15 @@ class RegistrationModel(nn.Module):
         passes: backbone passes whose fields are composed (1: a single field).
         hyper: None, or ``{"term": "group.name", "low": float, "high": float, "weight": float}``:
             the loss term whose weight conditions the network, its range and the default weight.
+        pooling: backbone down-sampling by max pooling (True) or strided convolutions (False).
+        concat_skip: "unet": concatenate (True) or add (False) the encoder skips.
+        control_points: "ddf"/"dvf": B-spline control point spacing in voxels (one per axis, or
+            one for all), or None for a dense field.
 
     Raises:
         ConfigError: unknown method, a method/backbone combination that cannot work,
-            ``passes`` > 1 for a method other than "ddf" or "dvf", or a bad ``hyper`` range.
+            ``passes`` > 1 or ``control_points`` for a method other than "ddf" or "dvf", or a
+            bad ``hyper`` range.
     """
 
     def __init__(self, method: str = "ddf", backbone: str = "local",
@@ -94,7 +103,9 @@ class RegistrationModel(nn.Module):
                  integration_steps: int = 7, label_channels: int = 1,
                  norm: str = DEFAULT_NORM, extract_levels: Sequence[int] | None = None,
                  integration_downsize: int = 1, passes: int = 1,
-                 hyper: dict[str, Any] | None = None) -> None:
+                 hyper: dict[str, Any] | None = None, pooling: bool = True,
+                 concat_skip: bool = True, control_points: int | Sequence[int] | None = None
+                 ) -> None:
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"train.model.method: unknown method {method!r}; "
@@ -113,6 +124,17 @@ class RegistrationModel(nn.Module):
         self.label_channels = label_channels
         self.norm = norm
         self.extract_levels = None if extract_levels is None else [int(k) for k in extract_levels]
+        self.pooling = pooling
+        self.concat_skip = concat_skip
+        if control_points is not None and method not in CASCADE_METHODS:
+            raise ConfigError(f"train.model.control_points: a B-spline grid shapes a ddf or dvf, "
+                              f"not method {method!r}")
+        self.control_points = (None if control_points is None else
+                               [int(control_points)] * ndim if isinstance(control_points, int)
+                               else [int(spacing) for spacing in control_points])
+        if self.control_points is not None and len(self.control_points) != ndim:
+            raise ConfigError(f"train.model.control_points: one spacing or {ndim}, got "
+                              f"{self.control_points}")
         conditional = method == "conditional"
         self.backbone = build_backbone(
             backbone, ndim,
@@ -121,6 +143,8 @@ class RegistrationModel(nn.Module):
             channels=self.channels,
             norm=norm,
             extract_levels=self.extract_levels,
+            pooling=pooling,
+            concat_skip=concat_skip,
         )
         self.hyper: dict[str, Any] | None = None
         if hyper is not None:
@@ -155,7 +179,10 @@ class RegistrationModel(nn.Module):
                    label_channels=label_channels, norm=model_config.backbone.norm,
                    extract_levels=model_config.backbone.extract_levels,
                    integration_downsize=model_config.integration_downsize,
-                   passes=model_config.passes, hyper=hyper)
+                   passes=model_config.passes, hyper=hyper,
+                   pooling=model_config.backbone.pooling,
+                   concat_skip=model_config.backbone.concat_skip,
+                   control_points=model_config.control_points)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -166,7 +193,9 @@ class RegistrationModel(nn.Module):
                 "label_channels": self.label_channels, "norm": self.norm,
                 "extract_levels": self.extract_levels,
                 "integration_downsize": self.integration_downsize, "passes": self.passes,
-                "hyper": None if self.hyper is None else dict(self.hyper)}
+                "hyper": None if self.hyper is None else dict(self.hyper),
+                "pooling": self.pooling, "concat_skip": self.concat_skip,
+                "control_points": self.control_points}
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
                 moving_label: torch.Tensor | None = None, *, warp: bool = True,
@@ -263,6 +292,8 @@ class RegistrationModel(nn.Module):
         if self.method == "affine":
             outputs["theta"] = prediction
             return spatial.affine_to_ddf(prediction, moving.shape[2:])
+        if self.control_points is not None:
+            prediction = spatial.bspline_field(prediction, self.control_points)
         if self.method == "dvf":
             outputs["dvf"] = prediction
             return spatial.integrate_dvf(prediction, steps=self.integration_steps,

@@ -197,12 +197,14 @@ class VolumeWriter:
 
 
 def predict_split(registrar: Registrar, config: Config, manifest_file: Path, split: str,
-                  out_dir: Path, learn2reg: bool = False, layout: str = "regflow") -> list[Path]:
+                  out_dir: Path, learn2reg: bool = False, layout: str = "regflow",
+                  png: bool = True, nifti: bool = True) -> list[Path]:
     """Register every evaluation pair of a processed split; NIfTI outputs and metrics CSVs.
 
     Args:
         layout: "regflow" (flat ``<fixed>__<moving>_*.nii.gz`` files and ``metrics.csv``) or
             "deepreg" (``deepreg_predict``'s ``pair_<i>/`` tree, see regflow.deepreg_layout).
+        png, nifti: "deepreg" layout: write the PNG slices, the NIfTI volumes.
 
     Returns:
         The written files and folders (top level of ``out_dir``).
@@ -214,8 +216,8 @@ def predict_split(registrar: Registrar, config: Config, manifest_file: Path, spl
     manifest = Manifest.read(manifest_file)
     loader = build_dataloader(manifest_file, split, config, train=False)
     with atomic_directory(out_dir) as staging:
-        writer = DeepRegWriter(staging) if layout == "deepreg" else VolumeWriter(staging,
-                                                                                learn2reg)
+        writer = (DeepRegWriter(staging, png, nifti) if layout == "deepreg"
+                  else VolumeWriter(staging, learn2reg))
         rows = evaluate_pairs(registrar, loader, manifest.voxel_size, manifest.channel_names,
                               on_pair=writer)
         if not rows:
@@ -231,26 +233,22 @@ def predict_split(registrar: Registrar, config: Config, manifest_file: Path, spl
 def predict_command(config: Config, model_spec: str, out_dir: Path, *, refine_steps: int | None,
                     fixed: Path | None, moving: Path | None, moving_label: Path | None,
                     fixed_label: Path | None, split: str | None, learn2reg: bool,
-                    init: str, layout: str = "regflow", own_settings: bool = False
-                    ) -> list[Path]:
-    """``regflow predict``: a raw pair or a split, with a model, an MLflow URI or none.
+                    init: str, layout: str = "regflow", own_settings: bool = False,
+                    png: bool = True, nifti: bool = True) -> list[Path]:
+    """``regflow predict``: a raw pair or a split, with a model, an MLflow URI or none (the
+    options as :func:`regflow.cli.check_predict_options` accepts them).
 
     ``own_settings``: a shipped checkpoint's own test-time settings instead of the config's
     (:func:`regflow.inference.load_registrar`).
 
     Raises:
-        RegflowError: neither a pair nor a split, the DeepReg layout without a split, or any
-            input problem.
+        RegflowError: any input problem.
     """
     from regflow.paths import manifest_path
 
-    if not split and not (fixed and moving):
-        raise RegflowError("predict: give --fixed and --moving, or --split")
-    if layout == "deepreg" and not split:
-        raise RegflowError("predict: --layout deepreg writes a split's pairs; give --split")
     registrar = load_registrar(model_spec, config, refine_steps, own_settings=own_settings)
     if split:
         return predict_split(registrar, config, manifest_path(config), split, out_dir,
-                             learn2reg, layout)
+                             learn2reg, layout, png, nifti)
     return predict_files(registrar, fixed, moving, out_dir, moving_label, fixed_label,
                          learn2reg, init)

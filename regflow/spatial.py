@@ -13,6 +13,7 @@ Conventions (shared by the whole package):
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -194,6 +195,72 @@ def integrate_dvf(dvf: torch.Tensor, steps: int = 7, downsize: int = 1) -> torch
     for _ in range(steps):
         ddf = compose_ddfs(ddf, ddf)
     return ddf
+
+
+def _cubic_bspline_weights(size: int, spacing: int, points: int) -> torch.Tensor:
+    """(size, points) weights of the uniform cubic B-spline: voxel x lies between control points
+    ``x // spacing + 1`` and ``+ 2`` at fraction ``t = ((x mod spacing) + 0.5) / spacing``, and
+    takes ``(1 - t)^3 / 6``, ``(3t^3 - 6t^2 + 4) / 6``, ``(-3t^3 + 3t^2 + 3t + 1) / 6`` and
+    ``t^3 / 6`` of control points ``x // spacing`` to ``x // spacing + 3``."""
+    voxels = torch.arange(size, dtype=torch.float64)
+    first = torch.div(voxels, spacing, rounding_mode="floor").long()
+    t = (voxels - first * spacing + 0.5) / spacing
+    basis = [(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6,
+             (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6]
+    weights = torch.zeros(size, points, dtype=torch.float64)
+    for offset, values in enumerate(basis):
+        weights[torch.arange(size), first + offset] = values
+    return weights
+
+
+def _gaussian_taps(sigma: float) -> torch.Tensor:
+    """Normalised Gaussian of ``sigma`` on ``ceil(3 sigma)`` taps, rounded up to an odd count."""
+    size = math.ceil(3 * sigma)
+    size += (size + 1) % 2
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def _along_axis(field: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Apply a (new size, old size) matrix along spatial ``axis`` of (B, C, *S)."""
+    moved = field.movedim(axis + 2, -1)
+    return (moved @ matrix.to(field).T).movedim(-1, axis + 2)
+
+
+def bspline_field(field: torch.Tensor, spacing: Sequence[int]) -> torch.Tensor:
+    """A dense field made a cubic B-spline field with control points every ``spacing`` voxels.
+
+    DeepReg's ``control_points``: the field is smoothed per axis by a Gaussian of sigma
+    ``0.44 x spacing`` (anti-aliasing, zero padding), resampled linearly (half-voxel centres) to
+    ``ceil(size / spacing) + 3`` control points per axis, and interpolated back to every voxel by
+    the uniform cubic B-spline (:func:`_cubic_bspline_weights`). Values keep their units (voxels).
+
+    Args:
+        field: (B, C, *S) displacement or velocity field, 2 or 3 spatial axes.
+        spacing: control point spacing in voxels, one per spatial axis.
+
+    Returns:
+        (B, C, *S) the B-spline field, smooth across control points.
+    """
+    shape = field.shape[2:]
+    if len(spacing) != len(shape) or min(spacing) < 1:
+        raise ValueError(f"spacing {list(spacing)}: one positive spacing per spatial axis "
+                         f"of {tuple(shape)}")
+    smooth = field
+    for axis, step in enumerate(spacing):
+        taps = _gaussian_taps(0.44 * step)
+        half = (len(taps) - 1) // 2
+        band = torch.zeros(shape[axis], shape[axis] + 2 * half, dtype=torch.float64)
+        for row in range(shape[axis]):
+            band[row, row:row + len(taps)] = taps
+        smooth = _along_axis(smooth, axis, band[:, half:half + shape[axis]])
+    points = [-(-size // step) + 3 for size, step in zip(shape, spacing, strict=True)]
+    mode = {2: "bilinear", 3: "trilinear"}[len(shape)]
+    grid = F.interpolate(smooth, size=points, mode=mode, align_corners=False)
+    for axis, (size, step, count) in enumerate(zip(shape, spacing, points, strict=True)):
+        grid = _along_axis(grid, axis, _cubic_bspline_weights(size, step, count))
+    return grid
 
 
 def affine_to_ddf(theta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

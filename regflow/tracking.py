@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,18 @@ def log_artifact(local_path: str | Path, artifact_path: str | None = None) -> No
     """Copy a local file into the active run's artifacts (under ``artifact_path``)."""
     if is_rank_zero():
         mlflow.log_artifact(str(local_path), artifact_path=artifact_path)
+
+
+def log_files_to_run(files: Sequence[tuple[Path, str]], run_id: str | None = None) -> None:
+    """Copy ``(file, artifact folder)`` pairs into a run's artifacts: the active run's, or (with
+    ``run_id``, no run being active) that run's in the project store, left as it is."""
+    if run_id is None:
+        for path, folder in files:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+        return
+    client = mlflow.MlflowClient(tracking_uri())
+    for path, folder in files:
+        client.log_artifact(run_id, str(path), artifact_path=folder)
 
 
 def run_experiment_id(run_id: str) -> str:

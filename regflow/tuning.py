@@ -208,6 +208,7 @@ def trial_config(config: Config, values: dict[str, Any], trial_number: int) -> C
         apply_override(tree, key.split("."), value)
     settings = config.tune
     apply_override(tree, ["train", "steps"], settings.steps)
+    apply_override(tree, ["train", "unit"], "steps")
     apply_override(tree, ["train", "val_every"], settings.val_every)
     apply_override(tree, ["train", "checkpoint_every"], settings.steps)
     apply_override(tree, ["train", "early_stopping_patience"], 0)

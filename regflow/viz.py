@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from regflow.arrays import to_numpy
@@ -46,6 +47,14 @@ def _label_masks(label: Any, shape: tuple[int, ...]) -> list[np.ndarray]:
     if label.ndim == len(shape) + 1 and label.shape[1:] == shape:
         return [channel > 0.5 for channel in label]
     raise ValueError(f"label shape {label.shape} does not match image shape {shape}")
+
+
+def display_range(*images: Any) -> tuple[float, float]:
+    """Grey-scale window of images: their 0.5th and 99.5th percentiles together, so that a few
+    bright voxels do not darken the picture (min and max where that range is empty)."""
+    values = np.concatenate([to_numpy(image).ravel() for image in images])
+    low, high = (float(value) for value in np.percentile(values, [0.5, 99.5]))
+    return (low, high) if high > low else (float(values.min()), float(values.max()))
 
 
 def _planes(shape: tuple[int, ...]) -> list[tuple[int | None, int]]:
@@ -161,6 +170,96 @@ def deformation_grid_figure(ddf: Any, step: int = 4) -> Figure:
         ax.invert_yaxis()
         ax.set_aspect("equal")
         ax.set_title("ddf grid" if axis is None else f"ddf grid, axis {axis}={index}", fontsize=9)
+    return figure
+
+
+def checkerboard_figure(fixed: Any, warped: Any, moving: Any = None, tiles: int = 8) -> Figure:
+    """Checkerboards of the fixed image with the moving one (before) and the warped one (after).
+
+    One row per orthogonal plane's middle slice (3 for 3-D, 1 for 2-D). Where registration
+    worked, edges run on across tile borders in the "after" column; misalignment shows as steps.
+
+    Args:
+        fixed, warped: (D, H, W) or (H, W) images (leading singleton axes allowed).
+        moving: the moving image on the same grid, for the "before" column; None leaves it out.
+        tiles: tiles along each axis.
+    """
+    fixed, warped = _spatial(fixed), _spatial(warped)
+    boards = [("after: fixed / warped", checkerboard(fixed, warped, tiles))]
+    if moving is not None:
+        boards.insert(0, ("before: fixed / moving", checkerboard(fixed, _spatial(moving), tiles)))
+    vmin, vmax = display_range(*(board for _, board in boards))
+    planes = _planes(fixed.shape)
+    figure = Figure(figsize=(4 * len(boards), 3.6 * len(planes)), layout="constrained")
+    axes = figure.subplots(len(planes), len(boards), squeeze=False)
+    for row, (axis, index) in enumerate(planes):
+        for column, (title, board) in enumerate(boards):
+            ax = axes[row, column]
+            ax.imshow(_slice(board, axis, index), cmap="gray", vmin=vmin, vmax=vmax)
+            ax.set_axis_off()
+            ax.set_title(title if axis is None else f"{title}, axis {axis}={index}", fontsize=9)
+    return figure
+
+
+def jacobian_figure(ddf: Any) -> Figure:
+    """The Jacobian determinant of ``x -> x + ddf(x)`` on the middle slice of each plane, with
+    folding (determinant <= 0) marked in black.
+
+    Colours: blue where the transform shrinks volume (det < 1), white where it keeps it, red
+    where it expands (det > 1), clipped to [0, 2]; the title gives the folded fraction.
+
+    Args:
+        ddf: (ndim, *S) or (1, ndim, *S) displacement in voxels.
+    """
+    import torch
+
+    from regflow.spatial import jacobian_determinant
+
+    field = to_numpy(ddf).astype(np.float32)
+    if field.ndim in (4, 5) and field.shape[0] == 1 and field.shape[1] == field.ndim - 2:
+        field = field[0]
+    determinant = jacobian_determinant(torch.from_numpy(field)[None])[0].numpy()
+    folded = determinant <= 0
+    planes = _planes(determinant.shape)
+    figure = Figure(figsize=(4 * len(planes) + 1, 4), layout="constrained")
+    axes = figure.subplots(1, len(planes), squeeze=False)[0]
+    image = None
+    for ax, (axis, index) in zip(axes, planes, strict=True):
+        image = ax.imshow(_slice(determinant, axis, index), cmap="RdBu_r", vmin=0.0, vmax=2.0)
+        mask = _slice(folded, axis, index)
+        ax.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap(["black"]),
+                  interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title("det J" if axis is None else f"det J, axis {axis}={index}", fontsize=9)
+    figure.colorbar(image, ax=list(axes), shrink=0.8, label="Jacobian determinant")
+    figure.suptitle(f"folding (det J <= 0, black): {100 * folded.mean():.3f} % of "
+                    f"{folded.size} voxels; det J in [{determinant.min():.2f}, "
+                    f"{determinant.max():.2f}]", fontsize=10)
+    return figure
+
+
+def mosaic_figure(volumes: list[Any], titles: list[str], slices: list[int], axis: int = 2
+                  ) -> Figure:
+    """Slices of several volumes side by side: one row per slice index, one column per volume.
+
+    Args:
+        volumes: same-shape (D, H, W) images; each is shown on its own grey scale.
+        titles: one column title per volume.
+        slices: slice indices along ``axis``.
+        axis: the array axis slices are taken along (DeepReg's ``deepreg_vis`` takes the last).
+    """
+    images = [_spatial(volume) for volume in volumes]
+    figure = Figure(figsize=(2.4 * len(images), 2.4 * len(slices)), layout="constrained")
+    axes = figure.subplots(len(slices), len(images), squeeze=False)
+    for column, (image, title) in enumerate(zip(images, titles, strict=True)):
+        low, high = display_range(image)
+        for row, index in enumerate(slices):
+            ax = axes[row, column]
+            ax.imshow(_slice(image, axis if image.ndim == 3 else None, index), cmap="gray",
+                      vmin=low, vmax=high)
+            ax.set_axis_off()
+            ax.set_title(f"{title}, slice {index}" if row == 0 else f"slice {index}",
+                         fontsize=8)
     return figure
 
 

@@ -1,20 +1,26 @@
 """Tests for regflow.deepreg: DeepReg's config merge, the translation tables, the command, and
 real DeepReg configs (tests/deepreg_configs) trained for two steps on synthetic data."""
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torchio as tio
 import yaml
 from click.testing import CliRunner
 
 from regflow.cli import cli
-from regflow.config import load_config
+from regflow.config import load_config, validate_config
 from regflow.data.io import write_nifti
+from regflow.data.loader import build_augmentation
 from regflow.data.preprocess import preprocess_dataset
 from regflow.data.sources import fetch_dataset
-from regflow.deepreg import merge_configs, read_deepreg_configs, translate
+from regflow.deepreg import _ddf_augment, merge_configs, read_deepreg_configs, translate
 from regflow.engine import Trainer
+from regflow.losses import build_loss
+from regflow.models import RegistrationModel
 from tests.synthetic import make_case
 
 CONFIGS = Path(__file__).parent / "deepreg_configs"
@@ -89,12 +95,12 @@ def test_paired_ddf_translation_selects_deepreg_semantics(tmp_path, monkeypatch)
     assert params["train"]["optimizer"]["lr"] == 1e-5
     # 3 pairs, batch 2: ceil(3 / 2) = 2 steps per epoch; 2 epochs, saved every 2 epochs
     assert (params["train"]["steps"], params["train"]["checkpoint_every"]) == (4, 4)
-    skipped = dict(result.skipped)
-    assert set(skipped) == {
-        "dataset.valid.dir", "train.optimizer.sgd.learning_rate",
-        "train.optimizer.sgd.momentum", "train.optimizer.rms.learning_rate",
-        "train.optimizer.rms.momentum", "train.preprocess.shuffle_buffer_num_batch"}
-    assert "unused by DeepReg too" in skipped["train.optimizer.sgd.momentum"]
+    assert set(dict(result.skipped)) == {"dataset.valid.dir",
+                                         "train.preprocess.shuffle_buffer_num_batch"}
+    ignored = dict(result.ignored)  # the upgrade lifts train.optimizer.adam, drops the others
+    assert set(ignored) == {"train.optimizer.sgd.learning_rate", "train.optimizer.sgd.momentum",
+                            "train.optimizer.rms.learning_rate", "train.optimizer.rms.momentum"}
+    assert "unused by DeepReg too" in ignored["train.optimizer.sgd.momentum"]
 
 
 def test_unknown_keys_and_old_layouts_are_reported_key_by_key():
@@ -112,13 +118,14 @@ def test_unknown_keys_and_old_layouts_are_reported_key_by_key():
     assert result.params["train"]["model"]["backbone"] == {
         "name": "local", "channels": [4, 8, 16], "extract_levels": [1, 2, 3], "norm": "batch"}
     skipped = dict(result.skipped)
-    assert "cauchy" in skipped["train.loss.label[0].kernel"]
+    assert result.params["train"]["loss"]["label"]["dice"]["options"]["kernel"] == "cauchy"
     assert "hausdorff" in skipped["train.loss.label[1].name"]
     assert skipped["dataset.magic"] == "no regflow equivalent"
     assert result.params["data"]["local"]["x"]["format"] == "h5"
     assert result.params["train"]["optimizer"]["name"] == "rmsprop"
     assert result.params["train"]["optimizer"]["momentum"] == 0.5
     assert any("could not be read" in note for note in result.notes)
+    assert result.params["train"]["unit"] == "epochs"  # counted once the data exist
 
 
 def test_command_writes_a_valid_params_file_and_names_untranslated_keys(tmp_path):
@@ -146,6 +153,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, arguments):
     assert not out.exists()
 
 
+PARTS = {f"part{index:02d}": 1 for index in range(11)}  # DeepReg's paired_mrus_prostate folders
+
+
+def test_several_folders_per_split_become_the_local_datasets_splits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_layout(Path("demos/paired_mrus_prostate/dataset"), "paired", {**PARTS, "part03": 3})
+    result = translate(read_deepreg_configs([CONFIGS / "demos_paired_mrus_prostate.yaml"]), "p")
+    assert result.params["data"]["local"]["p"] == {
+        "path": "demos/paired_mrus_prostate/dataset", "pairing": "paired", "format": "nifti",
+        "splits": {"train": [f"part{index:02d}" for index in range(8)], "val": ["part08"],
+                   "test": ["part09", "part10"]}}
+    assert not [key for key, _ in result.skipped if key.startswith("dataset")]
+    # 10 training pairs in 8 folders, batch 4: 3 steps per epoch, 5000 epochs
+    assert result.params["train"]["steps"] == 15000
+
+
 SCENARIOS = {
     "paired-ddf": (["config_test_paired_nifti.yaml", "config_test_ddf.yaml"],
                    "data/test/nifti/paired", "paired", []),
@@ -158,6 +181,15 @@ SCENARIOS = {
     "grouped-mr-heart": (["demos_grouped_mr_heart.yaml"], "demos/grouped_mr_heart/dataset",
                          "grouped", ["preprocess.shape=[16,16,16]",
                                      "train.model.backbone.channels=[2,4,8,16]"]),
+    "grouped-mr-heart-v011": (["config_test_grouped_mr_heart_v011.yaml"],
+                              "demos/grouped_mr_heart/dataset", "grouped",
+                              ["preprocess.shape=[16,16,16]",
+                               "train.model.backbone.channels=[2,4,8,16]"]),
+    "paired-mrus-prostate-v010": (["demos_paired_mrus_prostate_dataset0_v010.yaml",
+                                   "demos_paired_mrus_prostate_train_v010.yaml"],
+                                  "demos/paired_mrus_prostate/dataset", "paired",
+                                  ["preprocess.shape=[16,16,16]",
+                                   "train.model.backbone.channels=[2,4,8]"], PARTS),
     "unpaired-ct-abdomen": (["demos_unpaired_ct_abdomen_comb.yaml"],
                             "demos/unpaired_ct_abdomen/dataset", "unpaired",
                             ["preprocess.shape=[16,16,16]",
@@ -169,11 +201,12 @@ SCENARIOS = {
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_real_deepreg_configs_translate_validate_and_train_two_steps(
         scenario, tmp_path, monkeypatch, mlflow_store):
-    files, root, pairing, shrink = SCENARIOS[scenario]
+    files, root, pairing, shrink, *layout = SCENARIOS[scenario]
     monkeypatch.chdir(tmp_path)
     folders = {"train": 4, "test": 2}
     if "val" in yaml.safe_dump(read_deepreg_configs([CONFIGS / name for name in files])):
         folders["val"] = 2
+    folders = layout[0] if layout else folders
     write_layout(Path(root), pairing, folders)
     result = CliRunner().invoke(cli, ["import-deepreg", *[str(CONFIGS / name) for name in files],
                                       "-o", "params.yaml"])
@@ -186,3 +219,145 @@ def test_real_deepreg_configs_translate_validate_and_train_two_steps(
     outcome = Trainer(config, Path(manifest), Path("models") / name).fit()
     assert outcome.steps == 2
     assert np.isfinite(outcome.best_score)
+
+
+def test_v011_config_imports_with_its_loss_model_and_backbone(tmp_path):
+    """DeepReg 0.1.1's format (train.model, loss.dissimilarity, energy_type, optimizer sections)
+    is upgraded as DeepReg 0.1.2 does before it is translated."""
+    out = tmp_path / "params.yaml"
+    result = CliRunner().invoke(cli, ["import-deepreg",
+                                      str(CONFIGS / "config_test_grouped_mr_heart_v011.yaml"),
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    train = yaml.safe_load(out.read_text())["train"]
+    assert train["loss"] == {
+        "image": {"gmi": {"weight": 1.0, "options": {"eps": 1e-5}}},
+        "regularization": {"gradient_norm": {"weight": 0.25, "options": {"norm": "l2"}}}}
+    assert train["model"]["method"] == "ddf"
+    assert train["model"]["backbone"] == {"name": "local", "channels": [32, 64, 128, 256],
+                                          "norm": "batch"}
+    assert train["optimizer"]["lr"] == 1e-4
+
+
+def test_v010_demo_config_imports_with_its_loss_model_and_backbone(tmp_path):
+    """DeepReg 0.1.0's paired_mrus_prostate demo: a dataset file (several folders per split) and
+    a training file in the old format, merged as --config_path does."""
+    out = tmp_path / "params.yaml"
+    files = ["demos_paired_mrus_prostate_dataset0_v010.yaml",
+             "demos_paired_mrus_prostate_train_v010.yaml"]
+    result = CliRunner().invoke(cli, ["import-deepreg", *[str(CONFIGS / name) for name in files],
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    params = yaml.safe_load(out.read_text())
+    loss = params["train"]["loss"]
+    assert loss["image"] == {"ssd": {"weight": 0.0, "options": {}}}
+    assert loss["label"]["dice"]["weight"] == 1.0
+    assert loss["label"]["dice"]["options"]["scales"] == [0, 1, 2, 4, 8, 16]
+    assert loss["regularization"] == {"bending_energy": {"weight": 0.5,
+                                                         "options": {"stencil": "wide"}}}
+    assert params["train"]["model"]["backbone"]["channels"] == [16, 32, 64]
+    assert params["train"]["optimizer"]["lr"] == 1e-5
+    assert params["loader"]["augment"]["affine"]["enabled"] is True  # DeepReg's default since 0.1.1
+
+
+REAL_DEMOS = sorted(path.name for path in CONFIGS.glob("demos_*.yaml")
+                    if not path.stem.endswith(("_v010", "_v011")))
+
+
+@pytest.mark.parametrize("name", REAL_DEMOS)
+def test_real_demo_configs_translate_all_but_two_deliberate_keys(name):
+    """DeepReg's demo configs: only the tf.data shuffle buffer and a test folder doubling as
+    validation stay untranslated; everything else is mapped or ignored as DeepReg ignores it."""
+    result = translate(read_deepreg_configs([CONFIGS / name]), "demo")
+    assert {key for key, _ in result.skipped} <= {"train.preprocess.shuffle_buffer_num_batch",
+                                                  "dataset.valid.dir"}
+    validate_config(result.params)
+
+
+def test_deepreg_options_map_onto_regflows(tmp_path):
+    deepreg = {
+        "dataset": {"type": "unpaired", "train": {"dir": "x/train", "labeled": True}},
+        "train": {
+            "method": "dvf",
+            "backbone": {"name": "unet", "num_channel_initial": 2, "depth": 2,
+                         "pooling": False, "control_points": [4, 4, 2]},
+            "loss": {"label": [
+                {"name": "dice", "weight": 1.0, "background_weight": 0.1, "kernel": "cauchy",
+                 "scales": [0, 1]},
+                {"name": "cross-entropy", "weight": 0.5, "binary": True, "smooth": 0.01,
+                 "background_weight": 0.2}]},
+            "preprocess": {"data_augmentation": [
+                {"name": "affine", "scale": 0.2},
+                {"name": "ddf", "field_strength": 2, "low_res_size": [3, 3, 2]}]},
+        },
+    }
+    result = translate(deepreg, "x")
+    assert result.skipped == []
+    model = result.params["train"]["model"]
+    assert model["backbone"]["pooling"] is False
+    assert model["backbone"]["concat_skip"] is False  # DeepReg's UNet adds skips by default
+    assert model["control_points"] == [4, 4, 2]
+    label = result.params["train"]["loss"]["label"]
+    assert label["dice"]["options"] == {
+        "denominator": "linear", "smooth_nr": 1e-5, "smooth_dr": 1e-5,
+        "background_mode": "generalised", "background_weight": 0.1, "kernel": "cauchy",
+        "scales": [0, 1]}
+    assert label["cross_entropy"]["options"] == {
+        "smooth": 0.01, "background_mode": "generalised", "binary": True,
+        "background_weight": 0.2}
+    augment = result.params["loader"]["augment"]
+    assert augment["affine"] == {"enabled": True, "scales": [1.0, 1.25],
+                                 "degrees": pytest.approx(math.degrees(0.1)),
+                                 "translation": 0.2}
+    assert augment["elastic"] == {"enabled": True, "control_points": 7, "max_displacement": 2.0}
+    config = validate_config(result.params)  # and the model and loss build
+    RegistrationModel.from_config(config.train.model, ndim=3)
+    build_loss(config.train.loss)
+
+
+def deepreg_affine_draws(scale: float, count: int, rng: np.random.Generator) -> np.ndarray:
+    """gen_rand_affine_transform (deepreg/dataset/preprocess.py): four cube corners scaled by
+    U(1 - scale, 1) per coordinate, the (4, 3) least-squares map from old to new corners."""
+    old = np.array([[-1, -1, -1, 1], [-1, -1, 1, 1], [-1, 1, -1, 1], [1, -1, -1, 1]], float)
+    noise = rng.uniform(1 - scale, 1, (count, 4, 3))
+    return np.stack([np.linalg.lstsq(old, old[:, :3] * n, rcond=None)[0] for n in noise])
+
+
+def test_affine_augmentation_spans_deepregs_draws():
+    """TorchIO's RandomAffine, as the loader builds it from the translated config, draws the
+    zoom, rotation and shift ranges DeepReg's affine augmentation of scale 0.1 draws."""
+    thetas = deepreg_affine_draws(0.1, 4000, np.random.default_rng(0))
+    linear, shift = thetas[:, :3, :], thetas[:, 3, :]
+    zoom = 1 / np.stack([np.diagonal(matrix) for matrix in linear])
+    rotation = np.abs(linear - np.transpose(linear, (0, 2, 1))) / 2
+    result = translate({"dataset": {"type": "paired", "train": {"dir": "x/train"}},
+                        "train": {"loss": {"image": {"name": "ssd"}}}}, "x")
+    config = validate_config(result.params)
+    transform = next(t for t in build_augmentation(config.loader.augment).transforms
+                     if isinstance(t, tio.RandomAffine))
+    low, high = transform.scales[:2]
+    assert (low, high) == (1.0, pytest.approx(1 / 0.9))
+    assert zoom.min() >= low and zoom.max() <= high and zoom.max() > high - 0.01
+    assert rotation.max() <= math.radians(transform.degrees[1]) + 1e-12
+    assert rotation.max() > 0.85 * math.radians(transform.degrees[1])  # a bound seldom reached
+    assert np.abs(shift).max() <= transform.translation[1] + 1e-12
+
+
+def test_ddf_augmentation_matches_deepregs_displacement_spread():
+    """DeepReg's low-resolution displacements U(0, F) x N(0, 1) and TorchIO's elastic control
+    displacements U(-F, F) share the standard deviation F / sqrt(3); the control grid leaves
+    DeepReg's low_res_size free (TorchIO locks two outer rings on its first two axes)."""
+    rng = np.random.default_rng(1)
+    strength, low_res = 2.0, (3, 3, 3)
+    deepreg = rng.uniform(0, strength, (20000, 1, 1, 1, 3)) * rng.standard_normal(
+        (20000, *low_res, 3))
+    _, settings = _ddf_augment(strength, low_res)
+    torch.manual_seed(0)
+    control = tio.RandomElasticDeformation.get_params(
+        (settings["control_points"],) * 3, (settings["max_displacement"],) * 3, 2)
+    free = control[2:-2, 2:-2]
+    assert free.shape[:2] == low_res[:2] and np.all(control[:2] == 0)
+    assert deepreg.std() == pytest.approx(strength / math.sqrt(3), rel=0.02)
+    assert free.std() == pytest.approx(strength / math.sqrt(3), rel=0.05)
+    assert _ddf_augment(strength, (1, 1, 1)) == ("affine", {
+        "enabled": True, "scales": 0.0, "degrees": 0.0, "translation": strength})

@@ -10,7 +10,16 @@ import torch
 from click.testing import CliRunner
 
 from regflow.cli import cli
-from regflow.deepreg_layout import DeepRegWriter, pair_rows, statistics_rows
+from regflow.data.manifest import Manifest
+from regflow.deepreg_layout import (
+    DeepRegWriter,
+    describe,
+    pair_rows,
+    statistics_overall,
+    statistics_per_label,
+)
+from regflow.models import RegistrationModel
+from regflow.spatial import integrate_dvf
 
 SHAPE = (8, 8, 8)
 
@@ -40,23 +49,35 @@ def test_pair_rows_hold_the_hand_computed_values():
         {"label_index": -1, "pair_index": 0, "image_ssd": 0.25}]
 
 
-def test_statistics_are_mean_std_median_and_quartiles_per_label_and_overall():
-    rows = [{"label_index": 0, "label_binary_dice": value} for value in (0.5, 1.0)] + [
-        {"label_index": 1, "label_binary_dice": value} for value in (0.2, 0.4, 0.6, float("nan"))]
-    per_label = statistics_rows(rows, by_label=True)
-    assert [row["label_index"] for row in per_label] == [0, 1]
-    first, second = per_label
-    assert first["label_binary_dice_mean"] == pytest.approx(0.75)
-    assert first["label_binary_dice_std"] == pytest.approx(np.sqrt(0.125))  # n - 1
-    assert first["label_binary_dice_median"] == pytest.approx(0.75)
-    assert first["label_binary_dice_q1"] == pytest.approx(0.625)
-    assert first["label_binary_dice_q3"] == pytest.approx(0.875)
-    assert second["label_binary_dice_mean"] == pytest.approx(0.4)  # the NaN left out
-    assert second["label_binary_dice_q1"] == pytest.approx(0.3)
-    assert np.isnan(first["label_tre_mean"])
-    (overall,) = statistics_rows(rows, by_label=False)
-    assert overall["label_binary_dice_median"] == pytest.approx(0.5)  # of 0.2 .. 1.0
-    assert "label_index" not in overall
+def test_statistics_match_deepregs_pandas_tables():
+    """DeepReg: per label ``groupby(label_index)`` mean/median/std, columns sorted; overall
+    ``describe()``. pandas (installed with MLflow) computes the expected tables here."""
+    import pandas as pd
+
+    rows = [{"pair_index": 0, "label_index": 0, "label_binary_dice": 0.5, "image_ssd": 0.1},
+            {"pair_index": 1, "label_index": 0, "label_binary_dice": 1.0, "image_ssd": 0.3},
+            {"pair_index": 0, "label_index": 1, "label_binary_dice": 0.2, "image_ssd": 0.1},
+            {"pair_index": 1, "label_index": 1, "label_binary_dice": 0.4, "image_ssd": 0.3},
+            {"pair_index": 2, "label_index": 1, "label_binary_dice": 0.6, "image_ssd": 0.7,
+             "label_tre": float("nan")}]
+    frame = pd.DataFrame(rows)
+    grouped = frame.drop(["pair_index"], axis=1).groupby(["label_index"])
+    expected = pd.concat([grouped.mean().add_suffix("_mean"),
+                          grouped.median().add_suffix("_median"),
+                          grouped.std().add_suffix("_std")], axis=1, sort=True)
+    expected = expected.reindex(sorted(expected.columns), axis=1)
+    per_label = statistics_per_label(rows)
+    assert [list(row) for row in per_label] == [["label_index", *expected.columns]] * 2
+    for row in per_label:
+        for column in expected.columns:
+            np.testing.assert_allclose(row[column], expected.loc[row["label_index"], column])
+    described = frame.drop(["pair_index", "label_index"], axis=1).describe()
+    overall = statistics_overall(rows)
+    assert [row[""] for row in overall] == list(described.index)
+    for row in overall:
+        for column in described.columns:
+            np.testing.assert_allclose(row[column], described.loc[row[""], column])
+    assert describe(np.array([]))["count"] == 0.0
 
 
 def test_writer_puts_each_volume_in_deepregs_tree(tmp_path):
@@ -109,3 +130,106 @@ def test_deepreg_layout_without_a_split_is_one_line(tiny_project):
     assert result.exit_code == 2
     assert "--layout deepreg writes a split's pairs; give --split" in result.output
     assert not Path("x").exists()
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("sample_label", ["sample", "all"])
+def test_sampled_labels_go_to_their_own_label_folder_of_one_pair_folder(tiny_project,
+                                                                         sample_label):
+    """Under sample/all every (pair, label) item is one batch entry with one label channel:
+    DeepReg writes it to pair_<i>/label_<k> with k the label's index, one pair folder per pair."""
+    out = Path("predicted")
+    result = CliRunner().invoke(cli, ["predict", "--model", "none", "--refine-steps", "1",
+                                      "-S", f"loader.sample_label={sample_label}",
+                                      "--split", "test", "--layout", "deepreg", "--out",
+                                      str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in out.glob("pair_*")) == ["pair_0", "pair_1"]
+    rows = read_rows(out / "metrics.csv")
+    assert [(row["pair_index"], row["label_index"]) for row in rows] == [
+        ("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+    processed = Path("data/processed/tiny")
+    for row in rows:
+        pair, label = int(row["pair_index"]), int(row["label_index"])
+        folder = out / f"pair_{pair}" / f"label_{label}"
+        expected = nib.load(processed / "labels" / f"{row['fixed_id']}.nii.gz").get_fdata()
+        written = nib.load(folder / "fixed_label.nii.gz").get_fdata()
+        assert np.array_equal(written, expected == label + 1)  # label values 1 and 2
+        warped = nib.load(folder / "pred_fixed_label.nii.gz").get_fdata()
+        dice = 2 * (written * warped).sum() / (written.sum() + warped.sum())
+        assert float(row["label_binary_dice"]) == pytest.approx(dice, abs=1e-6)
+    per_label = read_rows(out / "metrics_stats_per_label.csv")
+    assert [row["label_index"] for row in per_label] == ["0", "1"]
+    for stats in per_label:
+        values = [float(row["label_binary_dice"]) for row in rows
+                  if row["label_index"] == stats["label_index"]]
+        assert float(stats["label_binary_dice_mean"]) == pytest.approx(np.mean(values))
+
+
+def test_conditional_outputs_write_the_label_tree_without_image_or_field(tmp_path):
+    """A conditional model predicts the fixed label only: no warped image, no DDF."""
+    fixed_label = torch.from_numpy(cube((0, 0, 0)))[None, None]
+    batch = {"fixed_image": torch.rand(1, 1, *SHAPE), "moving_image": torch.rand(1, 1, *SHAPE),
+             "fixed_label": fixed_label, "moving_label": fixed_label.clone(),
+             "fixed_affine": torch.eye(4, dtype=torch.float64)[None],
+             "fixed_id": ["f"], "moving_id": ["m"], "label_index": torch.tensor([-1])}
+    writer = DeepRegWriter(tmp_path)
+    writer(batch, {"warped_label": fixed_label * 0.8}, 0)
+    writer.write_metrics()
+    names = {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.nii.gz")}
+    assert names == {"pair_0/fixed_image.nii.gz", "pair_0/moving_image.nii.gz",
+                     "pair_0/label_0/fixed_label.nii.gz", "pair_0/label_0/moving_label.nii.gz",
+                     "pair_0/label_0/pred_fixed_label.nii.gz"}
+    (row,) = read_rows(tmp_path / "metrics.csv")
+    assert float(row["label_binary_dice"]) == 1.0 and row["image_ssd"] == ""
+
+
+@pytest.mark.parametrize("method", ["affine", "dvf", "conditional"])
+def test_each_method_writes_its_own_outputs(tiny_project, method):
+    """affine.txt for affine models, the DVF for DVF models, labels only for conditional ones."""
+    manifest = Manifest.read(Path("data/processed/tiny/manifest.json"))
+    model = RegistrationModel(method, "global" if method == "affine" else "local", channels=[4],
+                              label_channels=2)
+    model.save("model.pt", extra={"preprocessing": manifest.record().model_dump(mode="json")})
+    out = Path("predicted")
+    result = CliRunner().invoke(cli, ["predict", "--model", "model.pt", "--refine-steps", "0",
+                                      "--split", "test", "--layout", "deepreg", "--no-png",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pair = out / "pair_0"
+    assert not list(out.rglob("*.png"))
+    if method == "affine":  # an untrained GlobalNet returns exactly [I | 0]
+        theta = np.loadtxt(pair / "affine.txt", delimiter=",")
+        np.testing.assert_array_equal(theta, np.eye(3, 4))
+        assert not (pair / "dvf.nii.gz").exists()
+    elif method == "conditional":
+        names = {path.name for path in pair.rglob("*.nii.gz")}
+        assert names == {"fixed_image.nii.gz", "moving_image.nii.gz", "fixed_label.nii.gz",
+                         "moving_label.nii.gz", "pred_fixed_label.nii.gz"}
+        assert {path.name for path in pair.glob("label_*")} == {"label_0", "label_1"}
+    else:
+        dvf = nib.load(pair / "dvf.nii.gz").get_fdata()
+        ddf = nib.load(pair / "ddf.nii.gz").get_fdata()
+        assert dvf.shape == (16, 24, 16, 3) and np.abs(dvf).max() > 0
+        integrated = integrate_dvf(torch.from_numpy(np.moveaxis(dvf, -1, 0))[None].float())
+        np.testing.assert_allclose(np.moveaxis(integrated[0].numpy(), 0, -1), ddf, atol=1e-6)
+        assert not (pair / "affine.txt").exists()
+
+
+def test_no_nifti_keeps_pngs_and_metrics_and_the_flags_need_the_deepreg_layout(tiny_project):
+    result = CliRunner().invoke(cli, ["predict", "--model", "none", "--refine-steps", "1",
+                                      "--split", "test", "--layout", "deepreg", "--no-nifti",
+                                      "--out", "predicted"])
+    assert result.exit_code == 0, result.output
+    assert not list(Path("predicted").rglob("*.nii.gz"))
+    assert (Path("predicted") / "pair_0/fixed_image/depth0_fixed_image.png").is_file()
+    assert (Path("predicted") / "metrics_stats_overall.csv").is_file()
+    result = CliRunner().invoke(cli, ["predict", "--model", "none", "--refine-steps", "1",
+                                      "--split", "test", "--no-png", "--out", "flat"])
+    assert result.exit_code == 2
+    assert "add --layout deepreg" in result.output
+    assert not Path("flat").exists()

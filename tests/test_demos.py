@@ -16,6 +16,7 @@ from regflow.cli import MIRROR_ENV
 from regflow.config import load_config
 from regflow.data.io import read_volume
 from regflow.data.sources import CATALOGUE
+from regflow.deepreg import read_deepreg_configs
 from tests.demo_archives import (
     abdomen_archive,
     heart_archive,
@@ -31,6 +32,7 @@ from tests.demo_archives import (
 )
 
 DEMOS_DIR = Path(__file__).resolve().parents[1] / "configs" / "demos"
+DEEPREG_CONFIGS = Path(__file__).resolve().parent / "deepreg_configs"
 DEEPREG_DEMOS = (
     "classical_ct_headandneck_affine", "classical_mr_prostate_nonrigid",
     "grouped_mask_prostate_longitudinal", "grouped_mr_heart", "paired_ct_lung",
@@ -39,7 +41,8 @@ DEEPREG_DEMOS = (
 )
 OFFLINE = {"unpaired_mr_brain", "paired_mrus_prostate"}  # their datasets are in the mirror
 TINY = ["preprocess.shape=[16,16,16]", "train.model.backbone.channels=[4,8]",
-        "train.steps=2", "train.val_every=2", "train.checkpoint_every=2", "train.device=cpu",
+        "train.steps=2", "train.val_every=2", "train.checkpoint_every=2", "train.unit=steps",
+        "train.device=cpu",
         "loader.batch_size=2", "loader.eval_pairs=2", "loader.augment.enabled=false"]
 
 
@@ -67,6 +70,35 @@ def test_demo_config_validates_and_documents_source_status_and_commands(demo):
     assert f"regflow fetch -c configs/demos/{demo}.yaml" in header
     assert "regflow predict" in header
     assert config.train.best_params is None and not config.tune.enabled  # nothing from elsewhere
+
+
+# demo -> its DeepReg config (copies in tests/deepreg_configs)
+DEEPREG_RECIPES = {
+    "grouped_mask_prostate_longitudinal": "demos_grouped_mask_prostate_longitudinal.yaml",
+    "grouped_mr_heart": "demos_grouped_mr_heart.yaml",
+    "paired_ct_lung": "demos_paired_ct_lung.yaml",
+    "paired_mrus_brain": "demos_paired_mrus_brain.yaml",
+    "paired_mrus_prostate": "demos_paired_mrus_prostate.yaml",
+    "unpaired_ct_abdomen": "demos_unpaired_ct_abdomen_comb.yaml",
+    "unpaired_ct_lung": "demos_unpaired_ct_lung.yaml",
+    "unpaired_mr_brain": "demos_unpaired_mr_brain.yaml",
+    "unpaired_us_prostate_cv": "demos_unpaired_us_prostate_cv.yaml",
+}
+
+
+@pytest.mark.parametrize("demo", list(DEEPREG_RECIPES))
+def test_training_length_is_deepregs_epoch_count(demo):
+    """DeepReg trains ``epochs`` passes and saves every ``save_period``: a demo counts them in
+    epochs, or in steps with the per-epoch step count (above 1) multiplied in."""
+    config = load_config(demo_config(demo)).train
+    deepreg = read_deepreg_configs([DEEPREG_CONFIGS / DEEPREG_RECIPES[demo]])["train"]
+    if config.unit == "epochs":
+        assert (config.steps, config.checkpoint_every) == (deepreg["epochs"],
+                                                           deepreg["save_period"])
+    else:
+        per_epoch, rest = divmod(config.steps, deepreg["epochs"])
+        assert rest == 0 and per_epoch > 1
+        assert config.checkpoint_every == deepreg["save_period"] * per_epoch
 
 
 # ---- miniature upstream layouts, as each archive unpacks ------------------------------------

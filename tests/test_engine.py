@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from regflow.config import load_config, validate_config
+from regflow.data.loader import steps_per_epoch
 from regflow.engine import Trainer, build_optimizer, config_digest
 from regflow.models import RegistrationModel
 
@@ -193,3 +194,19 @@ def test_a_run_record_naming_a_run_missing_from_the_store_starts_a_new_run(tiny_
     run = mlflow.get_run(new_id)
     assert run.data.params["train.steps"] == str(config.train.steps)
     assert run.data.metrics["train/steps_done"] == config.train.steps
+
+
+def test_run_length_in_epochs_is_epochs_times_steps_per_epoch(tiny_project):
+    """train.unit epochs (DeepReg's unit): 6 training cases pair up into 3 unpaired pairs per
+    epoch, batch 2: 2 steps per epoch, so 3 epochs are 6 steps, validated every 2."""
+    config = load_config(tiny_project, ["train.unit=epochs", "train.steps=3",
+                                        "train.val_every=1", "train.checkpoint_every=3"])
+    manifest = Path("data/processed/tiny/manifest.json")
+    assert steps_per_epoch(manifest, config) == 2
+    trainer = Trainer(config, manifest, Path("models/tiny"))
+    assert (trainer.config.train.unit, trainer.config.train.steps,
+            trainer.config.train.val_every) == ("steps", 6, 2)
+    outcome = trainer.fit()
+    assert outcome.steps == 6
+    validated = mlflow.MlflowClient().get_metric_history(outcome.run_id, "val/dice_mean")
+    assert [metric.step for metric in validated] == [2, 4, 6]

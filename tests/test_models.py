@@ -188,7 +188,8 @@ def test_from_config_and_config_property():
     assert model.config == {"method": "dvf", "backbone": "unet", "channels": [4, 8, 8],
                             "ndim": 2, "integration_steps": 3, "label_channels": 4,
                             "norm": "batch", "extract_levels": None,
-                            "integration_downsize": 1, "passes": 1}
+                            "integration_downsize": 1, "passes": 1, "hyper": None, "pooling": True,
+                            "concat_skip": True, "control_points": None}
     assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     assert RegistrationModel(**model.config).config == model.config
 
@@ -423,3 +424,34 @@ def test_an_amortised_model_gives_smoother_fields_for_larger_weights():
         loose, stiff = (model(moving, fixed, hyper_weight=w) for w in (0.01, 10.0))
     assert bending_energy(stiff["ddf"]) < 0.5 * bending_energy(loose["ddf"])
     assert ssd(fixed, loose["warped"]) < ssd(fixed, stiff["warped"])
+
+
+def test_checkpoints_written_before_the_deepreg_options_still_load(tmp_path):
+    """Older checkpoints carry no pooling/concat_skip/control_points: the defaults rebuild them."""
+    model = RegistrationModel("ddf", "unet", channels=[2, 4], ndim=2)
+    model.save(tmp_path / "model.pt")
+    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+    for key in ("pooling", "concat_skip", "control_points"):
+        del checkpoint["config"][key]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded, _ = RegistrationModel.load(tmp_path / "old.pt")
+    assert (loaded.pooling, loaded.concat_skip, loaded.control_points) == (True, True, None)
+
+
+def test_control_points_make_the_field_a_bspline_of_the_backbones():
+    """DeepReg's control_points: the backbone's dense field, interpolated from its control grid."""
+    torch.manual_seed(0)
+    model = RegistrationModel("ddf", "local", channels=[4], ndim=3, control_points=4)
+    assert model.control_points == [4, 4, 4]
+    with torch.no_grad():
+        torch.nn.init.normal_(model.backbone.heads["0"].weight, std=0.3)
+        moving, fixed = torch.rand(1, 1, 16, 12, 16), torch.rand(1, 1, 16, 12, 16)
+        dense = model.backbone(torch.cat([moving, fixed], dim=1))
+        ddf = model(moving, fixed, warp=False)["ddf"]
+    torch.testing.assert_close(ddf, spatial.bspline_field(dense, [4, 4, 4]))
+    # smoother than the dense field: mean squared second difference along every axis
+    roughness = [torch.diff(field, n=2, dim=axis).square().mean() for field in (ddf, dense)
+                 for axis in (2, 3, 4)]
+    assert sum(roughness[:3]) < 0.1 * sum(roughness[3:])
+    with pytest.raises(ConfigError, match="control_points"):
+        RegistrationModel("affine", "global", control_points=4)

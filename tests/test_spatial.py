@@ -282,3 +282,53 @@ def test_warping_by_the_composed_field_equals_warping_twice():
     summed_error = (twice - summed)[interior].abs().mean()
     assert composed_error < 0.01
     assert summed_error > 3 * composed_error
+
+
+def deepreg_bspline(field: np.ndarray, spacing: tuple[int, int, int]) -> np.ndarray:
+    """DeepReg's ResizeCPTransform then BSplines3DTransform (deepreg/model/layer.py), written
+    again here: a 3-D Gaussian of sigma 0.44 c on ceil(3 sigma) taps made odd, zero-padded;
+    linear resize to ceil(S / c) + 3 points; a transposed convolution with the 4c-wide cubic
+    B-spline filter, stride c, cropped from 3c. ``field`` is (C, *S)."""
+    sigma = [0.44 * c for c in spacing]
+    sizes = [int(np.ceil(3 * s) + np.mod(np.ceil(3 * s) + 1, 2)) for s in sigma]
+    grids = np.meshgrid(*[np.arange(n) for n in sizes], indexing="ij")
+    kernel = np.exp(-sum((g - (n - 1) / 2) ** 2 / (2 * s**2)
+                         for g, n, s in zip(grids, sizes, sigma, strict=True)))
+    kernel = torch.from_numpy(kernel / kernel.sum())[None, None]
+    volume = torch.from_numpy(field)[:, None]  # channels as batch
+    smooth = torch.nn.functional.conv3d(volume, kernel, padding=[n // 2 for n in sizes])
+    shape = field.shape[1:]
+    points = [int(np.ceil(size / c)) + 3 for size, c in zip(shape, spacing, strict=True)]
+    grid = torch.nn.functional.interpolate(smooth, size=points, mode="trilinear",
+                                           align_corners=False)
+    basis = [lambda u: (1 - u) ** 3 / 6, lambda u: (3 * u**3 - 6 * u**2 + 4) / 6,
+             lambda u: (-3 * u**3 + 3 * u**2 + 3 * u + 1) / 6, lambda u: u**3 / 6]
+    u = [1 - np.arange(1 / (2 * c), 1, 1 / c) for c in spacing]
+    spline = np.zeros([4 * c for c in spacing])
+    for f0, f1, f2 in np.ndindex(4, 4, 4):
+        spline[f0 * spacing[0]:(f0 + 1) * spacing[0], f1 * spacing[1]:(f1 + 1) * spacing[1],
+               f2 * spacing[2]:(f2 + 1) * spacing[2]] = (
+            basis[f0](u[0])[:, None, None] * basis[f1](u[1])[None, :, None]
+            * basis[f2](u[2])[None, None, :])
+    dense = torch.nn.functional.conv_transpose3d(grid, torch.from_numpy(spline)[None, None],
+                                                 stride=spacing)
+    start = [3 * c for c in spacing]
+    return dense[:, 0, start[0]:start[0] + shape[0], start[1]:start[1] + shape[1],
+                 start[2]:start[2] + shape[2]].numpy()
+
+
+@pytest.mark.parametrize("spacing", [(3, 2, 4), (5, 5, 5), (1, 1, 1)])
+def test_bspline_field_is_deepregs_control_point_interpolation(spacing):
+    field = np.random.default_rng(0).normal(size=(3, 13, 10, 9))
+    ours = spatial.bspline_field(torch.from_numpy(field)[None], spacing)[0].numpy()
+    np.testing.assert_allclose(ours, deepreg_bspline(field, spacing), atol=1e-10)
+
+
+def test_bspline_field_keeps_constant_and_linear_fields_inside():
+    """A cubic B-spline reproduces constants and straight lines: a translation stays one, and
+    away from the zero-padded border a linear field stays linear."""
+    constant = torch.full((1, 3, 24, 20, 16), 2.5, dtype=torch.float64)
+    inner = (..., slice(8, -8), slice(8, -8), slice(6, -6))
+    result = spatial.bspline_field(constant, [2, 2, 2])
+    torch.testing.assert_close(result[inner], constant[inner])
+    assert spatial.bspline_field(torch.rand(2, 2, 11, 13), [3, 4]).shape == (2, 2, 11, 13)

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from regflow.viz import checkerboard, deformation_grid_figure, overlay_figure, save_figure
+from regflow.viz import (
+    checkerboard,
+    checkerboard_figure,
+    deformation_grid_figure,
+    display_range,
+    jacobian_figure,
+    overlay_figure,
+    save_figure,
+)
+from tests.test_vis import SHAPE, folding_ddf, ramp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -136,3 +145,22 @@ def test_training_curve_figure_plots_loss_and_dice():
     figure = training_curve_figure(rows)
     assert list(figure.axes[0].lines[0].get_ydata()) == [1.0, 0.5]
     assert list(figure.axes[1].lines[0].get_ydata()) == [0.7]
+
+
+def test_jacobian_and_checkerboard_figures():
+    """The Jacobian map names the folded fraction (det J <= 0); the checkerboards come in a
+    before and an after column."""
+    figure = jacobian_figure(folding_ddf())
+    assert "folding (det J <= 0, black): 16.667 % of 960 voxels" in figure._suptitle.get_text()
+    assert len(figure.axes) == 4  # three planes and the colour bar
+    board = checkerboard_figure(ramp(), ramp() + 1, moving=np.zeros(SHAPE))
+    assert [ax.get_title() for ax in board.axes[:2]] == [
+        "before: fixed / moving, axis 0=6", "after: fixed / warped, axis 0=6"]
+
+
+def test_display_range_ignores_a_few_bright_voxels():
+    image = np.zeros((10, 10, 10), np.float32)
+    image[:5] = 1.0
+    image[0, 0, 0] = 1000.0
+    assert display_range(image) == (0.0, 1.0)
+    assert display_range(np.ones((3, 3))) == (1.0, 1.0)

@@ -12,11 +12,13 @@ Accepted layouts (``layout`` / ``file_format``):
 
 In the DeepReg layouts the split folders are optional (without them the role folders sit in
 ``<root>``) and so are the label folders (all or none); labels are 3-D integer maps or 4-D
-channels-last binary maps. With ``file_format="h5"`` (DeepReg's HDF5) every role folder is
-replaced by one file ``<folder>.h5``, e.g. ``train/fixed_images.h5``, ``train/images.h5``, whose
-dataset keys are the case ids; grouped data use keys ``group-<group>-<case>`` in
-``images.h5``/``labels.h5``. HDF5 volumes have no affine: an optional ``spacing`` attribute gives
-a diagonal one, otherwise it is the identity.
+channels-last binary maps. A split may be made of several folders, as DeepReg's ``dir: [a, b]``:
+``<root>/<split>/<part>/<role folders>``; the case (and group) ids of a part then start with
+``<part>-``, so that parts may reuse names. With ``file_format="h5"`` (DeepReg's HDF5) every
+role folder is replaced by one file ``<folder>.h5``, e.g. ``train/fixed_images.h5``,
+``train/images.h5``, whose dataset keys are the case ids; grouped data use keys
+``group-<group>-<case>`` in ``images.h5``/``labels.h5``. HDF5 volumes have no affine: an optional
+``spacing`` attribute gives a diagonal one, otherwise it is the identity.
 """
 
 from __future__ import annotations
@@ -138,11 +140,33 @@ def _msd_folder(root: Path) -> Path:
     return found[0]
 
 
+def _holds_roles(folder: Path, pairing: str, file_format: str) -> bool:
+    """Whether ``folder`` directly holds a role folder (or HDF5 role file) of ``pairing``."""
+    suffix = ".h5" if file_format == "h5" else ""
+    return any((folder / f"{folder_of(role)}{suffix}").exists() for role in ROLES[pairing])
+
+
+def _split_bases(root: Path, pairing: str, file_format: str
+                 ) -> list[tuple[str | None, Path, str]]:
+    """``(split, folder, id prefix)`` of every folder holding role folders: the split folders,
+    the part folders of a split made of several, or ``root`` itself."""
+    bases = []
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        if _holds_roles(folder, pairing, file_format):
+            bases.append((split, folder, ""))
+            continue
+        bases += [(split, part, f"{part.name}-") for part in sorted(folder.iterdir())
+                  if part.is_dir() and _holds_roles(part, pairing, file_format)]
+    return bases or [(None, root, "")]
+
+
 def _discover_deepreg(root: Path, pairing: str, file_format: str) -> list[RawCase]:
-    bases = [(split, root / split) for split in SPLITS if (root / split).is_dir()]
     cases = []
-    for split, base in bases or [(None, root)]:
-        cases.extend(_discover_base(base, split, pairing, file_format))
+    for split, base, prefix in _split_bases(root, pairing, file_format):
+        cases.extend(_discover_base(base, split, pairing, file_format, prefix))
     if not cases:
         role = folder_of(ROLES[pairing][0])
         raise DataError(f"{root}: no {pairing} cases found (expected [train|val|test/]{role}"
@@ -151,8 +175,8 @@ def _discover_deepreg(root: Path, pairing: str, file_format: str) -> list[RawCas
     return sorted(cases, key=lambda case: case.case_id)
 
 
-def _discover_base(base: Path, split: str | None, pairing: str, file_format: str
-                   ) -> list[RawCase]:
+def _discover_base(base: Path, split: str | None, pairing: str, file_format: str,
+                   prefix: str = "") -> list[RawCase]:
     listings = {role: _list_role(base, folder_of(role), file_format, pairing == "grouped")
                 for role in ROLES[pairing]}
     image_roles = [role for role in ROLES[pairing] if role.endswith("image")]
@@ -168,7 +192,8 @@ def _discover_base(base: Path, split: str | None, pairing: str, file_format: str
             raise DataError(f"{base / folder_of(lacking)}{suffix}: no file for case "
                             f"{f'{group}-{case}' if group else case} (found in "
                             f"{folder_of(holding)}{suffix})")
-    return [RawCase(f"{group}-{case}" if group else case, split, group,
+    return [RawCase(prefix + (f"{group}-{case}" if group else case), split,
+                    prefix + group if group else None,
                     {role: listings[role][(group, case)] for role in ROLES[pairing]
                      if (group, case) in listings[role]})
             for group, case in sorted(keys, key=str)]

@@ -428,6 +428,19 @@ def build_dataloader(manifest_path: str | Path, split: str, config: Config,
                       num_workers=loader.num_workers, collate_fn=collate_pairs)
 
 
+def steps_per_epoch(manifest_path: str | Path, config: Config, world_size: int = 1) -> int:
+    """Optimiser steps in one training epoch (what :func:`build_dataloader` yields per pass).
+
+    ``ceil(ceil(items / world_size) x patches / batch_size)``: ``items`` the training pairs of an
+    epoch (times their labels under ``sample_label: all``), ``patches`` the
+    ``loader.patch.samples_per_volume`` in patch mode, else 1.
+    """
+    items = math.ceil(len(PairDataset(manifest_path, "train", config, True)) / world_size)
+    if config.loader.patch.size is not None:
+        items *= config.loader.patch.samples_per_volume
+    return math.ceil(items / config.loader.batch_size)
+
+
 def pair_list(manifest_path: str | Path, split: str, config: Config) -> list[Pair]:
     """The ``(fixed_id, moving_id)`` evaluation pairs of a split, in batch order.
 

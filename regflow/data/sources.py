@@ -81,6 +81,8 @@ class DatasetEntry:
         checksums: the shipped per-file list, a file name under regflow/data/checksums/ (or an
             absolute path), paths relative to ``data/raw/<name>/<subdir>/``; or None.
         local_path: kind "local": the user's folder.
+        local_splits: kind "local": the folders of each split, relative to ``local_path``
+            (several per split allowed), or None for ``<local_path>/<split>``.
         conversion: the :mod:`regflow.data.conversions` function that turns the upstream tree
             into ``layout`` after fetching (None: it is in that layout already).
         conversion_options: that function's keyword arguments.
@@ -104,6 +106,7 @@ class DatasetEntry:
     mirror_name: str | None = None
     checksums: str | None = None
     local_path: str | None = None
+    local_splits: Mapping[str, tuple[str, ...]] | None = None
     conversion: str | None = None
     conversion_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -305,6 +308,8 @@ def local_entry(name: str, local: LocalDataset) -> DatasetEntry:
         file_format=local.format,
         label_names=local.label_names,
         local_path=local.path,
+        local_splits=None if local.splits is None else {
+            split: tuple(folders) for split, folders in local.splits.items()},
     )
 
 
@@ -347,30 +352,59 @@ def _local_root(entry: DatasetEntry) -> Path:
     return root
 
 
-def local_files(entry: DatasetEntry) -> list[str]:
-    """The files of a ``data.local`` folder that its DeepReg layout uses, relative to it.
-
-    The folder is read by :func:`regflow.data.layouts.discover_cases`, the same reader that
-    preprocessing uses, so a folder that fetches also preprocesses.
+def _local_folders(entry: DatasetEntry) -> list[tuple[Path, str]]:
+    """``(folder, where it goes under data/raw/<name>/)`` of a ``data.local`` entry: the folder
+    itself, or each split folder to ``<split>/<folder name>`` (the case ids then start with the
+    folder name, so that folders may reuse file names).
 
     Raises:
-        DataError: the folder is missing or not in the entry's layout (says what is missing).
+        DataError: a missing folder, or two folders of one split with the same name.
+    """
+    root = _local_root(entry)
+    if entry.local_splits is None:
+        return [(root, "")]
+    placed = []
+    for split, folders in entry.local_splits.items():
+        names = [Path(folder).name for folder in folders]
+        if len(set(names)) < len(names):
+            raise DataError(f"data.local.{entry.name}.splits.{split}: the folders of one split "
+                            f"need distinct names, got {list(folders)}")
+        for folder, name in zip(folders, names, strict=True):
+            if not (root / folder).is_dir():
+                raise DataError(f"data.local.{entry.name}.splits.{split}: {root / folder} is "
+                                "not a folder")
+            placed.append((root / folder, f"{split}/{name}"))
+    return placed
+
+
+def local_files(entry: DatasetEntry) -> list[tuple[Path, str]]:
+    """The files of a ``data.local`` dataset that its DeepReg layout uses: ``(file, its path
+    under data/raw/<name>/)``, sorted by the latter.
+
+    Every folder is read by :func:`regflow.data.layouts.discover_cases`, the same reader that
+    preprocessing uses, so a folder that fetches also preprocesses; listed split folders land in
+    ``<split>/<folder name>/``, which preprocessing reads as that split's parts.
+
+    Raises:
+        DataError: a folder is missing or not in the entry's layout (says what is missing).
     """
     from regflow.data.layouts import discover_cases
 
-    root = _local_root(entry)
-    try:
-        cases, _ = discover_cases(root, entry.layout, entry.pairing, entry.file_format)
-    except DataError as exc:
-        raise DataError(f"data.local.{entry.name}: not in {entry.layout} layout: {exc}") from None
-    return sorted({ref.path.relative_to(root).as_posix()
-                   for case in cases for ref in case.volumes.values()})
+    files = {}
+    for folder, target in _local_folders(entry):
+        try:
+            cases, _ = discover_cases(folder, entry.layout, entry.pairing, entry.file_format)
+        except DataError as exc:
+            raise DataError(f"data.local.{entry.name}: not in {entry.layout} layout: {exc}"
+                            ) from None
+        for ref in {ref.path for case in cases for ref in case.volumes.values()}:
+            files[(Path(target) / ref.relative_to(folder)).as_posix()] = ref
+    return [(files[rel], rel) for rel in sorted(files)]
 
 
 def _local_fingerprint(entry: DatasetEntry) -> str:
-    root = _local_root(entry)
-    stats = [(rel, (root / rel).stat().st_size, (root / rel).stat().st_mtime_ns)
-             for rel in local_files(entry)]
+    stats = [(rel, source.stat().st_size, source.stat().st_mtime_ns)
+             for source, rel in local_files(entry)]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
@@ -483,11 +517,10 @@ def _from_files(entry: DatasetEntry, raw_dir: Path, staged: Path) -> None:
 
 
 def _from_local(entry: DatasetEntry, staged: Path) -> None:
-    """Copy the files of the user's folder that its layout uses (contents only, no modes)."""
-    root = _local_root(entry)
-    for rel in tqdm(local_files(entry), desc=f"{entry.name} (copy)", unit="file"):
+    """Copy the files of the user's folders that their layout uses (contents only, no modes)."""
+    for source, rel in tqdm(local_files(entry), desc=f"{entry.name} (copy)", unit="file"):
         (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / rel, staged / rel)
+        shutil.copyfile(source, staged / rel)
 
 
 def _convert(entry: DatasetEntry, staged: Path) -> None:

@@ -78,6 +78,26 @@ def gaussian_smoothing_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def cauchy_smoothing_kernel(sigma: float) -> torch.Tensor:
+    """Normalised Cauchy window ``1 / (1 + (x / sigma)^2)`` of scale ``sigma`` voxels, truncated
+    at 5 sigma (DeepReg's ``cauchy`` multi-scale kernel: heavier tails than a Gaussian).
+
+    Returns:
+        (2 * ceil(5 sigma) + 1,) float32 weights summing to 1; sigma 0 gives the identity [1].
+    """
+    if sigma < 0:
+        raise ValueError(f"sigma {sigma}: must be >= 0")
+    radius = math.ceil(5 * sigma)
+    if radius == 0:
+        return torch.ones(1)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = 1 / (1 + (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+SMOOTHING_KERNELS = {"gaussian": gaussian_smoothing_kernel, "cauchy": cauchy_smoothing_kernel}
+
+
 def _box_sums(padded: torch.Tensor, width: int, length: int, axis: int) -> torch.Tensor:
     """Sums of ``width`` consecutive entries along ``axis`` at the first ``length`` positions.
 

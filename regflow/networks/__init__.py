@@ -20,7 +20,8 @@ BACKBONES: dict[str, type[nn.Module]] = {"local": LocalNet, "global": GlobalNet,
 
 def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
                    channels: Sequence[int], norm: str = DEFAULT_NORM,
-                   extract_levels: Sequence[int] | None = None) -> nn.Module:
+                   extract_levels: Sequence[int] | None = None, pooling: bool = True,
+                   concat_skip: bool = True) -> nn.Module:
     """Build a backbone by its config name (``train.model.backbone.name``).
 
     Args:
@@ -33,25 +34,34 @@ def build_backbone(name: str, ndim: int, in_channels: int, out_channels: int,
         channels: features per level, e.g. ``[16, 32, 64]``.
         norm: feature normalisation: "instance", "batch" or "none".
         extract_levels: "local" only: the levels whose fields are summed (None: all).
+        pooling: built-in backbones: max pooling down (True) or strided convolutions (False).
+        concat_skip: "unet" only: concatenate (True) or add (False) the encoder skips.
 
     Returns:
         The network: (B, in_channels, *S) -> (B, out_channels, *S), or theta for "global".
 
     Raises:
-        ConfigError: unknown name (the message lists the known ones), or extract levels for a
-            backbone other than "local".
+        ConfigError: unknown name (the message lists the known ones), extract levels for a
+            backbone other than "local", added skips for one other than "unet", or strided
+            down-sampling for a package's backbone.
     """
     if extract_levels is not None and name != "local":
         raise ConfigError(f"train.model.backbone.extract_levels: only the local backbone sums "
                           f"fields over levels, not {name!r}")
+    if not concat_skip and name != "unet":
+        raise ConfigError(f"train.model.backbone.concat_skip: only the unet backbone chooses "
+                          f"how it joins skips, not {name!r}")
     if name == "local":
-        return LocalNet(ndim, in_channels, out_channels, channels, norm, extract_levels)
+        return LocalNet(ndim, in_channels, out_channels, channels, norm, extract_levels, pooling)
     if name == "global":
-        return GlobalNet(ndim, in_channels, channels, norm)
-    if name in BACKBONES:
-        return BACKBONES[name](ndim, in_channels, out_channels, channels, norm)
+        return GlobalNet(ndim, in_channels, channels, norm, pooling)
+    if name == "unet":
+        return UNet(ndim, in_channels, out_channels, channels, norm, pooling, concat_skip)
     plugins = components.plugin_backbones()
     if name not in plugins:
         raise ConfigError(f"train.model.backbone.name: unknown backbone {name!r}; "
                           f"known: {', '.join(components.backbone_names())}")
+    if not pooling:
+        raise ConfigError(f"train.model.backbone.pooling: false is for the built-in backbones, "
+                          f"not {name!r}")
     return components.load(plugins[name])(ndim, in_channels, out_channels, channels, norm)

@@ -29,14 +29,17 @@ class GlobalNet(nn.Module):
         in_channels: input channels (2: moving and fixed image).
         channels: features per encoder level; ``depth = len(channels)``.
         norm: feature normalisation: "instance", "batch" or "none".
+        pooling: max pooling down (True) or strided convolutions (False, DeepReg's option).
     """
 
     def __init__(self, ndim: int, in_channels: int,
-                 channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM) -> None:
+                 channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM,
+                 pooling: bool = True) -> None:
         super().__init__()
         self.ndim = check_ndim(ndim)
         self.depth = len(channels)
-        self.encoder = Encoder(ndim, in_channels, channels, residual=True, norm=norm)
+        self.encoder = Encoder(ndim, in_channels, channels, residual=True, norm=norm,
+                               pooling=pooling)
         self.head = nn.Linear(2 * channels[-1], ndim * (ndim + 1))
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():

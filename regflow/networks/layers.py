@@ -11,8 +11,9 @@ Design choices (kept here so that every backbone follows them):
   It is computed as ``GroupNorm(C, C)`` (the same values), which runs about 1.8x faster on CPU
   than ``InstanceNorm3d``. BatchNorm's statistics are noisy for the 1-4 pairs of a registration
   batch.
-- LeakyReLU(0.2) in place, max pooling down, kernel-2 stride-2 transposed convolutions up (cheap and
-  free of checkerboard artefacts because kernel == stride).
+- LeakyReLU(0.2) in place, max pooling down (or, with ``pooling=False`` as DeepReg's option, a
+  learned kernel-2 stride-2 convolution block), kernel-2 stride-2 transposed convolutions up (cheap
+  and free of checkerboard artefacts because kernel == stride).
 - 3-D backbones run their features in ``channels_last_3d`` memory order (values, shapes and the
   parameters' layout are unchanged; outputs are contiguous again): oneDNN's CPU convolutions are
   about 1.4x faster in it, forward and backward. Their convolutions always take oneDNN's kernel
@@ -92,6 +93,18 @@ def conv(ndim: int, in_channels: int, out_channels: int, kernel_size: int = 3) -
     """A same-size ``Conv{ndim}d`` (stride 1, zero padding ``kernel_size // 2``)."""
     conv_class = {2: Conv2d, 3: Conv3d}[check_ndim(ndim)]
     return conv_class(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+
+def downsample(ndim: int, channels: int, pooling: bool, norm: str) -> nn.Module:
+    """Halve the spatial size: 2x max pooling, or (``pooling=False``, DeepReg's strided
+    down-sampling block) a kernel-2 stride-2 convolution of ``channels`` features, normalisation
+    and LeakyReLU."""
+    if pooling:
+        return {2: nn.MaxPool2d, 3: nn.MaxPool3d}[check_ndim(ndim)](kernel_size=2)
+    conv_class = {2: Conv2d, 3: Conv3d}[check_ndim(ndim)]
+    return nn.Sequential(conv_class(channels, channels, kernel_size=2, stride=2),
+                         normalisation(ndim, channels, norm),
+                         nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True))
 
 
 def upsample(ndim: int, in_channels: int, out_channels: int) -> nn.Module:
@@ -183,8 +196,8 @@ class Encoder(nn.Module):
     """Contracting path shared by LocalNet, GlobalNet and UNet.
 
     Level ``i`` works at ``1 / 2**i`` of the input size with ``channels[i]`` features and is
-    followed by 2x max pooling; the bottom level has ``2 * channels[-1]`` features at
-    ``1 / 2**depth`` of the input size, ``depth = len(channels)``.
+    followed by a 2x down-sampling (:func:`downsample`); the bottom level has ``2 * channels[-1]``
+    features at ``1 / 2**depth`` of the input size, ``depth = len(channels)``.
 
     Args:
         ndim: 2 or 3 spatial dimensions.
@@ -192,10 +205,11 @@ class Encoder(nn.Module):
         channels: features per level, e.g. ``[16, 32, 64]``.
         residual: ResidualBlock (True) or a second plain ConvBlock (False) in each level.
         norm: feature normalisation, one of :data:`NORMS`.
+        pooling: down-sample by max pooling (True) or by strided convolutions (False).
     """
 
     def __init__(self, ndim: int, in_channels: int, channels: Sequence[int],
-                 residual: bool, norm: str = DEFAULT_NORM) -> None:
+                 residual: bool, norm: str = DEFAULT_NORM, pooling: bool = True) -> None:
         super().__init__()
         if not channels:
             raise RegflowError("networks: channels must list at least one level")
@@ -205,7 +219,7 @@ class Encoder(nn.Module):
             for i in range(len(channels))
         )
         self.bottom = level_block(ndim, channels[-1], 2 * channels[-1], residual, norm)
-        self.pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[check_ndim(ndim)](kernel_size=2)
+        self.downs = nn.ModuleList(downsample(ndim, width, pooling, norm) for width in channels)
 
     def forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Encode a padded input.
@@ -219,10 +233,10 @@ class Encoder(nn.Module):
         """
         skips = []
         features = image
-        for level in self.levels:
+        for level, down in zip(self.levels, self.downs, strict=True):
             features = level(features)
             skips.append(features)
-            features = self.pool(features)
+            features = down(features)
         return skips, self.bottom(features)
 
 
@@ -275,9 +289,10 @@ class EncoderDecoder(nn.Module):
     """
 
     def __init__(self, ndim: int, in_channels: int, channels: Sequence[int], residual: bool,
-                 norm: str = DEFAULT_NORM) -> None:
+                 norm: str = DEFAULT_NORM, pooling: bool = True) -> None:
         super().__init__()
-        self.encoder = Encoder(ndim, in_channels, channels, residual=residual, norm=norm)
+        self.encoder = Encoder(ndim, in_channels, channels, residual=residual, norm=norm,
+                               pooling=pooling)
         self.depth = len(channels)
         self.widths = [*channels, 2 * channels[-1]]
         self.ups = nn.ModuleList(upsample(ndim, self.widths[i + 1], self.widths[i])

@@ -39,6 +39,7 @@ class LocalNet(EncoderDecoder):
         norm: feature normalisation: "instance", "batch" or "none".
         extract_levels: the levels whose fields are summed (0 is full resolution, ``depth`` the
             bottom; DeepReg's ``extract_levels``); None: all of them.
+        pooling: max pooling down (True) or strided convolutions (False, DeepReg's option).
 
     Raises:
         ConfigError: an extract level outside 0..depth.
@@ -46,8 +47,8 @@ class LocalNet(EncoderDecoder):
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
                  channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM,
-                 extract_levels: Sequence[int] | None = None) -> None:
-        super().__init__(ndim, in_channels, channels, residual=True, norm=norm)
+                 extract_levels: Sequence[int] | None = None, pooling: bool = True) -> None:
+        super().__init__(ndim, in_channels, channels, residual=True, norm=norm, pooling=pooling)
         levels = range(self.depth + 1)
         self.extract_levels = sorted(set(levels if extract_levels is None else extract_levels))
         if not self.extract_levels or not set(self.extract_levels) <= set(levels):

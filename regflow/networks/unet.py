@@ -1,4 +1,4 @@
-"""UNet: classic encoder/decoder with concatenated skip connections and one output head."""
+"""UNet: classic encoder/decoder with skip connections (concatenated or added) and one head."""
 
 from __future__ import annotations
 
@@ -19,17 +19,27 @@ from regflow.networks.layers import (
 
 
 class UNet(EncoderDecoder):
-    """Two plain conv blocks per level; decoder levels concatenate the encoder skip.
+    """Two plain conv blocks per level; decoder levels concatenate the encoder skip to the
+    up-sampled features (``concat_skip``, regflow's default) or add it (DeepReg's default).
 
     Takes LocalNet's arguments (:class:`regflow.networks.local.LocalNet`); ``out_channels`` may
     also be the label channels of method "conditional". One head, at full resolution.
+
+    Args:
+        pooling: max pooling down (True) or strided convolutions (False, DeepReg's option).
+        concat_skip: concatenate the skip (the decoder block sees ``2 * width`` features) or add
+            it (``width`` features).
     """
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int,
-                 channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM) -> None:
-        super().__init__(ndim, in_channels, channels, residual=False, norm=norm)
+                 channels: Sequence[int] = (16, 32, 64), norm: str = DEFAULT_NORM,
+                 pooling: bool = True, concat_skip: bool = True) -> None:
+        super().__init__(ndim, in_channels, channels, residual=False, norm=norm, pooling=pooling)
+        self.concat_skip = concat_skip
+        merged = 2 if concat_skip else 1
         self.decoders = nn.ModuleList(
-            level_block(ndim, 2 * width, width, residual=False, norm=norm) for width in channels)
+            level_block(ndim, merged * width, width, residual=False, norm=norm)
+            for width in channels)
         self.head = field_head(ndim, channels[0], out_channels)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -44,6 +54,7 @@ class UNet(EncoderDecoder):
         padded, shape = pad_to_multiple(image, 2**self.depth)
         skips, features = self.encoder(channels_last(padded))
         for level in reversed(range(self.depth)):
-            merged = torch.cat([self.ups[level](features), skips[level]], dim=1)
+            up = self.ups[level](features)
+            merged = torch.cat([up, skips[level]], dim=1) if self.concat_skip else up + skips[level]
             features = self.decoders[level](merged)
         return crop_to(self.head(features), shape).contiguous()

@@ -86,3 +86,21 @@ def test_msd_index(tmp_path: Path) -> None:
         discover_cases(tmp_path, "msd", "unpaired", subdir="Task09_X")
     with pytest.raises(DataError, match=r"dataset.json: missing"):
         discover_cases(tmp_path / "Task09_X" / "imagesTr", "msd", "unpaired", subdir=".")
+
+
+def test_a_split_made_of_several_folders_reads_each_as_a_part(tmp_path: Path) -> None:
+    """DeepReg's ``dir: [fold0, fold1]``: <root>/<split>/<part>/..., ids prefixed by the part."""
+    save(tmp_path / "train/fold0/images/a.nii.gz")
+    save(tmp_path / "train/fold1/images/a.nii.gz")  # the same name in another part
+    save(tmp_path / "test/images/b.nii.gz")
+    cases, _ = discover_cases(tmp_path, "deepreg-unpaired", "unpaired")
+    assert [(c.case_id, c.split) for c in cases] == [("b", "test"), ("fold0-a", "train"),
+                                                     ("fold1-a", "train")]
+    (tmp_path / "h5/val/p1").mkdir(parents=True)
+    (tmp_path / "h5/val/p2").mkdir(parents=True)
+    for part in ("p1", "p2"):
+        with h5py.File(tmp_path / f"h5/val/{part}/images.h5", "w") as handle:
+            handle["group-s-0"] = np.zeros((2, 2, 2))
+    grouped, _ = discover_cases(tmp_path / "h5", "deepreg-grouped", "grouped", "h5")
+    assert [(c.case_id, c.group, c.split) for c in grouped] == [
+        ("p1-s-0", "p1-s", "val"), ("p2-s-0", "p2-s", "val")]

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 from regflow.cli import cli
 from regflow.config import load_config
 from regflow.data.integrity import SUMS_NAME, format_sums, hash_tree, read_sums
+from regflow.data.manifest import Manifest
+from regflow.data.preprocess import preprocess_dataset
 from regflow.data.sources import (
     CATALOGUE,
     MARKER_NAME,
@@ -248,3 +250,36 @@ def test_cli_fetch_from_mirror_and_unknown_dataset(tmp_path, mirror):
     assert unknown.exit_code == 2
     assert unknown.stderr.count("\n") == 1 and unknown.stdout == ""
     assert unknown.stderr.startswith("Error: unknown dataset 'nonexistent'; known: msd-hippocampus")
+
+
+def test_local_dataset_with_several_folders_per_split(mirror, tmp_path):
+    """data.local.<name>.splits lists each split's folders (DeepReg's dir lists): each lands in
+    <split>/<folder>/, and preprocessing reads them all, case ids prefixed by the folder."""
+    source = _local_unpaired(tmp_path / "mine", mirror)
+    parts = tmp_path / "parts"
+    shutil.copytree(source / "train", parts / "part00")
+    shutil.copytree(source / "test", parts / "part01")
+    shutil.copytree(source / "test", parts / "part02")
+    shutil.copytree(source / "test", parts / "part03")
+    config = _config(tmp_path, f"data.local.mine.path={parts}", "data.local.mine.pairing=unpaired",
+                     "data.local.mine.splits.train=[part00, part01]",
+                     "data.local.mine.splits.val=[part03]",
+                     "data.local.mine.splits.test=[part02]",
+                     f"data.processed_dir={tmp_path / 'processed'}",
+                     "preprocess.shape=[8,8,8]")
+    target = fetch_dataset("mine", config)
+    assert sorted(read_sums(target / SUMS_NAME)) == [
+        f"{folder}/{kind}/hippocampus_{case}.nii.gz" for folder, cases in (
+            ("test/part02", ["004"]), ("train/part00", ["001", "003"]),
+            ("train/part01", ["004"]), ("val/part03", ["004"]))
+        for kind in ("images", "labels") for case in cases]
+    manifest = Manifest.read(preprocess_dataset("mine", config))
+    assert sorted((case.case_id, case.split) for case in manifest.cases) == [
+        ("part00-hippocampus_001", "train"), ("part00-hippocampus_003", "train"),
+        ("part01-hippocampus_004", "train"), ("part02-hippocampus_004", "test"),
+        ("part03-hippocampus_004", "val")]
+    clash = _config(tmp_path, f"data.local.bad.path={tmp_path}", "data.local.bad.pairing=unpaired",
+                    "data.local.bad.splits.train=[mine/train, parts/part00/../../mine/train]")
+    with pytest.raises(DataError, match=r"^data.local.bad.splits.train: the folders of one split "
+                                        r"need distinct names"):
+        fetch_dataset("bad", clash)

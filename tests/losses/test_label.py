@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from regflow.losses.filters import cauchy_smoothing_kernel
 from regflow.losses.label import cross_entropy, dice, jaccard, label_ssd
 
 LOSSES = [dice, jaccard, cross_entropy]
@@ -133,13 +134,21 @@ def test_shape_mismatch_is_an_error():
 # int(3 sigma) (zero padding) and EPS = 1e-5.
 
 
-def deepreg_smooth(volume, sigma):
-    """DeepReg's multi-scale Gaussian smoothing of a (D, H, W) volume."""
+def deepreg_window(sigma, kind="gaussian"):
+    """gaussian_kernel1d_sigma / cauchy_kernel1d: tails int(3 sigma) / int(5 sigma), sum 1."""
+    tail = int((3 if kind == "gaussian" else 5) * sigma)
+    offsets = np.arange(-tail, tail + 1)
+    kernel = (np.exp(-0.5 * offsets**2 / sigma**2) if kind == "gaussian"
+              else 1 / ((offsets / sigma) ** 2 + 1))
+    return kernel / kernel.sum()
+
+
+def deepreg_smooth(volume, sigma, kind="gaussian"):
+    """DeepReg's multi-scale smoothing (``kind``: gaussian or cauchy) of a (D, H, W) volume."""
     if sigma == 0:
         return volume
-    tail = int(3 * sigma)
-    kernel = np.exp([-0.5 * x**2 / sigma**2 for x in range(-tail, tail + 1)])
-    kernel = kernel / kernel.sum()
+    kernel = deepreg_window(sigma, kind)
+    tail = len(kernel) // 2
     for axis in range(3):  # "SAME" zero padding, correlation (the kernel is symmetric)
         padding = [(0, 0)] * 3
         padding[axis] = (tail, tail)
@@ -150,16 +159,36 @@ def deepreg_smooth(volume, sigma):
     return volume
 
 
-def deepreg_label_loss(score, target, pred, scales):
+def deepreg_label_loss(score, target, pred, scales, kind="gaussian"):
     """Mean over labels of the mean over scales of ``score`` on the smoothed labels."""
-    return np.mean([np.mean([score(deepreg_smooth(t, s), deepreg_smooth(p, s)) for s in scales])
+    return np.mean([np.mean([score(deepreg_smooth(t, s, kind), deepreg_smooth(p, s, kind))
+                             for s in scales])
                     for t, p in zip(target[0], pred[0], strict=True)])
 
 
-def deepreg_dice_score(target, pred, binary=False):
+def deepreg_dice_score(target, pred, binary=False, background_weight=0.0, jaccard_form=False):
+    """DiceScore (or JaccardIndex) of the latest DeepReg, generalised when background_weight w
+    > 0 over the N voxels: 2 (sum tp - w sum(t + p) + w N) / ((1 - 2w) sum(t + p) + 2w N)."""
     if binary:
         target, pred = (target >= 0.5) * 1.0, (pred >= 0.5) * 1.0
-    return (2 * (target * pred).sum() + 1e-5) / (target.sum() + pred.sum() + 1e-5)
+    w, prod, total, voxels = background_weight, (target * pred).sum(), (target + pred).sum(), \
+        target.size
+    if jaccard_form:
+        num, den = prod - w * total + w * voxels, (1 - w) * total - prod + w * voxels
+    else:
+        num, den = 2 * (prod - w * total + w * voxels), (1 - 2 * w) * total + 2 * w * voxels
+    return (num + 1e-5) / (den + 1e-5)
+
+
+def deepreg_cross_entropy(target, pred, binary=False, background_weight=0.0, smooth=1e-5):
+    """CrossEntropy of the latest DeepReg: (1 - w) foreground + w background term (w > 0)."""
+    if binary:
+        target, pred = (target >= 0.5) * 1.0, (pred >= 0.5) * 1.0
+    foreground = -(target * np.log(pred + smooth)).mean()
+    if background_weight == 0:
+        return foreground
+    background = -((1 - target) * np.log(1 - pred + smooth)).mean()
+    return (1 - background_weight) * foreground + background_weight * background
 
 
 def soft_labels(seed):
@@ -220,3 +249,57 @@ def test_squared_and_linear_dice_agree_on_binary_labels_and_differ_on_soft_ones(
     assert dice(soft, soft, denominator="linear").item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="denominator"):
         dice(soft, soft, denominator="cubic")
+
+
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.2, 0.5])
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("form", ["dice", "jaccard"])
+def test_generalised_background_weight_is_deepregs(weight, binary, form):
+    target, pred = soft_labels(24)
+    expected = 1 - deepreg_label_loss(
+        lambda t, p: deepreg_dice_score(t, p, binary, weight, jaccard_form=form == "jaccard"),
+        target, pred, [0])
+    loss = dice if form == "dice" else jaccard
+    value = loss(torch.from_numpy(target), torch.from_numpy(pred), binary=binary,
+                 background_weight=weight, background_mode="generalised", **DEEPREG_DICE)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(("weight", "binary", "smooth"), [
+    (0.0, False, 1e-5), (0.3, False, 1e-5), (0.0, True, 1e-5), (0.6, True, 1e-3)])
+def test_deepregs_cross_entropy_foreground_binary_and_smooth(weight, binary, smooth):
+    target, pred = soft_labels(25)
+    expected = deepreg_label_loss(
+        lambda t, p: deepreg_cross_entropy(t, p, binary, weight, smooth), target, pred, [0, 1])
+    value = cross_entropy(torch.from_numpy(target), torch.from_numpy(pred), scales=[0, 1],
+                          binary=binary, smooth=smooth, background_weight=weight,
+                          background_mode="generalised")
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_generalised_cross_entropy_without_background_weight_is_foreground_only():
+    """DeepReg's default: a prediction of 1 everywhere costs only -log(1 + smooth) per voxel."""
+    target = box((6, 6, 6), (1, 1, 1), (4, 4, 4))
+    value = cross_entropy(target, torch.ones_like(target), smooth=1e-5,
+                          background_mode="generalised")
+    assert value.item() == pytest.approx(-math.log(1 + 1e-5) * target.mean().item())
+    assert cross_entropy(target, torch.ones_like(target)).item() > 1  # regflow's: both terms
+
+
+@pytest.mark.parametrize("sigma", [1, 2, 4])
+def test_cauchy_window_is_deepregs(sigma):
+    np.testing.assert_allclose(cauchy_smoothing_kernel(sigma).numpy(),
+                               deepreg_window(sigma, "cauchy"), rtol=1e-6)
+
+
+def test_multi_scale_dice_with_the_cauchy_kernel_is_deepregs():
+    target, pred = soft_labels(26)
+    expected = 1 - deepreg_label_loss(deepreg_dice_score, target, pred, [0, 1, 2], "cauchy")
+    value = dice(torch.from_numpy(target), torch.from_numpy(pred), scales=[0, 1, 2],
+                 kernel="cauchy", **DEEPREG_DICE)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    gaussian = dice(torch.from_numpy(target), torch.from_numpy(pred), scales=[0, 1, 2],
+                    **DEEPREG_DICE)
+    assert abs(value.item() - gaussian.item()) > 1e-4  # another window, another value

@@ -212,3 +212,38 @@ def test_instance_norm_of_channels_last_features_matches_group_norm_and_keeps_th
         expected_grads = torch.autograd.grad(expected, [features, reference.weight], upstream)
         for value, expected_value in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(value, expected_value)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_unet_without_pooling_downsamples_by_strided_convolutions(ndim):
+    """DeepReg's ``pooling: false``: each level's down-sampling is a conv block of kernel 2 and
+    stride 2 keeping that level's channels (deepreg UNet.build_down_sampling_block)."""
+    net = UNet(ndim, 2, ndim, CHANNELS, pooling=False)
+    downs = [module for module in net.encoder.downs]
+    assert not any(isinstance(m, (torch.nn.MaxPool2d, torch.nn.MaxPool3d)) for m in net.modules())
+    for down, width in zip(downs, CHANNELS, strict=True):
+        conv_layer = down[0]
+        assert (conv_layer.in_channels, conv_layer.out_channels) == (width, width)
+        assert conv_layer.kernel_size == (2,) * ndim and conv_layer.stride == (2,) * ndim
+    features = torch.rand(1, CHANNELS[0], *[8] * ndim)
+    assert downs[0](features).shape == (1, CHANNELS[0], *[4] * ndim)
+    pooled = UNet(ndim, 2, ndim, CHANNELS)
+    extra = sum(p.numel() for p in net.parameters()) - sum(p.numel() for p in pooled.parameters())
+    assert extra == sum(w * w * 2**ndim + w + 2 * w for w in CHANNELS)  # conv + bias + norm
+    assert net(torch.rand(1, 2, *SHAPES[ndim])).shape == (1, ndim, *SHAPES[ndim])
+
+
+def test_unet_adds_skips_when_concat_skip_is_false():
+    """DeepReg's ``concat_skip: false`` (its default): tfkl.Add of the up-sampled features and the
+    skip, so the decoder block sees ``width`` channels, not ``2 * width``."""
+    added, concatenated = (UNet(3, 2, 3, CHANNELS, concat_skip=flag) for flag in (False, True))
+    for level, width in enumerate(CHANNELS):
+        assert added.decoders[level][0][0].in_channels == width
+        assert concatenated.decoders[level][0][0].in_channels == 2 * width
+    skips, bottom = added.encoder(torch.rand(1, 2, 8, 8, 8))
+    up = added.ups[1](bottom)
+    merged = added.decoders[1](up + skips[1])  # what forward feeds the level-1 decoder
+    assert merged.shape == (1, CHANNELS[1], 4, 4, 4)
+    assert added(torch.rand(1, 2, *SHAPES[3])).shape == (1, 3, *SHAPES[3])
+    with pytest.raises(ConfigError, match="concat_skip"):
+        build_backbone("local", 3, 2, 3, CHANNELS, concat_skip=False)
