@@ -630,7 +630,7 @@ def test_unknown_field_is_400_naming_it(app_url, tiny_pair):
               "moving_labels": [tiny_pair["moving_label"]]}
     message = error_answer(app_url, inputs, 400)
     assert message == ("inputs: unknown field(s) moving_labels; "
-                       "expected fixed, moving, moving_label")
+                       "expected fixed, moving, moving_label, refine_steps")
 
 
 def test_unknown_column_of_a_dataframe_request_is_400(app_url, tiny_pair):

@@ -149,7 +149,8 @@ def test_unknown_field_is_400_naming_it(server, valid):
     inputs = {"fixed": [valid["fixed"]], "moving": [valid["moving"]], "mask": [valid["fixed"]]}
     status, answer = post_raw(server[0], json.dumps({"inputs": inputs}).encode())
     message = check_error(status, answer, 400, inputs)
-    assert message == "inputs: unknown field(s) mask; expected fixed, moving, moving_label"
+    assert message == ("inputs: unknown field(s) mask; expected fixed, moving, moving_label, "
+                       "refine_steps")
 
 
 def test_null_label_is_200_without_a_warped_label(server, valid, reference_answer):
