@@ -69,6 +69,19 @@ def remember_secret(secret: str | None) -> None:
         _remembered.update({secret, quote(secret, safe=""), quote(secret)})
 
 
+def _remember(url: str, readings: tuple[tuple[Any, ...] | None, ...]) -> set[str]:
+    """Remember (and return) every password of ``url``: each parser's, decoded, and RFC 3986's
+    as written."""
+    passwords = {reading[1] for reading in readings if reading is not None and reading[1]}
+    try:
+        as_written = urlsplit(url).password
+    except ValueError:
+        as_written = None
+    for password in passwords | {as_written}:
+        remember_secret(password)
+    return passwords
+
+
 def redact_url(url: str | None) -> str | None:
     """The URL with any password (user-info or ``password=`` query) replaced by ``***``.
 
@@ -81,13 +94,7 @@ def redact_url(url: str | None) -> str | None:
         return url
     if _SCHEME.match(url):
         readings = _readings(url)
-        try:
-            as_written = urlsplit(url).password
-        except ValueError:
-            as_written = None
-        passwords = {reading[1] for reading in readings if reading is not None and reading[1]}
-        for password in passwords | {as_written}:
-            remember_secret(password)
+        passwords = _remember(url, readings)
         head, rest = url.split("://", 1)
         unreadable = None in readings
         if "@" in rest and (passwords or unreadable):
@@ -111,8 +118,7 @@ def check_unambiguous(url: str, field: str) -> None:
     if not is_database_url(url):
         return
     sqlalchemy, rfc3986 = _readings(url)
-    for reading in (sqlalchemy, rfc3986):
-        remember_secret(None if reading is None else reading[1])
+    _remember(url, (sqlalchemy, rfc3986))
     if sqlalchemy != rfc3986:
         raise ConfigError(
             f"{field}: {redact_url(url)}: SQLAlchemy and RFC 3986 read the user, password or "
@@ -122,8 +128,11 @@ def check_unambiguous(url: str, field: str) -> None:
 
 
 def redact_text(text: str) -> str:
-    """A free text (an error message, a log line) with every password masked: the passwords
-    remembered so far (raw or percent-encoded), then those of each URL in it."""
+    """A free text (an error message, a log line) with every password masked: those of the URLs
+    in it and those remembered before (raw or percent-encoded) wherever they are, then the URLs'
+    user-info (:func:`redact_url`)."""
+    for match in _URL_IN_TEXT.finditer(text):
+        _remember(match[0], _readings(match[0]))
     for secret in sorted(_remembered, key=len, reverse=True):
         text = text.replace(secret, MASK)
     text = _URL_IN_TEXT.sub(lambda match: redact_url(match[0]), text)
