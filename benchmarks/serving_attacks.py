@@ -71,14 +71,21 @@ def noise(shape: tuple[int, ...], seed: int, dtype: type = np.float32) -> np.nda
     return (100 * rng.random(shape)).astype(dtype)
 
 
-def zero_column_sform(array: np.ndarray) -> str:
-    """A NIfTI whose sform (used, code 1) has a zero column: a degenerate voxel axis."""
-    affine = np.eye(4)
-    affine[:3, 1] = 0.0
-    image = nib.Nifti1Image(array, affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(None, code=0)
-    return b64(gzip.compress(image.to_bytes(), mtime=0))
+def sform_b64(array: np.ndarray, affine: np.ndarray) -> str:
+    """Base64 .nii.gz whose sform (code 1, no qform) is ``affine`` as it is, even a singular or
+    non-finite one (which nibabel cannot store as a qform)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(array.shape)
+    header.set_data_dtype(array.dtype)
+    header.set_sform(affine, code=1)
+    return b64(gzip.compress(nib.Nifti1Image(array, None, header).to_bytes(), mtime=0))
+
+
+def zero_column(axis: int = 1) -> np.ndarray:
+    """An identity affine whose voxel axis ``axis`` is zero (a degenerate sform)."""
+    degenerate = np.eye(4)
+    degenerate[:3, axis] = 0.0
+    return degenerate
 
 
 def attacks(valid: Inputs) -> dict[str, Callable[[], Inputs]]:
@@ -102,7 +109,7 @@ def attacks(valid: Inputs) -> dict[str, Callable[[], Inputs]]:
             "fixed": [nifti_b64(noise((256,) * 3, 3, np.int16))],
             "moving": [nifti_b64(noise((256,) * 3, 4, np.int16))]},
         "sform with a zero column": lambda: {
-            "fixed": [zero_column_sform(noise((48,) * 3, 5))], "moving": [moving]},
+            "fixed": [sform_b64(noise((48,) * 3, 5), zero_column())], "moving": [moving]},
         "2x2x2 pair": lambda: {
             "fixed": [nifti_b64(noise((2, 2, 2), 6))], "moving": [nifti_b64(noise((2, 2, 2), 8))]},
         "valid pair (default refinement)": lambda: dict(valid),
