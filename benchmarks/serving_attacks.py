@@ -105,6 +105,9 @@ def attacks(valid: Inputs) -> dict[str, Callable[[], Inputs]]:
             "fixed": [fixed], "moving": [nifti_gz_bomb((256,) * 3, 65)]},
         "gzip bomb, 64^3 header": lambda: {
             "fixed": [fixed], "moving": [nifti_gz_bomb((64,) * 3, 4096)]},
+        "128^3 pair (fits the budget)": lambda: {
+            "fixed": [nifti_b64(noise((128,) * 3, 9))],
+            "moving": [nifti_b64(noise((128,) * 3, 10))]},
         "largest stored size, 256^3 int16": lambda: {
             "fixed": [nifti_b64(noise((256,) * 3, 3, np.int16))],
             "moving": [nifti_b64(noise((256,) * 3, 4, np.int16))]},
@@ -173,7 +176,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def post_raw(url: str, body: bytes, timeout: float = 300) -> tuple[int, bytes]:
+def post_raw(url: str, body: bytes, timeout: float = 900) -> tuple[int, bytes]:
     """POST a JSON body to /invocations: (HTTP status, raw body); status 0: no answer."""
     request = urllib.request.Request(f"{url}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -272,24 +275,40 @@ def same_answer(server: Server, body: bytes, reference: dict) -> bool:
     return status == 200 and json.loads(answer)["predictions"] == reference
 
 
-def latencies(server: Server, valid: Inputs, steps: list[int], repeats: int
+def latencies(server: Server, valid: Inputs, steps: list[int | None], repeats: int
               ) -> list[dict[str, object]]:
-    """Sequential valid requests at each ``refine_steps``: client and server seconds (p50)."""
+    """Sequential valid requests at each ``refine_steps`` (None: the request without it):
+    client and server seconds (p50; the server's as its answer reports them)."""
     rows = []
     for count in steps:
         client, reported = [], []
-        body = json.dumps({"inputs": {**valid, "refine_steps": count}}).encode()
+        inputs = dict(valid) if count is None else {**valid, "refine_steps": count}
+        body = json.dumps({"inputs": inputs}).encode()
+        cpu = psutil.Process(server.process.pid)
+        cpu_before = _tree_cpu_s(cpu)
         for _ in range(repeats):
             started = time.perf_counter()
             status, answer = post_raw(server.url, body)
             client.append(time.perf_counter() - started)
-            if status == 200:
+            if status == 200 and count is not None:
                 reported.append(json.loads(answer)["predictions"]["time_s"][0])
-        rows.append({"refine_steps": count, "status": status,
+        rows.append({"refine_steps": "default" if count is None else count, "status": status,
                      "client_p50_ms": round(1000 * statistics.median(client), 1),
                      "server_p50_ms": round(1000 * statistics.median(reported), 1)
-                     if reported else None})
+                     if reported else None,
+                     "server_cpu_ms_per_request": round(
+                         1000 * (_tree_cpu_s(cpu) - cpu_before) / repeats, 1)})
     return rows
+
+
+def _tree_cpu_s(process: psutil.Process) -> float:
+    """CPU seconds (user + system) used so far by a process and its descendants."""
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def workers_of(pid: int) -> list[psutil.Process]:
@@ -301,11 +320,12 @@ def workers_of(pid: int) -> list[psutil.Process]:
 
 
 def kill_and_restart(model: str, log: Path, valid_body: bytes, pythonpath: str,
-                     victim: str = "parent") -> dict[str, object]:
+                     victim: str = "parent", env: dict[str, str] | None = None
+                     ) -> dict[str, object]:
     """Serve with 2 workers, SIGKILL the supervisor (``victim``: "parent", the process started;
     "uvicorn", its uvicorn child when it has one), then restart on the same port and ask."""
     port = free_port()
-    server = start_server(model, port, log, 2, pythonpath)
+    server = start_server(model, port, log, 2, pythonpath, env)
     children = workers_of(server.process.pid)
     target = server.process.pid
     if victim == "uvicorn":
@@ -323,13 +343,15 @@ def kill_and_restart(model: str, log: Path, valid_body: bytes, pythonpath: str,
     result = {"victim": victim, "orphans_after_20s": len(survivors),
               "orphans_gone_s": None if survivors else round(gone_s, 2),
               "orphan_answers_ping": bool(survivors) and pinging(server.url)}
+    restart = time.monotonic()
     try:
-        restarted = start_server(model, port, log, 2, pythonpath)
+        restarted = start_server(model, port, log, 2, pythonpath, env)
     except RuntimeError as exc:
         result.update(restart="failed", restart_error=str(exc)[-300:])
     else:
         status, _ = post_raw(restarted.url, valid_body)
-        result.update(restart="ok", status_after_restart=status)
+        result.update(restart="ok", status_after_restart=status,
+                      restart_to_answer_s=round(time.monotonic() - restart, 1))
         stop_server(restarted)
     for child in survivors:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -345,10 +367,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
              "moving_label": [b64(Path(args.moving_label).read_bytes())]}
     valid_body = json.dumps({"inputs": valid}).encode()
     log = Path(args.log)
-    results: dict[str, object] = {"attacks": [], "regflow": args.regflow}
+    env = dict(item.split("=", 1) for item in args.env)
+    results: dict[str, object] = {"attacks": [], "regflow": args.regflow, "env": env}
     built = attacks(valid)
     names = [name for name in built if not args.only or any(key in name for key in args.only)]
-    server = start_server(args.model, free_port(), log, 1, args.regflow)
+    server = start_server(args.model, free_port(), log, 1, args.regflow, env)
     try:
         status, answer = post_raw(server.url, valid_body)
         reference = json.loads(answer)["predictions"] if status == 200 else None
@@ -360,19 +383,23 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             row: dict[str, object] = {"attack": name, "body_mb": round(len(body) / 1e6, 2)}
             for clients in (1, args.clients):
                 outcome = burst(server, body, clients, args.guard_gb * 1e9)
-                if outcome["guard_tripped"]:
+                if outcome["guard_tripped"] or server.process.poll() is not None:
                     stop_server(server)
-                    server = start_server(args.model, free_port(), log, 1, args.regflow)
+                    server = start_server(args.model, free_port(), log, 1, args.regflow, env)
                 outcome["valid_after"] = same_answer(server, valid_body, reference)
                 row[f"x{clients}"] = outcome
             print(json.dumps(row), flush=True)
             results["attacks"].append(row)
-        results["latency"] = latencies(server, valid, args.steps, args.repeats)
+        steps = [None if step == "default" else int(step) for step in args.steps]
+        results["latency"] = latencies(server, valid, steps, args.repeats)
         print(json.dumps(results["latency"]), flush=True)
+        with PeakRss(server.process.pid) as idle:
+            time.sleep(1)
+        results["idle_rss_mb_after"] = round(idle.peak / 1e6)
     finally:
         stop_server(server)
-    results["restart"] = [kill_and_restart(args.model, log, valid_body, args.regflow, victim)
-                          for victim in args.victims]
+    results["restart"] = [kill_and_restart(args.model, log, valid_body, args.regflow, victim,
+                                           env) for victim in args.victims]
     print(json.dumps(results["restart"]), flush=True)
     return results
 
@@ -405,11 +432,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--regflow", default=str(Path(__file__).resolve().parents[1]),
                         help="PYTHONPATH of the served regflow (default: this checkout)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--guard-gb", type=float, default=12.0)
-    parser.add_argument("--steps", type=int, nargs="*", default=[0, 25, 50, 100])
+    parser.add_argument("--guard-gb", type=float, default=8.0,
+                        help="kill the server when its tree's RSS passes this")
+    parser.add_argument("--steps", nargs="*", default=["default", "0", "25", "50", "100"],
+                        help="refine_steps to time; 'default': requests without the field")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--victims", nargs="*", default=["parent"])
     parser.add_argument("--only", nargs="*", help="attacks whose name holds one of these")
+    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="variables of the server (e.g. REGFLOW_QUEUE_TIMEOUT=600)")
     parser.add_argument("--log", default="serving_attacks.log")
     parser.add_argument("--json", help="write the figures here")
     return parser.parse_args(argv)

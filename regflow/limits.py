@@ -13,7 +13,9 @@ the memory it will need. Over a limit, a request is refused with
 - ``REGFLOW_MAX_REFINE_STEPS``: test-time refinement steps a request may ask for (default: the
   served model's own ``evaluate.refine.steps``).
 - ``REGFLOW_MAX_MEMORY``: bytes a server worker may spend on requests at once (default 768 MiB;
-  ``K``/``M``/``G`` suffixes are binary multiples); requests beyond it wait their turn for up to
+  ``K``/``M``/``G`` suffixes are binary multiples): three quarters for the model's computation
+  (:mod:`regflow.serving`), a quarter for request bodies being read and parsed
+  (:mod:`regflow.serving_app`); requests beyond it wait their turn for up to
   ``REGFLOW_QUEUE_TIMEOUT`` seconds (default 30), then get 503 (:mod:`regflow.budget`).
 
 The server reads them when the model loads (:meth:`Limits.from_env`); library code passes a
@@ -36,6 +38,7 @@ DEFAULT_MAX_PAIRS = 8
 DEFAULT_MAX_CHANNELS = 16  # one-hot label channels or label values
 DEFAULT_MAX_MEMORY = 768 * 2**20
 DEFAULT_QUEUE_TIMEOUT_S = 30.0
+COMPUTE_SHARE = 0.75  # of REGFLOW_MAX_MEMORY for the model's computation, the rest for bodies
 
 ENV_VARS = {"max_voxels": "REGFLOW_MAX_VOXELS", "max_pairs": "REGFLOW_MAX_PAIRS",
             "max_channels": "REGFLOW_MAX_CHANNELS", "max_memory": "REGFLOW_MAX_MEMORY",

@@ -49,7 +49,7 @@ from regflow.config import load_config
 from regflow.footprint import PairPlan, peak_growth, request_bytes
 from regflow.geometry import min_size
 from regflow.inference import Volume, label_values, load_registrar
-from regflow.limits import ENV_VARS, Limits
+from regflow.limits import COMPUTE_SHARE, ENV_VARS, Limits
 from regflow.scoring_errors import ServingError, serving_error
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -85,9 +85,6 @@ def _label_volume(label: np.ndarray, affine: np.ndarray | None, source: str) -> 
     """A decoded (C, *S) label as the inference path takes it: (*S) when C is 1, else (*S, C)."""
     array = label[0] if label.shape[0] == 1 else np.moveaxis(label, 0, -1)
     return _volume(array, affine, source)
-
-
-COMPUTE_SHARE = 0.75  # of REGFLOW_MAX_MEMORY: computation; the rest for request bodies
 
 
 class RegflowPythonModel(mlflow.pyfunc.PythonModel):

@@ -29,16 +29,12 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import mlflow
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
-from mlflow.pyfunc import scoring_server
 
 from regflow.budget import HELD_UNTIL_ANSWERED, MemoryBudget, mib
 from regflow.errors import RegflowError, RequestTooLarge
-from regflow.inference import download_model, is_model_uri
-from regflow.limits import ENV_VARS, Limits
+from regflow.limits import COMPUTE_SHARE, ENV_VARS, Limits
 from regflow.scoring_errors import ServingError, serving_error
-from regflow.serving import COMPUTE_SHARE
 
 MODEL_ENV = "REGFLOW_SERVE_MODEL"  # the model's URI or local folder, for every worker
 PARENT_ENV = "REGFLOW_SERVE_PARENT"  # the supervisor's process id, which workers watch
@@ -61,7 +57,7 @@ class Admission:
     Args:
         app: the scoring app.
         limits: ``max_memory`` (bodies may hold what the model's computation does not,
-            see :data:`regflow.serving.COMPUTE_SHARE`) and ``queue_timeout_s``.
+            see :data:`regflow.limits.COMPUTE_SHARE`) and ``queue_timeout_s``.
     """
 
     def __init__(self, app: ASGIApp, limits: Limits) -> None:
@@ -143,6 +139,9 @@ def create_app() -> ASGIApp:
     """The ASGI app of one worker (uvicorn's factory): the model of ``$REGFLOW_SERVE_MODEL``
     behind :class:`Admission`; in a worker of a supervisor (``$REGFLOW_SERVE_PARENT``), the
     parent watch starts first."""
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+
     parent = int(os.environ.get(PARENT_ENV, "0"))
     if parent and parent != os.getpid():
         watch_parent(parent)
@@ -191,6 +190,8 @@ def serve_model(model_uri: str, host: str, port: int, workers: int) -> None:
         RegflowError: the model cannot be loaded, or the port stays taken.
     """
     import uvicorn
+
+    from regflow.inference import download_model, is_model_uri
 
     Limits.from_env()  # a bad REGFLOW_* variable is one line here, not a crash in every worker
     local = str(download_model(model_uri)) if is_model_uri(model_uri) else model_uri

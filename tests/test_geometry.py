@@ -1,10 +1,15 @@
 """Tests for regflow.geometry: affines and sizes a registration can use."""
 
+import subprocess
+import sys
+
+import nibabel as nib
 import numpy as np
 import pytest
 
 from regflow.errors import ConfigError, GeometryError
 from regflow.geometry import check_geometry, min_size
+from tests.synthetic import write_params
 
 
 def test_a_usable_volume_passes():
@@ -50,3 +55,29 @@ def test_minimum_size_from_the_environment():
     for text in ("0", "-1", "x", "1.5"):
         with pytest.raises(ConfigError, match=f"REGFLOW_MIN_SIZE='{text}': expected a positive"):
             min_size({"REGFLOW_MIN_SIZE": text})
+
+
+@pytest.mark.parametrize(("affine", "shape", "problem"), [
+    (np.diag([1.0, 0.0, 1.0, 1.0]), (12, 12, 12), "zero voxel size along axis 1"),
+    (np.diag([1.0, 1.0, np.nan, 1.0]), (12, 12, 12), "the affine holds NaN or infinite values"),
+    (np.eye(4), (2, 2, 2), "is below the minimum of 8 voxels along axis 0 (REGFLOW_MIN_SIZE)"),
+], ids=["zero-column", "nan", "2x2x2"])
+def test_predict_refuses_bad_geometry_in_one_line(tmp_path, tiny_raw, affine, shape, problem):
+    params = write_params(tmp_path, tiny_raw)
+    rng = np.random.default_rng(0)
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_sform(affine, code=1)
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random(shape, dtype=np.float32), None, header), bad)
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random((12, 12, 12), dtype=np.float32), np.eye(4)), good)
+    result = subprocess.run(
+        [sys.executable, "-m", "regflow.cli", "predict", "--model", "none", "-c", str(params),
+         "--refine-steps", "2", "--fixed", str(bad), "--moving", str(good),
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"Error: {bad}: ") and problem in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
