@@ -10,8 +10,8 @@ supervisor, and each worker watches it (:func:`watch_parent`) and shuts down wit
 
 The endpoints are MLflow's own (``/invocations``, ``/ping``, ``/health``, ``/version``), built by
 :func:`mlflow.pyfunc.scoring_server.init`. In front of ``POST /invocations``,
-:class:`Admission` refuses a body larger than the worker accepts (413, before reading it), asks
-for its length (411 without ``Content-Length``), and reserves the memory parsing it takes
+:class:`Admission` refuses a body larger than the worker accepts (413, reading it only to drop
+it), asks for its length (411 without ``Content-Length``), and reserves the memory parsing it takes
 (:data:`PARSE_FACTOR` bytes per byte: MLflow reads the body, parses the JSON and copies every
 base64 text into a numpy array of 4-byte characters) from the quarter of ``REGFLOW_MAX_MEMORY``
 that bodies may hold, so that concurrent uploads queue (503 after ``REGFLOW_QUEUE_TIMEOUT``);
@@ -43,6 +43,7 @@ PARSE_FACTOR = 8  # bytes of memory per byte of a request body until the model h
 WATCH_S = 0.5  # how often a worker checks that its supervisor is alive
 GRACE_S = 10  # requests in flight get this long to finish when the server stops
 PORT_WAIT_S = 15.0  # how long a (re)start waits for its port to be released
+DRAIN_BYTES = 2**30  # a refused body is read and dropped up to this size before the answer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -72,11 +73,14 @@ class Admission:
             await self.app(scope, receive, send)
             return
         try:
-            reservation = await self.bodies.reserve_async(
-                PARSE_FACTOR * self._body_length(scope), "the request body")
-        except ServingError as exc:
-            await _answer(send, exc)
+            length = self._body_length(scope)
+        except (ServingError, RequestTooLarge) as exc:
+            await _drain(receive)  # so that a client still sending reads the answer
+            await _answer(send, exc if isinstance(exc, ServingError) else serving_error(exc))
             return
+        try:
+            reservation = await self.bodies.reserve_async(PARSE_FACTOR * length,
+                                                          "the request body")
         except RegflowError as exc:
             await _answer(send, serving_error(exc))
             return
@@ -107,6 +111,18 @@ class Admission:
                 f"worker accepts ({ENV_VARS['max_memory']}: parsing a body takes "
                 f"{PARSE_FACTOR} bytes per byte, and bodies may hold a quarter of it)")
         return length
+
+
+async def _drain(receive: Receive, limit: int = DRAIN_BYTES) -> None:
+    """Read and drop a refused body (up to ``limit`` bytes), chunk by chunk: a client that
+    sends its whole body before reading (urllib, requests) then gets the answer instead of a
+    broken pipe; memory stays at one chunk."""
+    received = 0
+    while received <= limit:
+        message = await receive()
+        received += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
 
 
 async def _answer(send: Send, error: ServingError) -> None:

@@ -87,7 +87,7 @@ def test_bodies_wait_for_memory_and_get_503_when_it_stays_taken():
                      "(REGFLOW_MAX_MEMORY: parsing a body takes 8 bytes per byte, and bodies may "
                      "hold a quarter of it)"),
 ])
-def test_bodies_without_a_length_or_too_large_are_refused_unread(length, status, message):
+def test_bodies_without_a_length_or_too_large_never_reach_the_app(length, status, message):
     inner = BlockingApp()
     admission = Admission(inner, Limits(max_memory=8 * 2**20))
     answer = asyncio.run(call(admission, request(length)))
