@@ -249,15 +249,16 @@ def serving(model: str, log: Path, workers: int = 1, pythonpath: str = "",
         stop_server(server)
 
 
-def burst(server: Server, body: bytes, clients: int, guard: float | None = None
-          ) -> dict[str, object]:
-    """Send ``body`` from ``clients`` threads at once: statuses, slowest answer, peak RSS."""
+def burst(server: Server, body: bytes, clients: int, guard: float | None = None,
+          timeout: float = 900) -> dict[str, object]:
+    """Send ``body`` from ``clients`` threads at once: statuses (0: no answer within
+    ``timeout`` s), slowest answer, peak RSS."""
     with PeakRss(server.process.pid, guard=guard) as rss, \
             ThreadPoolExecutor(max_workers=clients) as pool:
         started = time.perf_counter()
 
         def send(_: int) -> tuple[int, float, bytes]:
-            status, answer = post_raw(server.url, body)
+            status, answer = post_raw(server.url, body, timeout)
             return status, time.perf_counter() - started, answer
 
         answers = list(pool.map(send, range(clients)))
@@ -382,8 +383,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             body = json.dumps({"inputs": built[name]()}).encode()
             row: dict[str, object] = {"attack": name, "body_mb": round(len(body) / 1e6, 2)}
             for clients in (1, args.clients):
-                outcome = burst(server, body, clients, args.guard_gb * 1e9)
-                if outcome["guard_tripped"] or server.process.poll() is not None:
+                outcome = burst(server, body, clients, args.guard_gb * 1e9, args.timeout)
+                if outcome["guard_tripped"] or 0 in outcome["statuses"] or \
+                        server.process.poll() is not None:  # killed, or still busy: a fresh one
                     stop_server(server)
                     server = start_server(args.model, free_port(), log, 1, args.regflow, env)
                 outcome["valid_after"] = same_answer(server, valid_body, reference)
@@ -413,7 +415,8 @@ def table(results: dict[str, object]) -> str:
                                         key != "x1")]
 
         def cell(outcome: dict) -> str:
-            statuses = "/".join(str(status) for status in outcome["statuses"])
+            statuses = "/".join("none" if status == 0 else str(status)
+                                for status in outcome["statuses"])
             killed = " (guard: killed)" if outcome["guard_tripped"] else ""
             return f"{statuses}, {outcome['seconds']}, {outcome['peak_rss_mb']}{killed}"
 
@@ -432,6 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--regflow", default=str(Path(__file__).resolve().parents[1]),
                         help="PYTHONPATH of the served regflow (default: this checkout)")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=900,
+                        help="seconds a client waits for an answer (then: no answer)")
     parser.add_argument("--guard-gb", type=float, default=8.0,
                         help="kill the server when its tree's RSS passes this")
     parser.add_argument("--steps", nargs="*", default=["default", "0", "25", "50", "100"],
