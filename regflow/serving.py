@@ -108,7 +108,9 @@ class RegflowPythonModel(mlflow.pyfunc.PythonModel):
 
     def _measure_model(self, refine_steps: int) -> int:
         """Bytes one registration on the model's grid allocates (random images; one refinement
-        step costs what every step costs)."""
+        step costs what every step costs); 0 for a conditional model, which serves no pair."""
+        if self.registrar.conditional:
+            return 0
         shape = (1, 1, *self.registrar.record.shape)
         generator = torch.Generator().manual_seed(0)
         moving, fixed = torch.rand(shape, generator=generator), torch.rand(shape,
