@@ -7,10 +7,12 @@ DataFrame; :func:`read_request` accepts both, and the raw JSON dict too. ``null`
 NaN) means absent: a ``moving_label`` that is null, or null for one pair, is no label. Every problem
 is a :class:`RequestError` naming the field (``inputs.moving[0]: not valid base64``), an unknown
 field included. Beside the volumes a request may carry one setting, ``refine_steps`` (an integer
-for every pair, or one per pair); an answer to such a request adds the :data:`REPORT_FIELDS`. A request over a resource limit (:mod:`regflow.limits`) is a
+for every pair, or one per pair); an answer to such a request adds the :data:`REPORT_FIELDS`. A
+request over a resource limit (:mod:`regflow.limits`) is a
 :class:`~regflow.errors.RequestTooLarge`, found from the file headers (the first 540 inflated bytes
 of a ``.nii.gz``, the header of a ``.npy``) before any voxel data is inflated or decoded; inflating
-stops at the size the header declares.
+stops at the size the header declares. Images whose header geometry cannot be registered are
+refused there too (:mod:`regflow.geometry`).
 
 Layout on the wire: NIfTI stores channels last (``(D, H, W, C)`` or ``(D, H, W, 1, C)``, as
 DeepReg's label files do); ``.npy`` stores the channel-first array as it is (``(C, D, H, W)``).
