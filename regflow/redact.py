@@ -21,7 +21,7 @@ import re
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from regflow.errors import ConfigError
 
@@ -36,10 +36,14 @@ _remembered: set[str] = set()
 
 
 def is_database_url(url: str) -> bool:
-    """Whether SQLAlchemy connects with this URL: its scheme names a SQLAlchemy dialect."""
+    """Whether SQLAlchemy connects with this URL: its scheme names a SQLAlchemy dialect (and
+    driver), whatever the rest of the URL holds."""
+    scheme, separator, _ = url.partition("://")
+    if not separator or not _SCHEME.match(url):
+        return False
     try:
-        make_url(url).get_dialect()
-    except Exception:  # ArgumentError, NoSuchModuleError, ValueError for a bad port, ...
+        URL.create(scheme).get_dialect()
+    except Exception:  # NoSuchModuleError, or ArgumentError for a malformed scheme
         return False
     return True
 
@@ -113,13 +117,14 @@ def check_unambiguous(url: str, field: str) -> None:
     file, models:/...) pass unchecked.
 
     Raises:
-        ConfigError: the readings differ; the message names ``field`` and shows the URL masked.
+        ConfigError: the readings differ, or SQLAlchemy cannot read the URL; the message names
+            ``field`` and shows the URL masked.
     """
     if not is_database_url(url):
         return
     sqlalchemy, rfc3986 = _readings(url)
     _remember(url, (sqlalchemy, rfc3986))
-    if sqlalchemy != rfc3986:
+    if sqlalchemy is None or sqlalchemy != rfc3986:
         raise ConfigError(
             f"{field}: {redact_url(url)}: SQLAlchemy and RFC 3986 read the user, password or "
             "host of this URL differently (a raw '/', '@', '#', '?' or '%' in the password?); "

@@ -118,3 +118,12 @@ def test_a_url_with_a_blank_in_its_password_is_masked_in_texts_once_read():
     check_unambiguous(url, "tune.storage")  # regflow reads every storage URL before using it
     masked = redact_text(f"cannot open {url} (timeout)")
     assert masked == "cannot open postgresql://regflow:***@db/optuna (timeout)"
+
+
+def test_a_database_url_sqlalchemy_cannot_read_is_refused_masked():
+    url = "postgresql+psycopg://special:SECRET/PW @#%:x@127.0.0.1:5432/optuna"  # port "x@127..."
+    with pytest.raises(ConfigError) as error:
+        check_unambiguous(url, "tune.storage")
+    assert str(error.value).startswith(
+        "tune.storage: postgresql+psycopg://special:***@127.0.0.1:5432/optuna: SQLAlchemy and "
+        "RFC 3986 read")
