@@ -351,7 +351,10 @@ def kill_and_restart(model: str, log: Path, valid_body: bytes, pythonpath: str,
         result.update(restart="failed", restart_error=str(exc)[-300:])
     else:
         status, _ = post_raw(restarted.url, valid_body)
-        result.update(restart="ok", status_after_restart=status,
+        time.sleep(3)  # an orphan may have answered the ping for a restart that failed to bind
+        exited = restarted.process.poll()
+        result.update(restart="ok" if exited is None else f"failed: exited with {exited}",
+                      status_after_restart=status,
                       restart_to_answer_s=round(time.monotonic() - restart, 1))
         stop_server(restarted)
     for child in survivors:
