@@ -66,8 +66,13 @@ HOSTILE = {
         lambda valid: {"fixed": [valid["fixed"]], "moving": [nifti_gz_bomb((64,) * 3, 4096)]},
         413, "inputs.moving[0]: gzip data inflates past the 1,048,928 bytes its NIfTI header "
              "declares"),
-    "gzip-bomb-256^3-header": (
+    "gzip-bomb-256^3-header": (  # fits the budget: inflated (to 64 MiB) one at a time
         lambda valid: {"fixed": [valid["fixed"]], "moving": [nifti_gz_bomb((256,) * 3, 65)]},
+        413, "inputs.moving[0]: gzip data inflates past the 67,109,216 bytes its NIfTI header "
+             "declares"),
+    "256^3-pair-over-the-memory-budget": (
+        lambda valid: {"fixed": [nifti_gz_bomb((256,) * 3, 65)],
+                       "moving": [nifti_gz_bomb((256,) * 3, 65)]},
         413, "MiB of memory, over the 576 MiB a server worker may use (REGFLOW_MAX_MEMORY)"),
     "too-many-pairs": (
         lambda valid: {"fixed": [valid["fixed"]] * 9, "moving": [valid["fixed"]] * 9},
