@@ -2,12 +2,13 @@
 
 Facts measured here (printed with -s): time to the answer, the peak RSS of the server's whole
 process tree (sampled every 10 ms), error body sizes. Asserted for every attack, sent once and then
-16 times at once: the status and a message naming the limit or the field, a refusal in under 1 s,
-the tree's peak RSS under 1.5 GB, error bodies under 2 KB that never quote the base64 input, and
-the valid request answered exactly as before right after. Default limits apply (REGFLOW_MAX_VOXELS
-256^3, _PAIRS 8, _CHANNELS 16, _MEMORY 768 MiB, REGFLOW_MIN_SIZE 8; the tiny model refines 0
-steps, so REGFLOW_MAX_REFINE_STEPS is 0). The attacks are those of benchmarks.serving_attacks,
-which measures them against a trained model before and after.
+16 times at once: the status and a message naming the limit or the field, a refusal within
+seconds (before the work, which takes minutes), the tree's peak RSS under 1.5 GB, error bodies
+under 2 KB that never quote the base64 input, and the valid request answered exactly as before
+right after. Default limits apply (REGFLOW_MAX_VOXELS 256^3, _PAIRS 8, _CHANNELS 16, _MEMORY 768
+MiB, REGFLOW_MIN_SIZE 8; the tiny model refines 0 steps, so REGFLOW_MAX_REFINE_STEPS is 0). The
+attacks are those of benchmarks.serving_attacks, which measures them against a trained model
+before and after.
 """
 
 import json
@@ -35,7 +36,7 @@ from regflow.codec import decode_volume
 
 pytestmark = pytest.mark.slow
 
-REFUSAL_S = 1.0
+REFUSAL_S = 5.0  # refused without the work (which takes 30 s to minutes); generous on a shared CPU
 MAX_RSS = 1.5e9
 MAX_ERROR_BODY = 2048
 HOSTILE_CLIENTS = 16
