@@ -397,13 +397,14 @@ def serve_command(model_uri: str, host: str, port: int, workers: int
     The variables name the model and the project's store (:func:`regflow.tracking.tracking_uri`)
     and keep MLflow quiet and offline; see :mod:`regflow.serving_app`.
     """
-    from regflow.serving_app import APP, GRACE_S, MODEL_ENV
+    from regflow.serving_app import APP, GRACE_S, HEALTHCHECK_S, MODEL_ENV
     from regflow.tracking import QUIET_ENV, tracking_uri
 
     env = {**QUIET_ENV, MODEL_ENV: model_uri, "MLFLOW_TRACKING_URI": tracking_uri()}
     command = [sys.executable, "-m", "uvicorn", "--factory", APP, "--host", host,
                "--port", str(port), "--workers", str(workers),
-               "--timeout-graceful-shutdown", str(GRACE_S)]
+               "--timeout-graceful-shutdown", str(GRACE_S),
+               "--timeout-worker-healthcheck", str(HEALTHCHECK_S)]
     return command, env
 
 

@@ -6,7 +6,9 @@ supervisor with SIGKILL leaves its workers (reparented to init) holding the port
 fails with "Address already in use". ``regflow serve`` instead runs uvicorn in its own process
 (:func:`serve_model`): with one worker the server is that process; with several it is their
 supervisor, and each worker watches it (:func:`watch_parent`) and shuts down within
-:data:`WATCH_S` when it is gone. A restart waits up to :data:`PORT_WAIT_S` for the port.
+:data:`WATCH_S` when it is gone. A restart waits up to :data:`PORT_WAIT_S` for the port. Workers
+get :data:`HEALTHCHECK_S` to answer their supervisor's health checks (uvicorn's 5 s replaced
+workers that were still loading the model on a busy machine, again and again).
 
 The endpoints are MLflow's own (``/invocations``, ``/ping``, ``/health``, ``/version``), built by
 :func:`mlflow.pyfunc.scoring_server.init`. In front of ``POST /invocations``,
@@ -42,6 +44,7 @@ APP = "regflow.serving_app:create_app"
 PARSE_FACTOR = 8  # bytes of memory per byte of a request body until the model has decoded it
 WATCH_S = 0.5  # how often a worker checks that its supervisor is alive
 GRACE_S = 10  # requests in flight get this long to finish when the server stops
+HEALTHCHECK_S = 60  # a worker that does not answer its supervisor this long is replaced
 PORT_WAIT_S = 15.0  # how long a (re)start waits for its port to be released
 DRAIN_BYTES = 2**30  # a refused body is read and dropped up to this size before the answer
 
@@ -134,16 +137,21 @@ async def _answer(send: Send, error: ServingError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_APP_BUILT = threading.Event()  # set once this worker's app is built and it may serve
+
+
 def watch_parent(parent: int, every_s: float = WATCH_S) -> threading.Thread:
     """Start a daemon thread that ends this worker when process ``parent`` is no longer its
-    parent: SIGTERM to itself (uvicorn's graceful shutdown, which stops listening at once), then
-    an exit after :data:`GRACE_S` if it is still running."""
+    parent: at once while the worker is still loading its model, else by SIGTERM to itself
+    (uvicorn's graceful shutdown, which stops listening at once) and an exit :data:`GRACE_S`
+    later if it is still running."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(every_s)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(GRACE_S + 5)
+        if _APP_BUILT.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(GRACE_S + 5)
         os._exit(1)
 
     thread = threading.Thread(target=watch, name="regflow-watch-parent", daemon=True)
@@ -162,7 +170,9 @@ def create_app() -> ASGIApp:
     if parent and parent != os.getpid():
         watch_parent(parent)
     model = mlflow.pyfunc.load_model(os.environ[MODEL_ENV])
-    return Admission(scoring_server.init(model), Limits.from_env())
+    app = Admission(scoring_server.init(model), Limits.from_env())
+    _APP_BUILT.set()
+    return app
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = PORT_WAIT_S) -> None:
@@ -217,4 +227,4 @@ def serve_model(model_uri: str, host: str, port: int, workers: int) -> None:
     os.environ.update(serve_environment(local, os.getpid()))
     wait_for_port(host, port)
     uvicorn.run(APP, factory=True, host=host, port=port, workers=workers,
-                timeout_graceful_shutdown=GRACE_S)
+                timeout_graceful_shutdown=GRACE_S, timeout_worker_healthcheck=HEALTHCHECK_S)
