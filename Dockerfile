@@ -8,8 +8,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     DO_NOT_TRACK=true \
     DVC_NO_ANALYTICS=1
 
+# tini as PID 1: reaps orphans and passes signals on, so that `docker stop` and a killed
+# `regflow serve` end the whole server (its workers also watch their parent)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git=1:2.* \
+    && apt-get install -y --no-install-recommends git=1:2.* tini=0.19.* \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 regflow
 
@@ -21,5 +23,5 @@ RUN pip install --no-deps .
 COPY params.yaml dvc.yaml ./
 
 USER 1000:1000
-ENTRYPOINT ["regflow"]
+ENTRYPOINT ["tini", "-g", "--", "regflow"]
 CMD ["--help"]

@@ -33,7 +33,7 @@ setup: $(STAMP)
 repro: setup
 	$(VENV_PATH) $(BIN)/dvc repro
 
-# mlflow models serve -m $(MODEL) --env-manager local, through `regflow serve` (tracking URI, PATH)
+# `regflow serve`: MLflow's scoring app for $(MODEL) under uvicorn, admission control, workers that end with it
 serve: setup
 	$(VENV_PATH) $(BIN)/regflow serve --model $(MODEL) --host $(HOST) --port $(PORT)
 

@@ -29,7 +29,7 @@ from regflow.config import (
 )
 from regflow.errors import RegflowError
 from regflow.fileio import check_writable_dir, check_writable_file
-from regflow.redact import redact_text
+from regflow.redact import redact_text, redact_value
 
 MIRROR_ENV = "REGFLOW_DATA_MIRROR"
 OUTPUTS_META = "regflow.outputs"
@@ -534,34 +534,38 @@ def export(config: Config, checkpoint: str, out: str, half: bool) -> None:
 @click.option("--moving-label", type=click.Path(dir_okay=False), help="Moving label (optional).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait.")
+@click.option("--refine-steps", type=click.IntRange(min=0),
+              help="Refinement steps to ask for (0: the network alone; default: the server's).")
 def request(url: str, fixed: str, moving: str, moving_label: str | None, out: str,
-            timeout: float) -> None:
-    """Send a pair to a running `mlflow models serve` (URL) and write the answer as NIfTI."""
+            timeout: float, refine_steps: int | None) -> None:
+    """Send a pair to a running model server (URL) and write the answer as NIfTI."""
     from regflow.client import invocations_endpoint, request_registration
 
     invocations_endpoint(url)
     claim_output(out, folder=True)
-    written = request_registration(url, Path(fixed), Path(moving),
-                                   Path(moving_label) if moving_label else None, Path(out),
-                                   timeout)
-    click.echo(f"wrote {', '.join(str(path) for path in written)}")
+    answer = request_registration(url, Path(fixed), Path(moving),
+                                  Path(moving_label) if moving_label else None, Path(out),
+                                  timeout, refine_steps)
+    applied = ("" if answer.refine_steps is None else
+               f" ({answer.refine_steps} refinement steps, {answer.time_s:.3f} s on the server)")
+    click.echo(f"wrote {', '.join(str(path) for path in answer.written)}{applied}")
 
 
 def serve_command(model_uri: str, host: str, port: int, workers: int
                   ) -> tuple[list[str], dict[str, str]]:
-    """The ``mlflow models serve`` command line and environment that ``regflow serve`` runs.
+    """The uvicorn command line and the variables ``regflow serve`` runs the server with.
 
-    The environment puts this interpreter's bin folder first on PATH (MLflow starts ``uvicorn``
-    by name, so an unactivated venv would otherwise exit 127), points MLflow at the project's
-    store (:func:`regflow.tracking.tracking_uri`) and keeps it quiet and offline.
+    The variables name the model and the project's store (:func:`regflow.tracking.tracking_uri`)
+    and keep MLflow quiet and offline; see :mod:`regflow.serving_app`.
     """
+    from regflow.serving_app import APP, GRACE_S, HEALTHCHECK_S, MODEL_ENV
     from regflow.tracking import QUIET_ENV, tracking_uri
 
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**QUIET_ENV, **os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
-    env["PATH"] = os.pathsep.join([bin_dir, *filter(None, [os.environ.get("PATH")])])
-    command = ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-h", host, "-p", str(port), "--workers", str(workers)]
+    env = {**QUIET_ENV, MODEL_ENV: model_uri, "MLFLOW_TRACKING_URI": tracking_uri()}
+    command = [sys.executable, "-m", "uvicorn", "--factory", APP, "--host", host,
+               "--port", str(port), "--workers", str(workers),
+               "--timeout-graceful-shutdown", str(GRACE_S),
+               "--timeout-worker-healthcheck", str(HEALTHCHECK_S)]
     return command, env
 
 
@@ -573,19 +577,24 @@ def serve_command(model_uri: str, host: str, port: int, workers: int
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
               help="Server worker processes.")
 @click.option("--print-command", is_flag=True,
-              help="Print the command and the head of its PATH instead of running it.")
+              help="Print the equivalent uvicorn command and its variables instead of serving.")
 def serve(model_uri: str, host: str, port: int, workers: int, print_command: bool) -> None:
-    """Serve a registered model: `mlflow models serve --env-manager local` (POST /invocations).
+    """Serve a registered model: MLflow's scoring server (POST /invocations, GET /ping) run by
+    uvicorn in this process, its workers ending with it.
 
     Works from an unactivated venv; the model store is the project's (or $MLFLOW_TRACKING_URI).
     """
+    from regflow.serving_app import MODEL_ENV, serve_model
+
     command, env = serve_command(model_uri, host, port, workers)
     if print_command:
         click.echo(shlex.join(command))
-        click.echo(f"PATH={env['PATH'].split(os.pathsep)[0]}{os.pathsep}...")
-        click.echo(f"MLFLOW_TRACKING_URI={redact_text(env['MLFLOW_TRACKING_URI'])}")
+        for name in (MODEL_ENV, "MLFLOW_TRACKING_URI"):
+            click.echo(f"{name}={redact_value(env[name])}")
         return
-    os.execvpe(command[0], command, env)
+    for name, value in env.items():
+        os.environ.setdefault(name, value)
+    serve_model(model_uri, host, port, workers)
 
 
 def main() -> None:

@@ -7,12 +7,14 @@ import http.client
 import json
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from regflow.codec import decode_volume
+from regflow.codec import REPORT_FIELDS, RESPONSE_FIELDS, decode_volume
 from regflow.data.io import write_nifti
 from regflow.errors import DataError, RegflowError
 from regflow.redact import redact_url
@@ -76,22 +78,49 @@ def post_json(url: str, payload: dict, timeout: float) -> dict:
     return answer
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A registration written by :func:`request_registration`.
+
+    Attributes:
+        written: the files, in the order of the answer's fields.
+        refine_steps: the refinement steps the server applied (None unless asked for).
+        time_s: the seconds the server spent on the pair (None unless steps were asked for).
+    """
+
+    written: list[Path]
+    refine_steps: int | None = None
+    time_s: float | None = None
+
+
 def request_registration(url: str, fixed: Path, moving: Path, moving_label: Path | None,
-                         out_dir: Path, timeout: float = 120.0) -> list[Path]:
+                         out_dir: Path, timeout: float = 120.0,
+                         refine_steps: int | None = None) -> Answer:
     """Register a pair on a server; write ddf/warped/warped_label NIfTI files into out_dir.
 
     Every field is decoded before any file is written, so a malformed answer writes nothing;
     each file appears whole (see :func:`regflow.data.io.write_nifti`).
 
+    Args:
+        url: the server (``http://HOST:PORT``).
+        fixed, moving, moving_label: the files to send as they are.
+        out_dir: where to write the answer.
+        timeout: seconds to wait for it.
+        refine_steps: refinement steps to ask for (None: the served model's own; 0: its network
+            alone).
+
     Returns:
-        The written files (the DDF as a (*S, ndim) vector image).
+        The files written (the DDF as a (*S, ndim) vector image) and what the server applied.
     """
-    inputs = {"fixed": [encode_file(fixed)], "moving": [encode_file(moving)]}
+    inputs: dict[str, Any] = {"fixed": [encode_file(fixed)], "moving": [encode_file(moving)]}
     if moving_label is not None:
         inputs["moving_label"] = [encode_file(moving_label)]
+    if refine_steps is not None:
+        inputs["refine_steps"] = refine_steps
     predictions = post_json(url, {"inputs": inputs}, timeout).get("predictions", {})
     volumes = {}
-    for field, values in predictions.items():
+    for field in RESPONSE_FIELDS:
+        values = predictions.get(field)
         if not values or values[0] is None:
             continue
         array, affine, _ = decode_volume(values[0], f"predictions.{field}[0]", channels=True)
@@ -99,5 +128,7 @@ def request_registration(url: str, fixed: Path, moving: Path, moving_label: Path
         volumes[field] = (array.transpose(1, 2, 3, 0) if array.ndim == 4 else array,
                           np.eye(4) if affine is None else affine)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [write_nifti(out_dir / f"{field}.nii.gz", array, affine)
-            for field, (array, affine) in volumes.items()]
+    written = [write_nifti(out_dir / f"{field}.nii.gz", array, affine)
+               for field, (array, affine) in volumes.items()]
+    reported = {field: (predictions.get(field) or [None])[0] for field in REPORT_FIELDS}
+    return Answer(written, reported["refine_steps"], reported["time_s"])

@@ -6,10 +6,13 @@ schema, so MLflow passes every field on untouched) or, for the ``dataframe_*`` f
 DataFrame; :func:`read_request` accepts both, and the raw JSON dict too. ``null`` (JSON null, None,
 NaN) means absent: a ``moving_label`` that is null, or null for one pair, is no label. Every problem
 is a :class:`RequestError` naming the field (``inputs.moving[0]: not valid base64``), an unknown
-field included. A request over a resource limit (:mod:`regflow.limits`) is a
+field included. Beside the volumes a request may carry one setting, ``refine_steps`` (an integer
+for every pair, or one per pair); an answer to such a request adds the :data:`REPORT_FIELDS`. A
+request over a resource limit (:mod:`regflow.limits`) is a
 :class:`~regflow.errors.RequestTooLarge`, found from the file headers (the first 540 inflated bytes
 of a ``.nii.gz``, the header of a ``.npy``) before any voxel data is inflated or decoded; inflating
-stops at the size the header declares.
+stops at the size the header declares. Images whose header geometry cannot be registered are
+refused there too (:mod:`regflow.geometry`).
 
 Layout on the wire: NIfTI stores channels last (``(D, H, W, C)`` or ``(D, H, W, 1, C)``, as
 DeepReg's label files do); ``.npy`` stores the channel-first array as it is (``(C, D, H, W)``).
@@ -34,12 +37,15 @@ import numpy as np
 
 from regflow.arrays import to_numpy
 from regflow.errors import RegflowError, RequestTooLarge
+from regflow.geometry import DEFAULT_MIN_SIZE, check_geometry
 from regflow.limits import DEFAULT_LIMITS, ENV_VARS, Limits
 
 ENCODINGS = ("nii.gz", "npy")
 REQUIRED_FIELDS = ("fixed", "moving")
 OPTIONAL_FIELDS = ("moving_label",)
+SETTING_FIELDS = ("refine_steps",)
 RESPONSE_FIELDS = ("ddf", "warped", "warped_label")
+REPORT_FIELDS = ("refine_steps", "time_s")  # answered when a request asks for a setting
 MAX_HEADER_BYTES = 2**20  # a NIfTI header with its extensions, before the voxel data
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -128,12 +134,14 @@ def _inflate(payload: bytes, max_bytes: int, name: str) -> tuple[bytes, bool]:
 
 @dataclass(frozen=True)
 class _Header:
-    """What a file header declares: stored shape and dtype, where the voxel data starts."""
+    """What a file header declares: stored shape and dtype, where the voxel data starts, and the
+    voxel-to-world affine (NIfTI: sform, else qform, else the voxel sizes; npy: none)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
     offset: int
     fortran_order: bool = False
+    affine: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -152,12 +160,13 @@ def _nifti_header(head: bytes, name: str) -> _Header | None:
         header = header_class(binaryblock=head[:size], check=True)
         shape = tuple(int(length) for length in header.get_data_shape())
         dtype, offset = header.get_data_dtype(), int(header.get_data_offset())
+        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     except Exception as exc:  # nibabel raises several types for inconsistent headers
         raise RequestError(f"{name}: unreadable NIfTI header ({exc.__class__.__name__})") from None
     if not size <= offset <= MAX_HEADER_BYTES:
         raise RequestError(f"{name}: NIfTI voxel data offset {offset} outside {size}.."
                            f"{MAX_HEADER_BYTES} bytes")
-    return _Header(shape, dtype, offset)
+    return _Header(shape, dtype, offset, affine=affine)
 
 
 def _npy_header(payload: bytes, name: str) -> _Header:
@@ -240,6 +249,11 @@ class EncodedVolume:
     def spatial_shape(self) -> tuple[int, ...]:
         """(D, H, W) as the header declares it."""
         return self.layout.spatial
+
+    @property
+    def affine(self) -> np.ndarray | None:
+        """(4, 4) voxel-to-world matrix (mm) as the header declares it; None for npy."""
+        return self.header.affine
 
     def decode(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Inflate (no further than the header's size) and decode the voxel data.
@@ -369,12 +383,19 @@ def _names(names: Sequence[Any], shown: int = 5, length: int = 40) -> str:
 
 @dataclass(frozen=True)
 class EncodedPair:
-    """One registration pair of a request, every header checked; :meth:`decode` reads it."""
+    """One registration pair of a request, every header checked; :meth:`decode` reads it.
+
+    Attributes:
+        index: the pair's place in the request.
+        fixed, moving, moving_label: its volumes (no label: None).
+        refine_steps: the refinement steps the request asks for (None: the model's own).
+    """
 
     index: int
     fixed: EncodedVolume
     moving: EncodedVolume
     moving_label: EncodedVolume | None
+    refine_steps: int | None = None
 
     @property
     def encoding(self) -> str:
@@ -403,34 +424,42 @@ def _fields(payload: Any) -> Mapping[str, Any]:
     return payload
 
 
-def read_request(payload: Any, limits: Limits = DEFAULT_LIMITS) -> list[EncodedPair]:
+def read_request(payload: Any, limits: Limits = DEFAULT_LIMITS,
+                 smallest: int = DEFAULT_MIN_SIZE) -> list[EncodedPair]:
     """Check a serving request without decoding any voxel data.
 
-    Fields, list lengths, the pair count and every volume's header (format, shape, the limits)
-    are checked for the whole request before anything is inflated, so a request over a limit
-    is refused at the cost of its own size. :meth:`EncodedPair.decode` then reads one pair.
+    Fields, list lengths, the pair count, settings and every volume's header (format, shape,
+    geometry, the limits) are checked for the whole request before anything is inflated, so a
+    request over a limit is refused at the cost of its own size. :meth:`EncodedPair.decode` then
+    reads one pair.
 
     Args:
         payload: what ``predict`` receives: a dict of field -> list / numpy array, a pandas
             DataFrame with one string column per field, or the raw ``{"inputs": {...}}`` JSON dict.
             Fields: ``fixed``, ``moving`` (required), ``moving_label`` (optional; a null field, or
             a null / NaN entry, means no label for that pair). All lists have the same length.
+            Setting: ``refine_steps`` (optional): a non-negative integer for every pair, or a
+            list of one per pair (null: the model's own).
         limits: pairs per request, voxels and channels per volume.
+        smallest: the smallest size along an axis of a fixed or moving image (voxels).
 
     Returns:
         One :class:`EncodedPair` per pair, in request order.
 
     Raises:
         RequestTooLarge: more pairs, voxels or channels than ``limits`` allow.
-        RequestError: missing/unknown field, unequal list lengths, or a bad volume (named).
+        GeometryError: an image whose header affine or size cannot be registered (named).
+        RequestError: missing/unknown field, unequal list lengths, a bad setting or a bad volume
+            (named).
     """
     payload = _fields(payload)
-    allowed = REQUIRED_FIELDS + OPTIONAL_FIELDS
+    allowed = REQUIRED_FIELDS + OPTIONAL_FIELDS + SETTING_FIELDS
     unknown = [field for field in payload if field not in allowed]
     if unknown:
         raise RequestError(f"inputs: unknown field(s) {_names(unknown)}; "
                            f"expected {', '.join(allowed)}")
-    columns = {field: _column(payload[field], field) for field in allowed if field in payload}
+    columns = {field: _column(payload[field], field) for field in REQUIRED_FIELDS +
+               OPTIONAL_FIELDS if field in payload}
     columns = {field: values for field, values in columns.items() if values is not None}
     missing = [field for field in REQUIRED_FIELDS if field not in columns]
     if missing:
@@ -441,12 +470,40 @@ def read_request(payload: Any, limits: Limits = DEFAULT_LIMITS) -> list[EncodedP
         if len(values) != count:
             raise RequestError(
                 f"inputs.{field}: {len(values)} volumes but inputs.fixed has {count}")
-    return [_read_pair(columns, index, limits) for index in range(count)]
+    steps = _refine_steps(payload.get("refine_steps"), count)
+    return [_read_pair(columns, index, steps[index], limits, smallest) for index in range(count)]
 
 
-def _read_pair(columns: Mapping[str, list[Any]], index: int, limits: Limits) -> EncodedPair:
+def _refine_steps(values: Any, count: int) -> list[int | None]:
+    """``refine_steps`` of every pair: one integer for all, or a list of one per pair."""
+    if hasattr(values, "tolist") and not isinstance(values, str):  # numpy (0-d too), pandas
+        values = values.tolist()
+    if isinstance(values, list) and len(values) == 1 and isinstance(values[0], list):
+        values = values[0]  # one DataFrame row of lists
+    if not isinstance(values, list):
+        values = [values] * count
+    elif len(values) != count:
+        raise RequestError(f"inputs.refine_steps: {len(values)} values but inputs.fixed has "
+                           f"{count}; give one integer, or one per pair")
+    steps = []
+    for value in values:
+        if _is_missing(value):
+            steps.append(None)
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            steps.append(value)
+        else:
+            shown = str(value)[:40]
+            raise RequestError(f"inputs.refine_steps: expected a non-negative integer (0: the "
+                               f"network alone), got {shown!r}")
+    return steps
+
+
+def _read_pair(columns: Mapping[str, list[Any]], index: int, refine_steps: int | None,
+               limits: Limits, smallest: int) -> EncodedPair:
     fixed = inspect_volume(columns["fixed"][index], f"inputs.fixed[{index}]", limits=limits)
     moving = inspect_volume(columns["moving"][index], f"inputs.moving[{index}]", limits=limits)
+    for image in (fixed, moving):
+        check_geometry(image.name, image.spatial_shape, image.affine, smallest)
     label_text = columns["moving_label"][index] if "moving_label" in columns else None
     moving_label = None
     if not _is_missing(label_text):
@@ -455,7 +512,7 @@ def _read_pair(columns: Mapping[str, list[Any]], index: int, limits: Limits) -> 
         if moving_label.spatial_shape != moving.spatial_shape:
             raise RequestError(f"{name}: shape {moving_label.spatial_shape} does not match "
                                f"inputs.moving[{index}] shape {moving.spatial_shape}")
-    return EncodedPair(index, fixed, moving, moving_label)
+    return EncodedPair(index, fixed, moving, moving_label, refine_steps)
 
 
 def parse_request(payload: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
@@ -488,13 +545,15 @@ def encode_result(result: Mapping[str, Any], encoding: str) -> dict[str, str]:
             for field in RESPONSE_FIELDS if result.get(field) is not None}
 
 
-def join_results(encoded: Sequence[Mapping[str, str]]) -> dict[str, list[str | None]]:
-    """The ``predictions`` mapping from :func:`encode_result` outputs, one per pair.
+def join_results(encoded: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """The ``predictions`` mapping from :func:`encode_result` outputs, one per pair, with the
+    :data:`REPORT_FIELDS` (settings applied, seconds) of pairs that have them.
 
     A field no pair has is left out (e.g. no ``ddf`` for the conditional method); a pair lacking
     a field another pair has gets None there.
     """
-    fields = [field for field in RESPONSE_FIELDS if any(field in pair for pair in encoded)]
+    fields = [field for field in RESPONSE_FIELDS + REPORT_FIELDS
+              if any(field in pair for pair in encoded)]
     return {field: [pair.get(field) for pair in encoded] for field in fields}
 
 

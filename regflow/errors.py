@@ -14,7 +14,15 @@ class DataError(RegflowError):
 
 
 class RequestTooLarge(RegflowError):
-    """An input exceeds a configured resource limit (voxels, bytes, pairs): HTTP 413."""
+    """An input exceeds a configured resource limit (voxels, bytes, pairs, memory): HTTP 413."""
+
+
+class ServerBusy(RegflowError):
+    """The server's memory budget stayed taken for as long as a request may wait: HTTP 503."""
+
+
+class GeometryError(DataError):
+    """A volume's grid or affine cannot be registered (singular, non-finite, too small): 400."""
 
 
 class NothingToRegister(DataError):

@@ -24,8 +24,10 @@ reproduces "warped". With both images on one grid this is DeepReg's DDF.
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,15 @@ from regflow import shipping, spatial
 from regflow.config import Config, EvaluateConfig, LossConfig, PreprocessConfig
 from regflow.data.io import read_volume
 from regflow.data.manifest import PreprocessingRecord, PreprocessSettings
-from regflow.data.preprocess import process_image
+from regflow.data.preprocess import process_image, resampled_shape
 from regflow.errors import NothingToRegister, RegflowError
+from regflow.geometry import check_geometry, min_size
 from regflow.models import RegistrationModel, select_device
 from regflow.refine import RefineSettings, SimilarityLoss, affine_register, refine_ddf
 
 INITIALISATIONS = ("centre", "header")
 NO_MODEL = "none"
+RAW_SLAB_VOXELS = 2**16  # work on a raw grid is done in slabs of about this many voxels
 
 
 @dataclass(frozen=True)
@@ -123,13 +127,59 @@ def _homogeneous_ddf(matrix: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor
     return spatial.voxel_map_ddf(torch.from_numpy(reduced), shape)
 
 
+def slabs(shape: Sequence[int]) -> Iterator[slice]:
+    """Consecutive row ranges along axis 0 of a grid, each of about :data:`RAW_SLAB_VOXELS`."""
+    rows = max(1, RAW_SLAB_VOXELS // max(1, math.prod(shape[1:])))
+    for first in range(0, shape[0], rows):
+        yield slice(first, min(first + rows, shape[0]))
+
+
+def warp_raw(source: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """:func:`regflow.spatial.warp` onto a raw grid, slab by slab, so that the sampling grid
+    never exists whole.
+
+    Args:
+        source: (1, C, *S_moving) volume, any floating dtype.
+        ddf: (1, ndim, *S_fixed) DDF into the source's grid (voxels).
+
+    Returns:
+        (1, C, *S_fixed) float32, linear, zeros outside.
+    """
+    shape = tuple(ddf.shape[2:])
+    warped = torch.empty((1, source.shape[1], *shape), dtype=torch.float32)
+    offset = torch.zeros((1, len(shape)) + (1,) * len(shape), dtype=ddf.dtype)
+    for rows in slabs(shape):
+        offset[0, 0] = rows.start  # the slab's first row is row 0 of the grid warp sees
+        warped[:, :, rows] = spatial.warp(source, ddf[:, :, rows] + offset).float()
+    return warped
+
+
+def label_values(label: np.ndarray, ndim: int) -> np.ndarray | None:
+    """The non-zero values of an integer label map (each warped as its own mask by
+    :func:`warp_label`); None for a soft or multi-channel ``(*S, C)`` label."""
+    if label.ndim == ndim + 1:
+        return None
+    values = np.unique(label)
+    return values[values != 0] if np.array_equal(values, np.round(values)) else None
+
+
+def warped_channels(label: np.ndarray, ndim: int) -> int:
+    """How many channels :func:`warp_label` warps: one per non-zero value of an integer map,
+    the channels of a ``(*S, C)`` label, 1 for a soft map."""
+    values = label_values(label, ndim)
+    if values is not None:
+        return len(values)
+    return label.shape[-1] if label.ndim == ndim + 1 else 1
+
+
 def warp_label(label: np.ndarray, ddf: torch.Tensor, ndim: int) -> np.ndarray:
     """Warp a raw label by a raw-grid DDF, keeping its kind.
 
     An integer map comes back with its own values: each value is warped as a mask (linearly) and
-    every voxel takes the value whose mask is largest there, or 0 where none reaches 0.5. Soft or
-    multi-channel labels (``(*S, C)``, one-hot included) are warped linearly, channel by channel,
-    binary channels thresholded at 0.5.
+    every voxel takes the value whose mask is largest there (the smallest value on a tie), or 0
+    where none reaches 0.5; the masks are warped one at a time, so memory does not grow with the
+    number of values. Soft or multi-channel labels (``(*S, C)``, one-hot included) are warped
+    linearly, channel by channel, binary channels thresholded at 0.5.
 
     Args:
         label: (*S_moving) map or (*S_moving, C) channels, any dtype.
@@ -139,27 +189,22 @@ def warp_label(label: np.ndarray, ddf: torch.Tensor, ndim: int) -> np.ndarray:
     Returns:
         The warped label on the fixed grid, in the input's dtype.
     """
-    channels_last = label.ndim == ndim + 1
-    values = np.unique(label)
-    integer_map = not channels_last and np.array_equal(values, np.round(values))
-    if integer_map:
-        foreground = values[values != 0]
-        masks = np.stack([label == value for value in foreground]) if len(foreground) else \
-            np.zeros((0, *label.shape), bool)
-    else:
-        masks = np.moveaxis(label, -1, 0) if channels_last else label[None]
-    source = torch.from_numpy(masks.astype(np.float32))[None]
-    warped = spatial.warp(source, ddf.float())[0].numpy() if len(masks) else \
-        np.zeros((0, *ddf.shape[2:]), np.float32)
-    if integer_map:
+    foreground = label_values(label, ndim)
+    if foreground is not None:
         result = np.zeros(ddf.shape[2:], dtype=label.dtype)
-        if len(foreground):
-            best = warped.argmax(axis=0)
-            chosen = np.take_along_axis(warped, best[None], axis=0)[0] >= 0.5
-            result[chosen] = foreground[best[chosen]]
+        best = np.full(ddf.shape[2:], -1.0, dtype=np.float32)
+        for value in foreground:
+            mask = torch.from_numpy((label == value).astype(np.float32))[None, None]
+            warped = warp_raw(mask, ddf)[0, 0].numpy()
+            larger = warped > best
+            best[larger], result[larger] = warped[larger], value
+        result[best < 0.5] = 0
         return result
-    binary = np.isin(values, (0, 1)).all()
-    warped = (warped >= 0.5) if binary else warped
+    channels_last = label.ndim == ndim + 1
+    masks = np.moveaxis(label, -1, 0) if channels_last else label[None]
+    warped = warp_raw(torch.from_numpy(masks.astype(np.float32))[None], ddf)[0].numpy()
+    if np.isin(np.unique(label), (0, 1)).all():
+        warped = warped >= 0.5
     warped = warped.astype(label.dtype)
     return np.moveaxis(warped, 0, -1) if channels_last else warped[0]
 
@@ -189,9 +234,16 @@ class Registrar:
         self.model = model.to(self.device).eval() if model is not None else None
         self.record = record
         self.refine = refine
-        self.similarity = (
-            SimilarityLoss(loss_config, refine.regularization_multiplier(loss_config))
-            if refine.steps + refine.affine_steps > 0 else None)
+        self.loss_config = loss_config
+        self._similarity: SimilarityLoss | None = None
+
+    @property
+    def similarity(self) -> SimilarityLoss:
+        """The refinement loss (training image terms and regulariser), built on first use."""
+        if self._similarity is None:
+            self._similarity = SimilarityLoss(
+                self.loss_config, self.refine.regularization_multiplier(self.loss_config))
+        return self._similarity
 
     @property
     def ndim(self) -> int:
@@ -199,13 +251,16 @@ class Registrar:
         return self.record.ndim
 
     def register_tensors(self, moving: torch.Tensor, fixed: torch.Tensor,
-                         moving_label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                         moving_label: torch.Tensor | None = None,
+                         refine_steps: int | None = None) -> dict[str, torch.Tensor]:
         """Register a batch in the model's frame: network, then refinement.
 
         Args:
             moving: (B, 1, *S) moving images.
             fixed: (B, 1, *S) fixed images.
             moving_label: optional (B, L, *S) labels of the moving images (warped linearly).
+            refine_steps: refinement steps for this call (None: ``self.refine.steps``; 0: the
+                network's field as it is).
 
         Returns:
             On the CPU: "ddf" (B, ndim, *S) voxels, "warped" (B, 1, *S), "warped_label" when a
@@ -216,6 +271,8 @@ class Registrar:
         moving, fixed = moving.to(self.device), fixed.to(self.device)
         if self.conditional:
             return self._predict_labels(moving, fixed, moving_label)
+        settings = self.refine if refine_steps is None else replace(self.refine,
+                                                                   steps=refine_steps)
         self._synchronise()
         started = time.perf_counter()
         network: dict[str, torch.Tensor] = {}
@@ -226,12 +283,12 @@ class Registrar:
         else:
             network_ddf = torch.zeros(fixed.shape[0], self.ndim, *fixed.shape[2:],
                                       device=self.device)
-            if self.refine.affine_steps > 0:
-                network_ddf = affine_register(fixed, moving, self.similarity, self.refine)
+            if settings.affine_steps > 0:
+                network_ddf = affine_register(fixed, moving, self.similarity, settings)
         ddf = network_ddf
-        if self.refine.steps > 0:
+        if settings.steps > 0:
             with torch.enable_grad():
-                ddf = refine_ddf(fixed, moving, network_ddf, self.similarity, self.refine)
+                ddf = refine_ddf(fixed, moving, network_ddf, self.similarity, settings)
         self._synchronise()
         seconds = (time.perf_counter() - started) / fixed.shape[0]
         outputs = {"ddf": ddf, "network_ddf": network_ddf, "warped": spatial.warp(moving, ddf)}
@@ -279,6 +336,27 @@ class Registrar:
         tensor = torch.from_numpy(np.ascontiguousarray(processed, dtype=np.float32))
         return ModelFrame(tensor[None, None], processed_affine)
 
+    def frame_shape(self, spatial_shape: Sequence[int], affine: np.ndarray) -> tuple[int, ...]:
+        """The shape a raw image of this shape and affine is resampled to on its way into the
+        model's frame (:meth:`to_model_frame`), before the centred crop/pad: what the
+        preprocessing allocates, found without any voxel data.
+
+        Args:
+            spatial_shape: (*S) of the raw image.
+            affine: its (4, 4) voxel-to-world matrix (mm).
+        """
+        shape = tuple(int(size) for size in spatial_shape)
+        params = self._preprocess_params()
+        if params.resize:
+            return tuple(params.shape)
+        if len(shape) == 3:  # canonical(): the axes reordered closest to RAS
+            order = np.argsort(nib.io_orientation(affine)[:, 0])
+            affine = affine[:, [*order, 3]]
+            shape = tuple(shape[axis] for axis in order)
+        if params.spacing is None:
+            return shape
+        return resampled_shape(shape, affine, params.spacing)
+
     def _preprocess_params(self) -> PreprocessConfig:
         """The record's preprocessing, resampling to the model's voxel size when it has one
         (a model trained on resized images resizes instead)."""
@@ -288,7 +366,8 @@ class Registrar:
         return PreprocessConfig.model_validate(fields)
 
     def register_volumes(self, fixed: Volume, moving: Volume, moving_label: Volume | None = None,
-                         init: str = "centre") -> dict[str, Any]:
+                         init: str = "centre", refine_steps: int | None = None,
+                         smallest: int | None = None) -> dict[str, Any]:
         """Register one raw pair; every output on the raw fixed image's grid.
 
         Args:
@@ -297,6 +376,9 @@ class Registrar:
             moving_label: optional label on the moving image's grid: an integer map (values kept)
                 or (*S, C) channels (one-hot or soft).
             init: initial alignment of moving to fixed, "centre" or "header" (module docstring).
+            refine_steps: refinement steps for this pair (None: the registrar's own).
+            smallest: the smallest size along an axis accepted (None: ``REGFLOW_MIN_SIZE``,
+                see :mod:`regflow.geometry`).
 
         Returns:
             "ddf" (ndim, *S_fixed) float32 voxels (module docstring), "warped" (*S_fixed) float32
@@ -305,7 +387,9 @@ class Registrar:
 
         Raises:
             RegflowError: unknown ``init``, wrong dimensionality, a label whose grid differs from
-                its image; NothingToRegister: a constant image.
+                its image; GeometryError: a singular, non-finite or zero-spacing affine or a
+                volume too small (:func:`regflow.geometry.check_geometry`); NothingToRegister: a
+                constant image.
         """
         if self.conditional:
             raise RegflowError("a conditional model predicts labels, not a DDF; use "
@@ -313,6 +397,10 @@ class Registrar:
         if init not in INITIALISATIONS:
             raise RegflowError(f"init: expected one of {', '.join(INITIALISATIONS)}, got {init!r}")
         ndim = self.ndim
+        smallest = min_size() if smallest is None else smallest
+        for volume in (fixed, moving):
+            check_geometry(volume.source, volume.spatial_array(ndim).shape, volume.affine,
+                           smallest)
         if moving_label is not None and moving_label.array.shape[:ndim] != \
                 moving.array.shape[:ndim]:
             raise RegflowError(f"{moving_label.source}: label grid {moving_label.array.shape} "
@@ -325,13 +413,14 @@ class Registrar:
         moving_image = moving_frame.image
         if init != "centre":
             moving_image = spatial.warp(moving_image, _homogeneous_ddf(start, shape).float())
-        outputs = self.register_tensors(moving_image, fixed_frame.image)
+        outputs = self.register_tensors(moving_image, fixed_frame.image,
+                                        refine_steps=refine_steps)
         ddf = self.to_raw_grid(outputs["ddf"], fixed, moving, fixed_frame, moving_frame, start)
         moving_array = torch.from_numpy(
             np.asarray(moving.spatial_array(ndim), dtype=np.float32))[None, None]
         result: dict[str, Any] = {
-            "ddf": ddf[0].numpy().astype(np.float32),
-            "warped": spatial.warp(moving_array, ddf.float())[0, 0].numpy(),
+            "ddf": ddf[0].numpy(),
+            "warped": warp_raw(moving_array, ddf)[0, 0].numpy(),
             "time_s": float(outputs["time_s"]),
         }
         if moving_label is not None:
@@ -343,6 +432,9 @@ class Registrar:
                     ) -> torch.Tensor:
         """Carry a model-frame DDF onto the raw grids (module docstring's meaning).
 
+        Computed in float64, slab by slab (:func:`slabs`), so that beyond the result the memory
+        stays bounded whatever the raw grid's size.
+
         Args:
             ddf: (1, ndim, *shape) DDF on the fixed model grid, into the initialised moving.
             fixed, moving: the raw volumes (their affines and fixed shape).
@@ -350,19 +442,28 @@ class Registrar:
             start: (4, 4) fixed-model voxel -> moving-model voxel initial map.
 
         Returns:
-            (1, ndim, *S_fixed) float64 DDF from raw fixed voxels to raw moving voxels.
+            (1, ndim, *S_fixed) float32 DDF from raw fixed voxels to raw moving voxels.
         """
         ndim = self.ndim
         raw_shape = tuple(fixed.array.shape[:ndim])
         raw_to_model = np.linalg.inv(fixed_frame.affine) @ fixed.affine
-        to_model = _homogeneous_ddf(raw_to_model, raw_shape)  # x -> p = x + to_model[x]
-        model_ddf = spatial.warp(ddf.double(), to_model, padding="border")  # ddf at p
-        voxels = spatial.identity_grid(raw_shape, dtype=torch.float64)[None]
-        displaced = voxels + to_model + model_ddf  # q = p + ddf(p), fixed-model voxels
         to_moving = np.linalg.inv(moving.affine) @ moving_frame.affine @ start
         linear = torch.from_numpy(to_moving[:ndim, :ndim])
         shift = torch.from_numpy(to_moving[:ndim, 3]).reshape(1, ndim, *[1] * ndim)
-        return torch.einsum("ij,bj...->bi...", linear, displaced) + shift - voxels
+        model_ddf = ddf.double()
+        result = torch.empty((1, ndim, *raw_shape), dtype=torch.float32)
+        for rows in slabs(raw_shape):
+            slab_shape = (rows.stop - rows.start, *raw_shape[1:])
+            first_row = np.eye(4)
+            first_row[0, 3] = rows.start
+            # local voxel x of the slab -> p = x + to_model[x], fixed-model voxels
+            to_model = _homogeneous_ddf(raw_to_model @ first_row, slab_shape)
+            local = spatial.identity_grid(slab_shape, dtype=torch.float64)[None]
+            displaced = local + to_model + spatial.warp(model_ddf, to_model, padding="border")
+            local[:, 0] += rows.start  # the slab's voxels as voxels of the whole raw grid
+            moved = torch.einsum("ij,bj...->bi...", linear, displaced) + shift
+            result[:, :, rows] = (moved - local).float()
+        return result
 
 
 def refine_settings(evaluate: EvaluateConfig | None, steps: int | None = None
@@ -442,24 +543,39 @@ def record_from_config(config: Config) -> PreprocessingRecord:
                                preprocessing=settings)
 
 
-def checkpoint_path(spec: str) -> Path:
-    """A local checkpoint file for a path or an MLflow model URI (downloaded).
+def is_model_uri(spec: str) -> bool:
+    """Whether ``spec`` names an MLflow model (``models:/``, ``runs:/`` or any ``scheme://``)
+    rather than a local path."""
+    return "://" in spec or spec.startswith(("models:/", "runs:/"))
+
+
+def download_model(spec: str) -> Path:
+    """A local copy of an MLflow model URI, from the project's tracking store.
 
     Raises:
-        RegflowError: unknown model/alias, an unreachable store, or no checkpoint inside.
+        RegflowError: unknown model/alias or an unreachable store (named, credentials masked).
     """
-    if "://" not in spec and not spec.startswith(("models:/", "runs:/")):
-        return Path(spec)
     import mlflow
 
     from regflow import tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
     except Exception as exc:  # MLflow raises several kinds for unknown names and aliases
         raise RegflowError(f"{spec}: cannot load the model ({exc.__class__.__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def checkpoint_path(spec: str) -> Path:
+    """A local checkpoint file for a path or an MLflow model URI (downloaded).
+
+    Raises:
+        RegflowError: unknown model/alias, an unreachable store, or no checkpoint inside.
+    """
+    if not is_model_uri(spec):
+        return Path(spec)
+    local = download_model(spec)
     checkpoints = sorted(local.rglob("*.pt")) if local.is_dir() else [local]
     if not checkpoints:
         raise RegflowError(f"{spec}: no regflow checkpoint inside the model")

@@ -23,15 +23,18 @@ from mlflow.protos.databricks_pb2 import (
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
     RESOURCE_LIMIT_EXCEEDED,
+    TEMPORARILY_UNAVAILABLE,
 )
 
-from regflow.errors import NothingToRegister, RegflowError, RequestTooLarge
+from regflow.errors import NothingToRegister, RegflowError, RequestTooLarge, ServerBusy
 
-STATUS_OF_ERROR = ((RequestTooLarge, 413), (NothingToRegister, 422), (RegflowError, 400))
+STATUS_OF_ERROR = ((RequestTooLarge, 413), (NothingToRegister, 422), (ServerBusy, 503),
+                   (RegflowError, 400))
 INTERNAL_MESSAGE = "internal error; see the server log"
 MAX_MESSAGE_CHARS = 1000  # a message never carries a volume, whatever a client sends
-_ERROR_CODES = {400: BAD_REQUEST, 413: RESOURCE_LIMIT_EXCEEDED, 422: INVALID_PARAMETER_VALUE,
-                500: INTERNAL_ERROR, 504: DEADLINE_EXCEEDED}
+_ERROR_CODES = {400: BAD_REQUEST, 411: BAD_REQUEST, 413: RESOURCE_LIMIT_EXCEEDED,
+                422: INVALID_PARAMETER_VALUE, 500: INTERNAL_ERROR, 503: TEMPORARILY_UNAVAILABLE,
+                504: DEADLINE_EXCEEDED}
 
 _logger = logging.getLogger(__name__)
 
@@ -61,9 +64,9 @@ class ServingError(MlflowException):
 def serving_error(exc: BaseException) -> ServingError:
     """Map an exception raised while serving a request to its answer.
 
-    RequestTooLarge -> 413, NothingToRegister -> 422, any other RegflowError -> 400, each with the
-    error's one-line message (logged as a warning); anything else is a bug: 500 with
-    :data:`INTERNAL_MESSAGE`, the traceback logged here on the server side.
+    RequestTooLarge -> 413, NothingToRegister -> 422, ServerBusy -> 503, any other RegflowError
+    -> 400, each with the error's one-line message (logged as a warning); anything else is a
+    bug: 500 with :data:`INTERNAL_MESSAGE`, the traceback logged here on the server side.
     """
     for error_class, status in STATUS_OF_ERROR:
         if isinstance(exc, error_class):

@@ -5,13 +5,21 @@ The built-in PyTorch flavour cannot take a fixed and a moving image, so regflow 
 regflow.codec, inputs of any size go through the checkpoint's preprocessing and the outputs come
 back on the fixed image's grid (see regflow.inference.Registrar.register_volumes).
 
-The contract is hardened for a server facing untrusted clients: resource limits
-(:mod:`regflow.limits`, read from ``REGFLOW_MAX_*`` when the model loads) are checked from the
-file headers before anything is decoded; pairs are decoded, registered and encoded one at a time;
-errors become 413 / 422 / 400 / 500 answers with short bodies that never quote the request
-(:mod:`regflow.scoring_errors`); and a request still running when the server's own timeout
+The contract is hardened for a server facing untrusted clients. Before anything is decoded, the
+file headers are checked: geometry (:mod:`regflow.geometry`), and resource limits
+(:mod:`regflow.limits`, read from ``REGFLOW_*`` when the model loads) on the shapes as stored and
+as they will be resampled to the model's voxel size; the request's memory is estimated
+(:mod:`regflow.footprint`) and reserved from the worker's budget, waiting its turn behind other
+requests (:mod:`regflow.budget`). Pairs are then decoded, registered and encoded one at a time; a
+label map with too many values is refused once decoded, before it is warped. Errors become
+413 / 422 / 400 / 503 / 500 answers with short bodies that never quote the request
+(:mod:`regflow.scoring_errors`), and a request still running when the server's own timeout
 (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, after which the client already got a 504) has passed
 stops before its next pair.
+
+A request may ask for ``refine_steps`` (0: the network's field alone) up to
+``REGFLOW_MAX_REFINE_STEPS``; its answer then says, per pair, the steps applied and the seconds
+spent (``refine_steps``, ``time_s``). A request without it is answered exactly as before.
 """
 
 from __future__ import annotations
@@ -28,16 +36,20 @@ from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from regflow.budget import MemoryBudget, tune_allocator
 from regflow.codec import (
     RESPONSE_FIELDS,
+    EncodedPair,
     encode_result,
     encode_volume,
     join_results,
     read_request,
 )
 from regflow.config import load_config
-from regflow.inference import Volume, load_registrar
-from regflow.limits import Limits
+from regflow.footprint import PairPlan, peak_growth, request_bytes
+from regflow.geometry import min_size
+from regflow.inference import Volume, label_values, load_registrar
+from regflow.limits import COMPUTE_SHARE, ENV_VARS, Limits
 from regflow.scoring_errors import ServingError, serving_error
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -79,18 +91,37 @@ class RegflowPythonModel(mlflow.pyfunc.PythonModel):
     """Registers each requested pair with the checkpoint logged as artifact ``checkpoint``."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the checkpoint and its preprocessing record once per server worker."""
+        """Load the checkpoint and its preprocessing record once per server worker, read the
+        limits, and measure what the network and refinement allocate on the model's grid."""
+        tune_allocator()
         config_file = context.artifacts.get(CONFIG_ARTIFACT)
         config = load_config(config_file) if config_file else None
         self.registrar = load_registrar(context.artifacts[CHECKPOINT_ARTIFACT], config,
                                         device=torch.device("cpu"))
         self.limits = Limits.from_env()
+        self.min_size = min_size()
+        self.budget = MemoryBudget(int(COMPUTE_SHARE * self.limits.max_memory),
+                                   self.limits.queue_timeout_s, ENV_VARS["max_memory"])
         self.timeout_s = (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
                           if MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.is_set() else None)
+        self.model_bytes = {steps: self._measure_model(steps) for steps in (0, 1)}
+
+    def _measure_model(self, refine_steps: int) -> int:
+        """Bytes one registration on the model's grid allocates (random images; one refinement
+        step costs what every step costs); 0 for a conditional model, which serves no pair."""
+        if self.registrar.conditional:
+            return 0
+        shape = (1, 1, *self.registrar.record.shape)
+        generator = torch.Generator().manual_seed(0)
+        moving, fixed = torch.rand(shape, generator=generator), torch.rand(shape,
+                                                                          generator=generator)
+        return peak_growth(lambda: self.registrar.register_tensors(moving, fixed,
+                                                                   refine_steps=refine_steps))
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> dict[str, list[str | None]]:
-        """Check the whole request, then decode, register and encode one pair at a time.
+                params: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+        """Check the whole request, reserve its memory, then decode, register and encode one pair
+        at a time.
 
         ``model_input`` is what MLflow passes without an input schema: a dict of numpy arrays for
         ``{"inputs": ...}``, a DataFrame for the ``dataframe_*`` formats (see
@@ -98,23 +129,44 @@ class RegflowPythonModel(mlflow.pyfunc.PythonModel):
         from (it does not convert to it); it keeps MLflow from warning about type hints.
 
         Raises:
-            ServingError: 413 over a limit (``REGFLOW_MAX_VOXELS`` / ``_PAIRS`` / ``_CHANNELS``),
-                422 nothing to register, 400 any other request problem, 500 a bug (traceback in
-                the server log), 504 past the server's timeout; see
+            ServingError: 413 over a limit (``REGFLOW_MAX_VOXELS`` / ``_PAIRS`` / ``_CHANNELS`` /
+                ``_REFINE_STEPS`` / ``_MEMORY``), 422 nothing to register, 400 any other request
+                problem (bad geometry included), 503 no memory free in time, 500 a bug
+                (traceback in the server log), 504 past the server's timeout; see
                 :func:`regflow.scoring_errors.serving_error`.
         """
         started = time.monotonic()
         try:
-            encoded = []
-            for pair in read_request(model_input, self.limits):
-                self._check_deadline(started, pair.index)
-                result = self._register(pair.decode(), pair.index)
-                encoded.append(encode_result(result, pair.encoding))
+            plans = [self._plan(pair) for pair in read_request(model_input, self.limits,
+                                                               self.min_size)]
+            report = any(plan.pair.refine_steps is not None for plan in plans)
+            reservation = self.budget.reserve(
+                request_bytes(plans, lambda steps: self.model_bytes[min(steps, 1)]), "inputs")
+            try:
+                encoded = []
+                for plan in plans:
+                    self._check_deadline(started, plan.pair.index)
+                    encoded.append(self._answer(plan, report))
+            finally:
+                reservation.release_when_answered()
         except ServingError:
             raise
         except Exception as exc:
             raise serving_error(exc) from None
         return join_results(encoded)
+
+    def _plan(self, pair: EncodedPair) -> PairPlan:
+        """The pair's refinement steps and resampled shapes, checked against the limits."""
+        model_steps = self.registrar.refine.steps
+        if pair.refine_steps is not None:
+            self.limits.check_refine_steps("inputs.refine_steps", pair.refine_steps, model_steps)
+        frames = []
+        for volume in (pair.fixed, pair.moving):
+            affine = np.eye(4) if volume.affine is None else volume.affine
+            frames.append(self.registrar.frame_shape(volume.spatial_shape, affine))
+            self.limits.check_resampled(volume.name, frames[-1], self.registrar.record.spacing)
+        steps = model_steps if pair.refine_steps is None else pair.refine_steps
+        return PairPlan(pair, frames[0], frames[1], steps)
 
     def _check_deadline(self, started: float, index: int) -> None:
         """Stop a request whose client has had its 504: the server's timeout has passed."""
@@ -124,17 +176,29 @@ class RegflowPythonModel(mlflow.pyfunc.PythonModel):
             _logger.warning(message)
             raise ServingError(message, 504)
 
-    def _register(self, pair: dict[str, Any], index: int) -> dict[str, Any]:
-        label = pair["moving_label"]
+    def _answer(self, plan: PairPlan, report: bool) -> dict[str, Any]:
+        """Decode, register and encode one pair; with ``report``, the steps and seconds too."""
+        started = time.perf_counter()
+        pair, index, ndim = plan.pair.decode(), plan.pair.index, self.registrar.ndim
+        label = None
+        if pair["moving_label"] is not None:
+            label = _label_volume(pair["moving_label"], pair["moving_affine"],
+                                  f"inputs.moving_label[{index}]")
+            values = label_values(label.array, ndim)
+            if values is not None:
+                self.limits.check_channels(label.source, len(values),
+                                           "distinct non-zero label values")
         outputs = self.registrar.register_volumes(
             _volume(pair["fixed"], pair["fixed_affine"], f"inputs.fixed[{index}]"),
             _volume(pair["moving"], pair["moving_affine"], f"inputs.moving[{index}]"),
-            None if label is None else _label_volume(label, pair["moving_affine"],
-                                                     f"inputs.moving_label[{index}]"))
+            label, refine_steps=plan.refine_steps, smallest=self.min_size)
         result = {"ddf": outputs["ddf"], "warped": outputs["warped"],
                   "affine": pair["fixed_affine"]}
         if "warped_label" in outputs:
             warped = outputs["warped_label"]
-            result["warped_label"] = warped if warped.ndim == self.registrar.ndim else \
-                np.moveaxis(warped, -1, 0)
-        return result
+            result["warped_label"] = warped if warped.ndim == ndim else np.moveaxis(warped, -1, 0)
+        answer: dict[str, Any] = encode_result(result, pair["encoding"])
+        if report:
+            answer.update(refine_steps=plan.refine_steps,
+                          time_s=round(time.perf_counter() - started, 4))
+        return answer

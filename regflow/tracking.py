@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from regflow.config import Config, flatten
 from regflow.errors import RegflowError
-from regflow.redact import redact_text, redact_values
+from regflow.redact import check_unambiguous, redact_value, redact_values
 
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -72,9 +72,15 @@ def tracking_uri(repo_root: Path | None = None) -> str:
 
     Args:
         repo_root: the repository root; None: :func:`find_repo_root`.
+
+    Raises:
+        ConfigError: a database URI that SQLAlchemy and RFC 3986 read differently (see
+            :func:`regflow.redact.check_unambiguous`).
     """
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        check_unambiguous(uri, "MLFLOW_TRACKING_URI")
+        return uri
     root = Path(repo_root).resolve() if repo_root is not None else find_repo_root()
     return f"sqlite:///{root / 'mlflow.db'}"
 
@@ -196,7 +202,7 @@ def log_config(config: Config) -> None:
     """
     if not is_rank_zero():
         return
-    params = {_param_key(key): _param_value(redact_text(str(value)))
+    params = {_param_key(key): _param_value(redact_value(str(value)))
               for key, value in flatten(config).items()}
     try:
         mlflow.log_params(params)
@@ -293,7 +299,7 @@ def run_experiment_id(run_id: str) -> str:
         return mlflow.get_run(run_id).info.experiment_id
     except MlflowException:
         raise RegflowError(f"MLflow run {run_id}: not found in "
-                           f"{redact_text(mlflow.get_tracking_uri())}") from None
+                           f"{redact_value(mlflow.get_tracking_uri())}") from None
 
 
 def run_exists(run_id: str) -> bool:

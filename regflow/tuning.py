@@ -21,12 +21,13 @@ import json
 import os
 import shutil
 import time
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import mlflow
 import optuna
@@ -36,13 +37,14 @@ from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from regflow import fileio, tracking
 from regflow.config import Config, SearchParameter, apply_override, validate_config
 from regflow.engine import Trainer
 from regflow.errors import ConfigError
-from regflow.redact import redact_url
+from regflow.redact import check_unambiguous, redact_url, remember_secret
 
 FOLDING_ATTR = "folding_pct"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -94,23 +96,31 @@ def connection_url(url: str) -> str:
     set ``REGFLOW_STORAGE_PASSWORD`` to it, or ``REGFLOW_STORAGE_PASSWORD_FILE`` to a file that
     holds it (see :func:`storage_password`). The password is percent-encoded into the URL, so any
     character may appear in it. A URL that already carries a password, or has no host (SQLite),
-    is used as it is. Wherever regflow shows or logs the storage, the password is masked.
+    is used as it is, once SQLAlchemy and RFC 3986 read it alike
+    (:func:`regflow.redact.check_unambiguous`). Wherever regflow shows or logs the storage, the
+    password is masked.
 
     Raises:
-        ConfigError: a password is set but the URL names no user, or the file is unreadable.
+        ConfigError: a URL the two parsers read differently, a password set but no user in the
+            URL, or an unreadable password file.
     """
-    parts = urlsplit(url)
-    if not parts.hostname or parts.password is not None:
+    check_unambiguous(url, "tune.storage")
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a SQLAlchemy URL: build_storage reports it, masked
+        return url
+    if not parsed.host or parsed.password is not None:
         return url
     password = storage_password()
     if password is None:
         return url
-    user, _, host = parts.netloc.rpartition("@")
-    if not user:
+    if not parsed.username:
         raise ConfigError(f"tune.storage: a password is set in the environment but "
                           f"{redact_url(url)} names no user (write user@host)")
-    netloc = f"{user}:{quote(password, safe='')}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    remember_secret(password)
+    placeholder = uuid.uuid4().hex  # SQLAlchemy leaves "%", "#", "{", blanks unencoded
+    return parsed.set(password=placeholder).render_as_string(hide_password=False).replace(
+        placeholder, quote(password, safe=""))
 
 
 def study_tags(study_name: str, url: str) -> dict[str, str]:

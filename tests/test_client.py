@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from regflow.client import request_registration
-from regflow.codec import build_response, parse_request
+from regflow.codec import build_response, read_request
 from regflow.data.io import read_volume, write_nifti
 from regflow.errors import DataError, RegflowError
 
@@ -24,8 +24,8 @@ def pair(tmp_path) -> dict[str, Path]:
     paths = {}
     for name in ("fixed", "moving"):
         paths[name] = write_nifti(tmp_path / f"{name}.nii.gz",
-                                  rng.random((6, 7, 5), dtype=np.float32), AFFINE)
-    label = np.zeros((6, 7, 5), np.uint8)
+                                  rng.random((9, 10, 8), dtype=np.float32), AFFINE)
+    label = np.zeros((9, 10, 8), np.uint8)
     label[1:4, 2:5, 1:3] = 2
     paths["moving_label"] = write_nifti(tmp_path / "moving_label.nii.gz", label, AFFINE)
     return paths
@@ -74,10 +74,11 @@ class StubServer:
 
 
 def shift_answer(body):
-    """Answer like the real model would for a one-voxel shift along axis 0."""
-    pairs = parse_request(body)
+    """Answer like the real model would for a one-voxel shift along axis 0 (reporting the
+    refinement steps when the request asks for some)."""
+    pairs = read_request(body)
     results = []
-    for pair in pairs:
+    for pair in (encoded.decode() for encoded in pairs):
         ddf = np.zeros((3, *pair["fixed"].shape), np.float32)
         ddf[0] = 1.0
         result = {"ddf": ddf, "warped": np.roll(pair["moving"], -1, axis=0),
@@ -85,7 +86,11 @@ def shift_answer(body):
         if pair["moving_label"] is not None:
             result["warped_label"] = np.roll(pair["moving_label"], -1, axis=1)
         results.append(result)
-    return 200, {"predictions": build_response(results, [p["encoding"] for p in pairs])}
+    predictions = build_response(results, [pair.encoding for pair in pairs])
+    if pairs[0].refine_steps is not None:
+        predictions.update(refine_steps=[pair.refine_steps for pair in pairs],
+                           time_s=[0.25] * len(pairs))
+    return 200, {"predictions": predictions}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -137,8 +142,10 @@ def test_silent_server_times_out_as_regflow_error(pair, tmp_path):
 
 def test_answer_is_written_as_nifti_with_the_fixed_affine(pair, tmp_path):
     with StubServer(shift_answer) as server:
-        written = request_registration(server.url, pair["fixed"], pair["moving"],
-                                       pair["moving_label"], tmp_path / "out", timeout=10)
+        answer = request_registration(server.url, pair["fixed"], pair["moving"],
+                                      pair["moving_label"], tmp_path / "out", timeout=10)
+    written = answer.written
+    assert (answer.refine_steps, answer.time_s) == (None, None)
     assert server.requests[0]["path"] == "/invocations"
     assert sorted(server.requests[0]["body"]["inputs"]) == ["fixed", "moving", "moving_label"]
     assert sorted(path.name for path in written) == ["ddf.nii.gz", "warped.nii.gz",
@@ -150,7 +157,7 @@ def test_answer_is_written_as_nifti_with_the_fixed_affine(pair, tmp_path):
     label, _ = read_volume(tmp_path / "out" / "warped_label.nii.gz")
     moving, _ = read_volume(pair["moving"])
     moving_label, _ = read_volume(pair["moving_label"])
-    assert ddf.shape == (6, 7, 5, 3)
+    assert ddf.shape == (9, 10, 8, 3)
     np.testing.assert_array_equal(ddf[..., 0], 1.0)
     np.testing.assert_array_equal(ddf[..., 1:], 0.0)
     np.testing.assert_allclose(ddf_affine, AFFINE)
@@ -177,3 +184,21 @@ def test_cli_exit_2_naming_a_missing_file(pair, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert f"{missing}: no such file" in result.stderr
+
+
+def test_cli_asks_for_refine_steps_and_reports_what_the_server_applied(pair, tmp_path):
+    with StubServer(shift_answer) as server:
+        result = run_cli(server.url, "--fixed", str(pair["fixed"]), "--moving",
+                         str(pair["moving"]), "--out", str(tmp_path / "o"), "--refine-steps", "0")
+    assert result.returncode == 0, result.stderr
+    assert server.requests[0]["body"]["inputs"]["refine_steps"] == 0
+    assert result.stdout.strip().endswith("(0 refinement steps, 0.250 s on the server)")
+    assert sorted(path.name for path in (tmp_path / "o").iterdir()) == ["ddf.nii.gz",
+                                                                       "warped.nii.gz"]
+
+
+def test_cli_refuses_negative_refine_steps_in_one_line(pair, tmp_path):
+    result = run_cli("http://127.0.0.1:9", "--fixed", str(pair["fixed"]), "--moving",
+                     str(pair["moving"]), "--out", str(tmp_path / "o"), "--refine-steps", "-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--refine-steps" in result.stderr

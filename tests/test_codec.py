@@ -27,7 +27,7 @@ AFFINE = np.array([[1.5, 0, 0, -10], [0, 2.0, 0, 20], [0, 0, 0.5, 3], [0, 0, 0, 
 
 @pytest.fixture
 def volume() -> np.ndarray:
-    return np.random.default_rng(0).normal(size=(6, 7, 5)).astype(np.float32)
+    return np.random.default_rng(0).normal(size=(9, 10, 8)).astype(np.float32)
 
 
 def b64(data: bytes) -> str:
@@ -43,7 +43,7 @@ def npy_text(array: np.ndarray) -> str:
 def test_nifti_round_trip_keeps_values_and_affine(volume):
     array, affine, encoding = decode_volume(encode_volume(volume, AFFINE), "v")
     assert encoding == "nii.gz"
-    assert array.dtype == np.float32 and array.shape == (6, 7, 5)
+    assert array.dtype == np.float32 and array.shape == (9, 10, 8)
     np.testing.assert_array_equal(array, volume)
     np.testing.assert_allclose(affine, AFFINE)
 
@@ -73,16 +73,16 @@ def test_channels_round_trip_both_encodings(volume):
 def test_nifti_channels_are_stored_last(volume):
     text = encode_volume(np.stack([volume, volume + 1]), AFFINE)
     image = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(text)))
-    assert image.shape == (6, 7, 5, 2)
+    assert image.shape == (9, 10, 8, 2)
     np.testing.assert_array_equal(image.get_fdata()[..., 1], volume + 1)
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 7, 5), (6, 7, 5, 1)])
+@pytest.mark.parametrize("shape", [(1, 9, 10, 8), (9, 10, 8, 1)])
 def test_singleton_channel_is_squeezed(shape):
     array = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
     for text in (b64(nib.Nifti1Image(array, AFFINE).to_bytes()), npy_text(array)):
         decoded, _, _ = decode_volume(text, "v")
-        np.testing.assert_array_equal(decoded, array.reshape(6, 7, 5))
+        np.testing.assert_array_equal(decoded, array.reshape(9, 10, 8))
 
 
 def test_64_cube_encodes_under_2_mb():
@@ -132,7 +132,7 @@ def test_bad_npy_volume_names_the_field(array, message):
 def test_truncated_nifti_names_the_field(volume):
     raw = gzip.compress(nib.Nifti1Image(volume, AFFINE).to_bytes()[:400])
     with pytest.raises(RequestError,
-                       match="inputs.fixed\\[0\\]: truncated: 400 of the 1,192 bytes"):
+                       match="inputs.fixed\\[0\\]: truncated: 400 of the 3,232 bytes"):
         decode_volume(b64(raw), "inputs.fixed[0]")
 
 
@@ -149,7 +149,7 @@ def check_pairs(pairs, volume):
     for index, pair in enumerate(pairs):
         np.testing.assert_array_equal(pair["fixed"], volume + index)
         np.testing.assert_array_equal(pair["moving"], volume - index)
-        assert pair["moving_label"].shape == (1, 6, 7, 5)
+        assert pair["moving_label"].shape == (1, 9, 10, 8)
         np.testing.assert_array_equal(pair["moving_label"][0], volume > index)
         np.testing.assert_allclose(pair["fixed_affine"], AFFINE)
         assert pair["moving_affine"] is None and pair["encoding"] == "nii.gz"
@@ -184,8 +184,8 @@ def test_missing_label_entry_in_dataframe_means_no_label(volume):
         (lambda f: f.update(fixed=[]), "inputs.fixed: empty list"),
         (lambda f: f.update(fixed=7), "inputs.fixed: expected a list of base64 strings"),
         (lambda f: f["moving"].__setitem__(1, "%%%"), "inputs.moving\\[1\\]: not valid base64"),
-        (lambda f: f["moving_label"].__setitem__(0, encode_volume(np.zeros((6, 7, 4)), None)),
-         "inputs.moving_label\\[0\\]: shape \\(6, 7, 4\\) does not match inputs.moving\\[0\\]"),
+        (lambda f: f["moving_label"].__setitem__(0, encode_volume(np.zeros((9, 10, 7)), None)),
+         "inputs.moving_label\\[0\\]: shape \\(9, 10, 7\\) does not match inputs.moving\\[0\\]"),
     ],
 )
 def test_malformed_request_names_the_field(volume, change, message):
@@ -365,6 +365,6 @@ def test_unknown_field_names_are_cut_short_in_the_message(volume):
         parse_request({"inputs": fields})
     message = str(caught.value)
     assert message.startswith("inputs: unknown field(s) " + "x" * 40 + "..., extra0, extra1")
-    assert message.endswith(" and 5 more; expected fixed, moving, moving_label")
+    assert message.endswith(" and 5 more; expected fixed, moving, moving_label, refine_steps")
     assert len(message) < 200
 

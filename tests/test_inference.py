@@ -4,14 +4,18 @@ import numpy as np
 import pytest
 import torch
 
+from regflow import inference
 from regflow.config import Config, LossConfig
-from regflow.errors import ConfigError, NothingToRegister
+from regflow.data.preprocess import regrid
+from regflow.errors import ConfigError, GeometryError, NothingToRegister
 from regflow.inference import (
     Registrar,
     Volume,
+    label_values,
     load_registrar,
     record_from_config,
     warp_label,
+    warped_channels,
     with_term_weight,
 )
 from regflow.models import RegistrationModel
@@ -168,3 +172,71 @@ def test_evaluate_hyper_weight_conditions_the_model_and_its_refinement(tmp_path)
     plain = save_with_record(RegistrationModel(channels=(4, 8)), tmp_path / "plain.pt")
     with pytest.raises(ConfigError, match="evaluate.hyper_weight: the model is not conditioned"):
         load_registrar(plain, config)
+
+
+@pytest.mark.parametrize("affine", [
+    np.diag([1.0, 1.0, 1.0, 1.0]),
+    np.diag([0.7, 2.5, 10.0, 1.0]),
+    np.array([[0.0, 0.0, -3.0, 1.0], [1.5, 0.0, 0.0, 2.0], [0.0, 0.8, 0.0, 3.0],
+              [0.0, 0.0, 0.0, 1.0]]),  # permuted and flipped axes
+])
+def test_frame_shape_is_the_shape_preprocessing_resamples_to(affine, monkeypatch):
+    registrar = tiny_registrar()
+    shapes = []
+    original = inference.process_image
+
+    def spy(image, image_affine, params):
+        shapes.append(regrid(image, image_affine, params, order=1)[0].shape)
+        return original(image, image_affine, params)
+
+    monkeypatch.setattr(inference, "process_image", spy)
+    volume = Volume(blobs((21, 25, 19), 3)[0, 0].numpy(), affine, "v")
+    registrar.to_model_frame(volume)
+    assert registrar.frame_shape((21, 25, 19), affine) == shapes[0]
+
+
+def test_the_raw_grid_work_in_small_slabs_gives_the_same_answer(monkeypatch):
+    registrar = tiny_registrar()
+    fixed, moving = raw_volume(1), raw_volume(2, shape=(19, 23, 22))
+    label = label_of(moving)
+    whole = registrar.register_volumes(fixed, moving, label)
+    monkeypatch.setattr(inference, "RAW_SLAB_VOXELS", 3 * 25 * 19)  # 3 rows per slab, 7 slabs
+    sliced = registrar.register_volumes(fixed, moving, label)
+    assert list(inference.slabs((21, 25, 19)))[-1] == slice(18, 21)
+    np.testing.assert_allclose(sliced["ddf"], whole["ddf"], atol=1e-5)
+    np.testing.assert_allclose(sliced["warped"], whole["warped"], atol=1e-5)
+    np.testing.assert_array_equal(sliced["warped_label"], whole["warped_label"])
+
+
+def test_refinement_steps_per_call():
+    registrar = Registrar(tiny_registrar().model, record_from_config(FRAME), LNCC_BENDING,
+                          RefineSettings(steps=3, levels=1), torch.device("cpu"))
+    fixed, moving = raw_volume(1), raw_volume(2)
+    network = registrar.register_volumes(fixed, moving, refine_steps=0)
+    refined = registrar.register_volumes(fixed, moving)
+    again = registrar.register_volumes(fixed, moving, refine_steps=3)
+    assert np.abs(refined["ddf"] - network["ddf"]).max() > 1e-3
+    np.testing.assert_allclose(again["ddf"], refined["ddf"], atol=1e-5)
+
+
+def test_bad_geometry_is_refused_before_any_work():
+    registrar = tiny_registrar()
+    singular = raw_volume(2)
+    singular.affine[:3, 1] = 0.0
+    with pytest.raises(GeometryError, match="^volume2: zero voxel size along axis 1"):
+        registrar.register_volumes(raw_volume(1), singular)
+    tiny = Volume(blobs((2, 2, 2), 1)[0, 0].numpy(), np.eye(4), "tiny.nii.gz")
+    with pytest.raises(GeometryError, match=r"^tiny.nii.gz: shape \(2, 2, 2\) is below the "):
+        registrar.register_volumes(tiny, raw_volume(2))
+    with pytest.raises(GeometryError, match="below the minimum of 3 voxels"):
+        registrar.register_volumes(tiny, raw_volume(2), smallest=3)
+
+
+def test_label_values_count_the_masks_a_label_map_is_warped_as():
+    label = np.zeros((10, 12, 8), np.int32)
+    label[:5] = 7
+    label[5:, :3] = 9
+    assert list(label_values(label, 3)) == [7, 9] and warped_channels(label, 3) == 2
+    assert label_values(label / 10.0, 3) is None and warped_channels(label / 10.0, 3) == 1
+    one_hot = np.stack([label == 7, label == 9, label == 0], axis=-1)
+    assert label_values(one_hot, 3) is None and warped_channels(one_hot, 3) == 3

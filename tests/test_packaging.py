@@ -154,14 +154,18 @@ def test_make_repro_and_serve_put_the_venv_first_on_path():
     assert "--model models:/regflow@champion" in serve and "--port 5123" in serve
 
 
-def test_serve_prints_the_mlflow_command_with_the_venv_on_path():
+def test_serve_prints_the_uvicorn_command_of_this_interpreter():
     bin_dir = Path(sys.executable).parent
     result = subprocess.run(
         [str(bin_dir / "regflow"), "serve", "--model", "runs:/abc/model", "--port", "5123",
-         "--print-command"], env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+         "--print-command"], env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+                                  "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
         capture_output=True, text=True, check=True)
-    command, path, uri = result.stdout.splitlines()
-    assert command.startswith("mlflow models serve -m runs:/abc/model")
-    assert "--env-manager local" in command and "-p 5123" in command
-    assert path == f"PATH={bin_dir}:..."
+    command, model, uri = result.stdout.splitlines()
+    interpreter, rest = command.split(" ", 1)
+    assert Path(interpreter).parent == bin_dir  # runs from an unactivated venv
+    assert rest.startswith("-m uvicorn --factory regflow.serving_app:create_app --host 127.0.0.1 "
+                           "--port 5123 ")
+    assert "--workers 2" in command
+    assert model == "REGFLOW_SERVE_MODEL=runs:/abc/model"
     assert uri.startswith("MLFLOW_TRACKING_URI=sqlite:///")

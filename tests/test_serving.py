@@ -4,6 +4,7 @@ train on real hippocampus data, register, serve with `mlflow models serve`."""
 import base64
 import contextlib
 import gzip
+import http.client
 import json
 import logging
 import os
@@ -30,7 +31,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow.pyfunc import scoring_server
 
+from benchmarks.serving_attacks import sform_b64, zero_column
 from regflow import metrics
+from regflow.budget import MemoryBudget
 from regflow.cli import cli
 from regflow.codec import decode_volume, encode_volume
 from regflow.config import load_config
@@ -38,9 +41,11 @@ from regflow.data.io import read_volume, write_nifti
 from regflow.data.manifest import Manifest
 from regflow.engine import Trainer
 from regflow.inference import Volume, load_registrar
+from regflow.limits import Limits
 from regflow.predict import _unregistered_label
 from regflow.registry import pip_requirements
 from regflow.serving import CHECKPOINT_ARTIFACT, RegflowPythonModel, input_example, signature
+from regflow.serving_app import Admission
 from regflow.stages import (
     evaluate_stage,
     fetch_stage,
@@ -452,14 +457,14 @@ def tiny_model(tiny_model_uri):
         yield mlflow.pyfunc.load_model(tiny_model_uri)
 
 
-@pytest.fixture(scope="module")
-def app_url(tiny_model):
-    """MLflow's scoring app for the tiny model on a loopback port, served from a thread."""
+@contextlib.contextmanager
+def serving_in_thread(app) -> Iterator[str]:
+    """An ASGI app on a loopback port, served by uvicorn from a thread: its URL."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init() sets it; restored
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(scoring_server.init(tiny_model), host="127.0.0.1",
-                                               port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                               log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         url = f"http://127.0.0.1:{port}"
@@ -470,6 +475,13 @@ def app_url(tiny_model):
         yield url
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model):
+    """MLflow's scoring app for the tiny model on a loopback port, served from a thread."""
+    with serving_in_thread(scoring_server.init(tiny_model)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -630,7 +642,7 @@ def test_unknown_field_is_400_naming_it(app_url, tiny_pair):
               "moving_labels": [tiny_pair["moving_label"]]}
     message = error_answer(app_url, inputs, 400)
     assert message == ("inputs: unknown field(s) moving_labels; "
-                       "expected fixed, moving, moving_label")
+                       "expected fixed, moving, moving_label, refine_steps")
 
 
 def test_unknown_column_of_a_dataframe_request_is_400(app_url, tiny_pair):
@@ -705,3 +717,128 @@ def test_invalid_json_answer_does_not_quote_the_body(app_url):
     status, body = post_raw(app_url, b"{" + b"x" * 100_000)
     assert status == 400
     assert len(body) < MAX_ERROR_BODY, len(body)
+
+
+# Round two: limits on what is computed, per-request refinement, geometry, the memory budget and
+# the admission of request bodies (regflow.serving_app) in front of the same scoring app.
+
+def test_refine_steps_is_applied_and_reported_and_its_absence_changes_nothing(
+        app_url, tiny_pair, tiny_registrar):
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]]}
+    status, plain = post(app_url, {"inputs": inputs})
+    assert status == 200 and sorted(plain["predictions"]) == ["ddf", "warped"]
+    status, body = post(app_url, {"inputs": {**inputs, "refine_steps": 0}})
+    assert status == 200, body
+    predictions = body["predictions"]
+    assert sorted(predictions) == ["ddf", "refine_steps", "time_s", "warped"]
+    assert predictions["refine_steps"] == [0]
+    assert 0 < predictions["time_s"][0] < 30
+    assert predictions["ddf"] == plain["predictions"]["ddf"]  # the tiny model refines 0 steps
+    local = tiny_registrar.register_volumes(*tiny_volumes(tiny_pair), refine_steps=0)
+    ddf = decode_volume(predictions["ddf"][0], "ddf", channels=True)[0]
+    np.testing.assert_allclose(ddf, local["ddf"], atol=1e-5)
+
+
+@pytest.mark.parametrize(("steps", "status", "message"), [
+    (5, 413, "inputs.refine_steps: 5 steps, over the limit of 0 (REGFLOW_MAX_REFINE_STEPS)"),
+    ("many", 400, "inputs.refine_steps: expected a non-negative integer (0: the network alone), "
+                  "got 'many'"),
+    (-1, 400, "inputs.refine_steps: expected a non-negative integer (0: the network alone), "
+              "got '-1'"),
+    ([0, 0], 400, "inputs.refine_steps: 2 values but inputs.fixed has 1; give one integer, or "
+                  "one per pair"),
+])
+def test_refine_steps_out_of_bounds_are_refused(app_url, tiny_pair, steps, status, message):
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]],
+              "refine_steps": steps}
+    assert error_answer(app_url, inputs, status) == message
+
+
+def test_coarse_voxels_are_refused_for_the_shape_they_would_be_resampled_to(app_url, tiny_pair):
+    coarse = encode_volume(tiny_pair["fixed_array"], np.diag([10.0, 10.0, 10.0, 1.0]))
+    message = error_answer(app_url, {"fixed": [tiny_pair["fixed"]], "moving": [coarse]}, 413)
+    assert message.startswith("inputs.moving[0]: resampled to the model's ")
+    assert message.endswith("over the limit of 32,768 per volume (REGFLOW_MAX_VOXELS)")
+
+
+def test_a_label_map_with_more_values_than_channels_is_413(app_url, tiny_pair):
+    label = (np.arange(16 * 24 * 16) % 1000).reshape(16, 24, 16).astype(np.int16)
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]],
+              "moving_label": [encode_volume(label, tiny_pair["affine"])]}
+    message = error_answer(app_url, inputs, 413)
+    assert message == ("inputs.moving_label[0]: 999 distinct non-zero label values, over the "
+                       "limit of 4 per volume (REGFLOW_MAX_CHANNELS)")
+
+
+@pytest.mark.parametrize(("field", "volume", "message"), [
+    ("fixed", lambda pair: sform_b64(pair["fixed_array"], zero_column()),
+     "inputs.fixed[0]: zero voxel size along axis 1 (the affine's column 1 is zero)"),
+    ("moving", lambda pair: encode_volume(np.random.default_rng(0).random((2, 2, 2))),
+     "inputs.moving[0]: shape (2, 2, 2) is below the minimum of 8 voxels along axis 0 "
+     "(REGFLOW_MIN_SIZE)"),
+    ("moving", lambda pair: sform_b64(pair["moving_array"], np.diag([1.0, 1.0, np.nan, 1])),
+     "inputs.moving[0]: the affine holds NaN or infinite values"),
+], ids=["zero-column-sform", "2x2x2", "nan-affine"])
+def test_bad_geometry_is_400_naming_the_field(app_url, tiny_pair, field, volume, message):
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]]}
+    inputs[field] = [volume(tiny_pair)]
+    assert error_answer(app_url, inputs, 400) == message
+
+
+def test_a_request_over_the_memory_budget_is_413_and_a_full_budget_is_503(
+        app_url, tiny_model, tiny_pair):
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]]}
+    with model_attribute(tiny_model, "budget", MemoryBudget(2**20, 0.2, "REGFLOW_MAX_MEMORY")):
+        message = error_answer(app_url, inputs, 413)
+    assert message.startswith("inputs: needs about ") and message.endswith(
+        "MiB of memory, over the 1 MiB a server worker may use (REGFLOW_MAX_MEMORY)")
+    full = MemoryBudget(2**30, 0.2, "REGFLOW_MAX_MEMORY")
+    taken = full.reserve(2**30, "another request")
+    with model_attribute(tiny_model, "budget", full):
+        message = error_answer(app_url, inputs, 503)
+    assert message == ("inputs: the server's memory (REGFLOW_MAX_MEMORY) stayed taken for 0.2 s; "
+                       "retry later")
+    taken.release()
+    assert full.free == 2**30
+
+
+@pytest.fixture(scope="module")
+def admitted_url(tiny_model):
+    """The scoring app behind regflow serve's admission, bodies allowed 64 KiB (512 KiB of the
+    2 MiB budget at 8 bytes per byte)."""
+    limits = Limits(max_memory=2 * 2**20, queue_timeout_s=1.0)
+    with serving_in_thread(Admission(scoring_server.init(tiny_model), limits)) as url:
+        yield url
+
+
+def test_admission_refuses_a_large_body_before_reading_it(admitted_url, tiny_pair):
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]]}
+    status, body = post(admitted_url, {"inputs": inputs})
+    assert status == 200, body
+    big = json.dumps({"inputs": {**inputs, "padding": "x" * 70_000}}).encode()
+    status, answer = post_raw(admitted_url, big)
+    assert status == 413
+    assert json.loads(answer)["message"] == (
+        "the request body: 0 MiB, over the 0 MiB a server worker accepts (REGFLOW_MAX_MEMORY: "
+        "parsing a body takes 8 bytes per byte, and bodies may hold a quarter of it)")
+
+
+def test_admission_asks_for_the_length_of_a_chunked_body(admitted_url):
+    connection = http.client.HTTPConnection(admitted_url.removeprefix("http://"), timeout=10)
+    connection.request("POST", "/invocations", body=iter([b'{"inputs": {}}']),
+                       headers={"Content-Type": "application/json"}, encode_chunked=True)
+    answer = connection.getresponse()
+    assert answer.status == 411
+    assert json.loads(answer.read())["message"] == (
+        "the request body: no Content-Length; send it with its length")
+    connection.close()
+
+
+def test_admitted_bodies_one_at_a_time_are_all_answered(admitted_url, tiny_pair):
+    inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]]}
+    body = json.dumps({"inputs": inputs}).encode()
+    assert 8 * len(body) > 2**19 // 2, "two such bodies must not fit at once"
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda _: post(admitted_url, {"inputs": inputs}), range(4)))
+    assert [status for status, _ in answers] == [200] * 4
+    assert all(answer == answers[0][1] for _, answer in answers)

@@ -65,6 +65,22 @@ def voxel_spacing(affine: np.ndarray, ndim: int = 3) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine)[:3, :ndim], axis=0)
 
 
+def resampled_shape(spatial_shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float]
+                    ) -> tuple[int, ...]:
+    """The spatial size :func:`resample` gives a volume: ``round(S * source_spacing / spacing)``
+    per axis (half up, at least 1).
+
+    Args:
+        spatial_shape: (*S) voxels.
+        affine: (4, 4) voxel-to-world matrix (mm).
+        spacing: target voxel size per spatial axis (mm).
+    """
+    ndim = len(spacing)
+    step = np.asarray(spacing, dtype=np.float64) / voxel_spacing(affine, ndim)
+    in_shape = np.asarray(spatial_shape[:ndim], dtype=np.float64)
+    return tuple(int(size) for size in np.maximum(1, np.floor(in_shape / step + 0.5)))
+
+
 def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], order: int
              ) -> tuple[np.ndarray, np.ndarray]:
     """Resample a volume to a new voxel size, keeping the grid centre fixed in world space.
@@ -76,25 +92,25 @@ def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], or
         order: spline order: 1 (linear) for images, 0 (nearest) for labels.
 
     Returns:
-        ``(resampled, new_affine)``: spatial size ``round(S * source_spacing / spacing)`` (half up,
-        at least 1) and the affine with columns scaled to ``spacing`` and the origin moved so that
-        the centre voxel's world coordinate is unchanged.
+        ``(resampled, new_affine)``: spatial size :func:`resampled_shape` and the affine with
+        columns scaled to ``spacing`` and the origin moved so that the centre voxel's world
+        coordinate is unchanged.
     """
     ndim = len(spacing)
     step = np.asarray(spacing, dtype=np.float64) / voxel_spacing(affine, ndim)
     in_shape = np.asarray(array.shape[:ndim])
-    out_shape = np.maximum(1, np.floor(in_shape / step + 0.5)).astype(int)
+    out_shape = np.asarray(resampled_shape(array.shape, affine, spacing))
     offset = (in_shape - 1) / 2 - step * (out_shape - 1) / 2
-    channels = array if array.ndim > ndim else array[..., None]
-    resampled = np.stack(
-        [affine_transform(channels[..., c], step, offset, output_shape=tuple(out_shape),
-                          order=order, mode="nearest") for c in range(channels.shape[-1])],
-        axis=-1,
-    )
+    resampled = np.empty(tuple(out_shape) + array.shape[ndim:], dtype=array.dtype)
+    channels = (resampled, array) if array.ndim > ndim else (resampled[..., None],
+                                                             array[..., None])
+    for channel in range(channels[1].shape[-1]):  # written in place: no stacked copy
+        affine_transform(channels[1][..., channel], step, offset,
+                         output=channels[0][..., channel], order=order, mode="nearest")
     new_affine = np.array(affine, dtype=np.float64)
     new_affine[:3, :ndim] = new_affine[:3, :ndim] * step
     new_affine[:3, 3] = affine[:3, 3] + affine[:3, :ndim] @ offset
-    return (resampled if array.ndim > ndim else resampled[..., 0]), new_affine
+    return resampled, new_affine
 
 
 def resize_to_shape(array: np.ndarray, affine: np.ndarray, shape: Sequence[int], order: int
