@@ -79,11 +79,14 @@ def config_digest(config: Config) -> str:
 
     The run's length and reporting cadence (:data:`RUN_LENGTH_KEYS`) are left out, so that a
     longer ``train.steps`` resumes the finished run and trains on instead of starting again.
+    Keys at their default values are left out too, so that a regflow release adding a config
+    key (with a default that keeps the old behaviour) still resumes the runs of the last one.
     """
-    relevant = config.model_dump(include={"seed", "data", "preprocess", "loader", "train"})
-    relevant["data"].pop("local", None)
+    relevant = config.model_dump(include={"seed", "data", "preprocess", "loader", "train"},
+                                 exclude_defaults=True)
+    relevant.get("data", {}).pop("local", None)
     for key in RUN_LENGTH_KEYS:
-        relevant["train"].pop(key)
+        relevant.get("train", {}).pop(key, None)
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
