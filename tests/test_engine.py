@@ -67,7 +67,8 @@ def test_changed_config_does_not_resume(tiny_project):
 def test_keys_at_their_defaults_leave_the_digest_alone(tiny_project):
     """A key a later release adds (here: one written out at its default) resumes old runs."""
     config = load_config(tiny_project)
-    spelled_out = load_config(tiny_project, ["train.model.hyper=null", "loader.augment.flip.enabled=false"])
+    spelled_out = load_config(tiny_project, ["train.model.hyper=null",
+                                             "loader.augment.flip.enabled=false"])
     assert config_digest(spelled_out) == config_digest(config)
     assert config_digest(load_config(tiny_project, ["loader.augment.flip.enabled=true"])) \
         != config_digest(config)
