@@ -26,8 +26,10 @@ from regflow.tuning import (
     STORAGE_PASSWORD_FILE_ENV,
     SURPLUS_ATTR,
     TrialSeededSampler,
+    baseline_values,
     best_trial,
     best_values,
+    build_pruner,
     build_storage,
     connection_url,
     default_storage,
@@ -400,3 +402,28 @@ def test_two_workers_share_one_study(tiny_project):
     completed = [trial for trial in counted if trial.state == TrialState.COMPLETE]
     assert best_params == max(completed, key=lambda trial: trial.value).params
 
+
+
+@pytest.mark.parametrize(("settings", "pruner"), [
+    ({}, optuna.pruners.MedianPruner),
+    ({"pruner": "hyperband"}, optuna.pruners.HyperbandPruner),
+    ({"pruner": "successive_halving"}, optuna.pruners.SuccessiveHalvingPruner),
+    ({"pruner": "none"}, optuna.pruners.NopPruner),
+    ({"pruner": "hyperband", "multi_objective": True}, optuna.pruners.NopPruner),
+    ({"pruner": "hyperband", "search_space": {
+        "evaluate.refine.steps": {"type": "int", "low": 0, "high": 4}}}, optuna.pruners.NopPruner),
+])
+def test_pruning_is_over_training_steps_of_single_objective_training_sweeps(tiny_project,
+                                                                             settings, pruner):
+    config = load_config(tiny_project, tune_overrides(3, **settings))
+    assert type(build_pruner(config)) is pruner
+
+
+def test_baseline_values_are_the_configs_own_values_in_range(tiny_project):
+    config = load_config(tiny_project, tune_overrides(3))
+    assert baseline_values(config) == {  # tests/synthetic.py's params
+        "train.loss.regularization.bending_energy.weight": 0.1,
+        "train.loss.label.dice.weight": 1.0, "train.optimizer.lr": 0.001}
+    narrow = load_config(tiny_project, [*tune_overrides(3), "tune.search_space.train.optimizer."
+                                        "lr={type: float, low: 0.01, high: 0.1}"])
+    assert "train.optimizer.lr" not in baseline_values(narrow)
