@@ -477,12 +477,19 @@ def vis_predicted(folder: str, out: str | None, axis: int, frames: int) -> None:
 @cli.command()
 @click.option("--storage", help="Optuna RDB URL (overrides tune.storage), e.g. "
               "postgresql://user:pass@host/db to share the study between machines.")
+@click.option("--model", "model_spec", metavar="PATH|models:/NAME@ALIAS",
+              help="The trained model a test-time sweep (search keys all under evaluate.) "
+                   "evaluates [default: models/<train.name>/best.pt].")
 @config_options()
-def tune(config: Config, storage: str | None) -> None:
-    """Optuna study over tune.search_space; best params -> models/tuning/best_params.yaml."""
+def tune(config: Config, storage: str | None, model_spec: str | None) -> None:
+    """Optuna study over tune.search_space; the rule's pick -> models/tuning/best_params.yaml.
+
+    Training keys: each trial a short training (from tune.init_from when set). Keys all under
+    evaluate.: each trial evaluates one trained model's settings on validation pairs.
+    """
     from regflow.stages import tune_stage
 
-    best = tune_stage(config, storage_url=storage)
+    best = tune_stage(config, storage_url=storage, model=model_spec)
     click.echo(f"best params: {best}" if best else "tuning disabled or no feasible trial")
 
 

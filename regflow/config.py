@@ -362,15 +362,21 @@ class SearchParameter(Section):
 
 
 class TuneConfig(Section):
-    """Optuna study over loss/regulariser weights (and anything else with a params key)."""
+    """Optuna study over any params keys: a training sweep (shortened trainings), or, when every
+    searched key is under ``evaluate.``, a test-time sweep of one trained model (see
+    regflow.tuning)."""
 
     enabled: bool = True
     trials: Annotated[int, Field(ge=0)] = 4
-    steps: PositiveInt = 100
+    steps: PositiveInt = 100  # training sweeps: steps per trial
     val_every: PositiveInt = 50
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    multi_objective: bool = False
+    val_pairs: PositiveInt | None = None  # validation pairs per trial (None: loader.eval_pairs)
+    init_from: str | None = None  # training sweeps: every trial fine-tunes from this checkpoint
+    baseline_trial: bool = True  # trial 0 runs the config's own values of the searched keys
+    pruner: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    multi_objective: bool = False  # (Dice, SDlogJ) on a Pareto front; folding a constraint
     max_folding_pct: NonNegativeFloat = 1.0
+    max_sdlogj: NonNegativeFloat | None = None  # the rule's SDlogJ limit (None: none)
     folding_penalty: NonNegativeFloat = 0.0  # Dice per folding %, subtracted from the objective
     study_name: str = "regflow"
     storage: str | None = None

@@ -32,7 +32,7 @@ from regflow.config import Config
 from regflow.data.loader import build_dataloader, steps_per_epoch
 from regflow.data.manifest import Manifest
 from regflow.errors import RegflowError
-from regflow.evaluation import as_device, evaluate_pairs, summarise
+from regflow.evaluation import as_device, evaluate_pairs, summarise, validation_score
 from regflow.inference import Registrar, checkpoint_path
 from regflow.losses import build_loss
 from regflow.models import RegistrationModel, select_device
@@ -411,9 +411,7 @@ class Trainer:
 
     def score(self, summary: dict[str, float]) -> float:
         """Higher is better: mean Dice when labels exist, else minus the folding percentage."""
-        if "dice_mean" in summary:
-            return summary["dice_mean"]
-        return -summary.get("folding_pct", 0.0)
+        return validation_score(summary)
 
     def after_validation(self, summary: dict[str, float]) -> bool:
         """Log, checkpoint the best, update early stopping; True when training should stop."""

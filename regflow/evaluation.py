@@ -123,6 +123,13 @@ def _names_for(label_names: Sequence[str], label_index: int | None) -> list[str]
     return list(label_names) if label_index is None else [label_names[label_index]]
 
 
+def validation_score(summary: dict[str, float]) -> float:
+    """Higher is better: mean Dice when labels exist, else minus the folding percentage."""
+    if "dice_mean" in summary:
+        return summary["dice_mean"]
+    return -summary.get("folding_pct", 0.0)
+
+
 def summarise(rows: list[dict[str, Any]], method: str = "regflow") -> dict[str, float]:
     """Mean of every numeric metric over the rows of one method (NaNs ignored)."""
     selected = [row for row in rows if row["method"] == method]

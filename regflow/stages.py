@@ -12,15 +12,16 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from regflow import evaluation, fileio, paths, registry, tracking, tuning, viz
+from regflow import evaluation, fileio, paths, registry, tracking, trials, tuning, viz
 from regflow.config import Config
 from regflow.data.loader import build_dataloader
 from regflow.data.manifest import Manifest
 from regflow.engine import Trainer, TrainResult
-from regflow.errors import RegflowError
-from regflow.inference import load_registrar
+from regflow.errors import ConfigError, RegflowError
+from regflow.inference import checkpoint_path, load_registrar
 from regflow.models import select_device
 from regflow.predict import VolumeWriter
+from regflow.redact import redact_text
 
 
 def fetch_stage(config: Config, dataset: str | None = None, mirror: str | None = None) -> Path:
@@ -38,39 +39,60 @@ def preprocess_stage(config: Config, dataset: str | None = None) -> Path:
 
 
 def tune_stage(config: Config, storage_url: str | None = None,
-               tuning_dir: Path = paths.TUNING_DIR) -> dict[str, Any]:
+               tuning_dir: Path = paths.TUNING_DIR, model: str | None = None) -> dict[str, Any]:
     """Run (or resume, or join) the Optuna study until it holds ``tune.trials`` finished trials;
-    the best params go to models/tuning/best_params.yaml, the study to one parent MLflow run.
+    the rule's pick goes to models/tuning/best_params.yaml, the study to one parent MLflow run.
+
+    A search space of ``evaluate.`` keys only is a test-time sweep of one trained model
+    (``model``, default models/<train.name>/best.pt); any other is a training sweep.
 
     Args:
         config: validated params.
         storage_url: an RDB URL overriding ``tune.storage`` (e.g. PostgreSQL for many workers).
         tuning_dir: best_params.yaml and the default SQLite storage.
+        model: a checkpoint path or MLflow model URI to sweep the ``evaluate`` settings of.
 
     Returns:
         The best params written (empty when tuning is disabled or no trial is feasible).
 
     Raises:
-        ConfigError: a search key that is not a params key, or an unusable storage URL.
+        ConfigError: a search key that is not a params key, keys of both kinds, ``model`` for a
+            training sweep, or an unusable storage URL.
+        RegflowError: the model to sweep cannot be found or loaded.
     """
     best_path = tuning_dir / "best_params.yaml"
     settings = config.tune
     if not settings.enabled or settings.trials == 0 or not settings.search_space:
         tuning.write_best_params(best_path, {})
         return {}
-    tuning.check_search_space(config)
+    trials.check_search_space(config)
+    test_time = tuning.is_test_time(config)
+    if model is not None and not test_time:
+        raise ConfigError("--model: a test-time sweep needs tune.search_space keys all under "
+                          "evaluate.; this search space trains")
+    if test_time:
+        spec: str | None = model or str(paths.model_dir(config) / "best.pt")
+    else:
+        spec = settings.init_from  # every training trial's start, when set
+    checkpoint = _sweep_checkpoint(spec) if spec else None
     tuning_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url or settings.storage or tuning.default_storage(tuning_dir)
-    study, created = tuning.open_study(config, tuning.build_storage(url, settings.heartbeat_s))
+    study, created = tuning.open_study(
+        config, tuning.build_storage(url, settings.heartbeat_s),
+        model_digest=tuning.file_digest(checkpoint) if checkpoint else None)
     parent_id = None if created else tuning.wait_for_parent_run(study, tuning.PARENT_WAIT_S)
     with tracking.start_or_resume_run(paths.experiment_name(config.data.dataset),
                                       run_id=parent_id,
                                       run_name=f"tune-{settings.study_name}") as parent:
         if parent_id is None:
             study.set_user_attr(tuning.PARENT_RUN_ATTR, parent.info.run_id)
-            mlflow.set_tags(tuning.study_tags(study.study_name, url))
+            mlflow.set_tags({**tuning.study_tags(study.study_name, url),
+                             "regflow.sweep": "test-time" if test_time else "training",
+                             **({"regflow.model": redact_text(spec)} if spec else {})})
             tracking.log_config(config)
-        objective = tuning.Objective(config, paths.manifest_path(config), tuning_dir)
+        manifest = paths.manifest_path(config)
+        objective = (trials.TestTimeObjective(config, manifest, checkpoint, redact_text(spec))
+                     if test_time else trials.TrainingObjective(config, manifest, tuning_dir))
         tuning.run_study(study, objective, settings.trials)
         shutil.rmtree(tuning_dir / "trials", ignore_errors=True)  # left there by killed workers
         params, metrics = tuning.best_values(study, config)
@@ -80,6 +102,19 @@ def tune_stage(config: Config, storage_url: str | None = None,
         tuning.write_best_params(best_path, params)
         mlflow.log_artifact(str(best_path), artifact_path="tuning")
     return params
+
+
+def _sweep_checkpoint(spec: str) -> Path:
+    """The local checkpoint of a model a study sweeps or starts from (downloaded for a URI).
+
+    Raises:
+        RegflowError: no such file, or the URI cannot be loaded.
+    """
+    checkpoint = checkpoint_path(spec)
+    if not checkpoint.is_file():
+        raise RegflowError(f"{checkpoint}: no trained model to tune; run `regflow train` "
+                           f"first or give `regflow tune --model PATH|models:/NAME@ALIAS`")
+    return checkpoint
 
 
 def train_stage(config: Config, resume: bool = True) -> TrainResult:

@@ -1,17 +1,28 @@
-"""Optuna sweeps over loss/regulariser weights (any params key), each trial a nested MLflow run.
+"""Optuna studies over any params keys, each trial a nested MLflow run.
 
-The objective is the validation score of a shortened training (mean Dice), with folding as a
-constraint (single-objective, prunable) or as a second objective (multi-objective, Pareto front,
-no pruning). Storage is an RDB URL (default: SQLite under models/tuning/), the study's name
-``tune.study_name`` plus a digest of the config; several ``regflow tune`` processes on one
-storage share the study, and each returns only when it holds exactly ``tune.trials`` COMPLETE or
-PRUNED trials. Heartbeats mark the trial of a killed worker as failed
-(its MLflow run too) and queue a retry with the same parameters, so an interrupted study resumes
-without repeating finished trials. MLflow: one parent run per study (its id kept in the study's
-user attrs), one nested run per trial tagged ``optuna.state``; the parent holds the best trial's
-metrics, its params as ``best.<key>`` tags, and pictures of the study. A storage password can
-come from the environment (:func:`connection_url`); wherever the storage URL is shown or logged,
-its password is masked.
+Two kinds of sweep (:mod:`regflow.trials` says what a trial measures): a training sweep, each
+trial a shortened training (optionally fine-tuned from one shared start, ``tune.init_from``);
+and, when every searched key is under ``evaluate.``, a test-time sweep of one trained model
+(``regflow tune --model``), each trial an evaluation on the validation pairs, nothing trained.
+
+Objectives: validation Dice with folding as a constraint (single-objective, prunable over
+training steps), or (Dice, SDlogJ) on a Pareto front (``tune.multi_objective``; folding a
+constraint, no pruning). One rule picks the result whatever the study (:func:`best_trial`): the
+best Dice within ``tune.max_folding_pct`` and ``tune.max_sdlogj``; its params go to
+best_params.yaml. The sampler is TPE seeded from ``seed`` and the trial number, so the same
+study draws the same params; a new study's first trial runs the config's own values of the
+searched keys (``tune.baseline_trial``).
+
+Storage is an RDB URL (default: SQLite under models/tuning/), the study's name
+``tune.study_name`` plus a digest of the config and of the model it starts from or sweeps;
+several ``regflow tune`` processes on one storage share the study, and each returns only when
+it holds exactly ``tune.trials`` COMPLETE or PRUNED trials. Heartbeats mark the trial of a
+killed worker as failed (its MLflow run too) and queue a retry with the same parameters, so an
+interrupted study resumes without repeating finished trials. MLflow: one parent run per study
+(its id kept in the study's user attrs), one nested run per trial tagged ``optuna.state``; the
+parent holds the pick's metrics, its params as ``best.<key>`` tags, and pictures of the study
+(with two objectives, the Pareto front). A storage password can come from the environment
+(:func:`connection_url`); wherever the storage URL is shown or logged, its password is masked.
 """
 
 from __future__ import annotations
@@ -19,12 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,6 +42,7 @@ from urllib.parse import quote
 import mlflow
 import optuna
 import yaml
+from matplotlib.figure import Figure
 from optuna.distributions import BaseDistribution
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -40,13 +51,19 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from regflow import fileio, tracking
-from regflow.config import Config, SearchParameter, apply_override, validate_config
-from regflow.engine import Trainer
+from regflow import fileio, tracking, viz
+from regflow.config import Config
 from regflow.errors import ConfigError
 from regflow.redact import check_unambiguous, redact_url, remember_secret
 
+# a trial's results (user attributes; its MLflow run's metrics carry the same names)
+DICE_ATTR = "dice_mean"
+SDLOGJ_ATTR = "sdlogj"
 FOLDING_ATTR = "folding_pct"
+SECONDS_ATTR = "trial_time_s"
+BASELINE_ATTR = "baseline"  # the trial that runs the config's own values
+TEST_TIME_PREFIX = "evaluate."
+PARETO_PICTURE = "tuning/pareto_front.png"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 SURPLUS_ATTR = "surplus"
 MAX_RETRY = 2  # a trial whose worker keeps dying is given up after this many retries
@@ -202,46 +219,6 @@ def close_stale_trial_runs(study: optuna.Study, trial: FrozenTrial) -> None:
         mark_trial_run(run.info.run_id, TrialState.FAIL)
 
 
-def suggest(trial: optuna.Trial, key: str, space: SearchParameter) -> Any:
-    """Draw one value of a search dimension."""
-    if space.type == "categorical":
-        return trial.suggest_categorical(key, space.choices)
-    if space.type == "int":
-        return trial.suggest_int(key, int(space.low), int(space.high), log=space.log)
-    return trial.suggest_float(key, space.low, space.high, log=space.log)
-
-
-def trial_config(config: Config, values: dict[str, Any], trial_number: int) -> Config:
-    """The config of one trial: the sampled values, a shortened training, its own folder name."""
-    tree = config.model_dump()
-    for key, value in values.items():
-        apply_override(tree, key.split("."), value)
-    settings = config.tune
-    apply_override(tree, ["train", "steps"], settings.steps)
-    apply_override(tree, ["train", "unit"], "steps")
-    apply_override(tree, ["train", "val_every"], settings.val_every)
-    apply_override(tree, ["train", "checkpoint_every"], settings.steps)
-    apply_override(tree, ["train", "early_stopping_patience"], 0)
-    apply_override(tree, ["train", "name"], f"{config.train.name}-trial-{trial_number}")
-    return validate_config(tree, source="tune.search_space")
-
-
-def check_search_space(config: Config) -> None:
-    """Every searched key must be a valid params key (checked with its lowest value).
-
-    Raises:
-        ConfigError: one line naming the search key and why it is not a params key.
-    """
-    for key, space in config.tune.search_space.items():
-        probe = space.choices[0] if space.type == "categorical" else space.low
-        try:
-            trial_config(config, {key: probe}, 0)
-        except ConfigError as exc:
-            reason = str(exc).removeprefix("tune.search_space: ")
-            raise ConfigError(f"tune.search_space.{key}: not a valid params key ({reason})"
-                              ) from None
-
-
 class TrialSeededSampler(optuna.samplers.BaseSampler):
     """TPE whose random draws depend on the seed and the trial number only.
 
@@ -288,103 +265,95 @@ def is_surplus(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
     return len(earlier) >= trials
 
 
-class Objective:
-    """Trains one trial and returns its validation score (and folding when multi-objective).
+def is_test_time(config: Config) -> bool:
+    """True when every searched key is under ``evaluate.``: a test-time sweep of one model."""
+    keys = config.tune.search_space
+    return bool(keys) and all(key.startswith(TEST_TIME_PREFIX) for key in keys)
 
-    The score is the Trainer's best validation score (mean Dice); the folding percentage is the
-    one of that best validation. Single-objective trials report every validation for pruning,
-    carry the constraint folding % <= ``tune.max_folding_pct`` and return the score less
-    ``tune.folding_penalty`` x folding %, so that a short trial's folding (higher than a finished
-    model's) weighs against it without making every trial infeasible.
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (a model that a study starts from or sweeps)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def study_key(config: Config, model_digest: str | None = None) -> str:
+    """The study's name in the storage: ``tune.study_name`` and a digest of what trials depend on.
+
+    That is the config (not ``tune.trials``, the storage or heartbeat; ``evaluate`` only for a
+    test-time sweep, whose trials it drives) and, when given, the digest of the model the trials
+    start from (``tune.init_from``) or evaluate (a test-time sweep). So a changed config or
+    model (a DVC experiment, a retrained model) starts its own study, while the same config
+    resumes or joins it, also with more trials.
     """
-
-    def __init__(self, config: Config, manifest_path: Path, tuning_dir: Path):
-        self.config = config
-        self.manifest_path = manifest_path
-        self.tuning_dir = tuning_dir
-
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        settings = self.config.tune
-        if is_surplus(trial.study, trial, settings.trials):
-            trial.set_user_attr(SURPLUS_ATTR, True)
-            raise SurplusTrial(f"the study already has {settings.trials} trials")
-        values = {key: suggest(trial, key, space) for key, space in settings.search_space.items()}
-        config = trial_config(self.config, values, trial.number)
-        out_dir = self.tuning_dir / "trials" / f"trial-{trial.number}"
-
-        def report(step: int, summary: dict[str, float]) -> None:
-            score = trainer.score(summary)
-            if score >= trainer.best_score:
-                trial.set_user_attr(FOLDING_ATTR, summary.get("folding_pct", 0.0))
-            if settings.multi_objective:
-                return
-            trial.report(score, step)
-            if trial.should_prune():
-                self.set_constraint(trial)
-                raise optuna.TrialPruned(f"pruned at step {step} with score {score:.4f}")
-
-        trainer = Trainer(config, self.manifest_path, out_dir, on_validation=report,
-                          log_pictures=False)
-        try:
-            result = trainer.fit(run_name=f"trial-{trial.number}", nested=True, tags={
-                "optuna.trial_number": str(trial.number), "optuna.study": trial.study.study_name})
-        except optuna.TrialPruned:
-            mark_trial_run(trainer.run_id, TrialState.PRUNED)
-            raise
-        except Exception:
-            if trainer.run_id is not None:
-                mark_trial_run(trainer.run_id, TrialState.FAIL)
-            raise
-        finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        mark_trial_run(result.run_id, TrialState.COMPLETE)
-        if settings.multi_objective:
-            return result.best_score, float(trial.user_attrs.get(FOLDING_ATTR, 0.0))
-        self.set_constraint(trial)
-        folding = float(trial.user_attrs.get(FOLDING_ATTR, 0.0))
-        return result.best_score - settings.folding_penalty * folding
-
-    def set_constraint(self, trial: optuna.Trial) -> None:
-        """Feasible when the folding % of the trial's best validation is within the threshold."""
-        folding = float(trial.user_attrs.get(FOLDING_ATTR, 0.0))
-        trial.set_constraint(FOLDING_ATTR, folding - self.config.tune.max_folding_pct)
-
-
-def study_key(config: Config) -> str:
-    """The study's name in the storage: ``tune.study_name`` and a digest of the config.
-
-    Every key a trial's result depends on is in the digest (not ``tune.trials``, the storage or
-    heartbeat), so a changed config (a DVC experiment) starts its own study, while the same
-    config resumes or joins it, also with more trials.
-    """
-    relevant = config.model_dump(exclude={"evaluate": True, "registry": True, "tune": {
-        "enabled", "trials", "storage", "heartbeat_s", "study_name"}})
+    exclude: dict[str, Any] = {"registry": True, "tune": {
+        "enabled", "trials", "storage", "heartbeat_s", "study_name"}}
+    if not is_test_time(config):
+        exclude["evaluate"] = True
+    relevant = config.model_dump(exclude=exclude)
+    if model_digest is not None:
+        relevant["model_digest"] = model_digest
     text = json.dumps(relevant, sort_keys=True, default=str)
     return f"{config.tune.study_name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def open_study(config: Config, storage: RDBStorage) -> tuple[optuna.Study, bool]:
-    """Create the study of this config (:func:`study_key`), or load it; True when this call
-    created it."""
+def baseline_values(config: Config) -> dict[str, Any]:
+    """The config's own value of every searched key that lies in its search range."""
+    tree = config.model_dump()
+    values = {}
+    for key, space in config.tune.search_space.items():
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if space.type == "categorical":
+            inside = node in space.choices
+        else:
+            inside = (isinstance(node, int | float) and not isinstance(node, bool)
+                      and space.low <= node <= space.high
+                      and (space.type == "float" or float(node).is_integer()))
+        if inside:
+            values[key] = node
+    return values
+
+
+def build_pruner(config: Config) -> optuna.pruners.BasePruner:
+    """Multi-fidelity over training steps for a single-objective training sweep: median,
+    Hyperband or successive halving (from ``tune.val_every`` steps up to ``tune.steps``);
+    none for multi-objective studies and test-time sweeps (a trial there is one evaluation)."""
+    settings = config.tune
+    if settings.multi_objective or settings.pruner == "none" or is_test_time(config):
+        return optuna.pruners.NopPruner()
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=settings.val_every,
+                                              max_resource=settings.steps)
+    if settings.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=settings.val_every)
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+
+
+def open_study(config: Config, storage: RDBStorage, model_digest: str | None = None
+               ) -> tuple[optuna.Study, bool]:
+    """Create the study of this config and model (:func:`study_key`), or load it; True when
+    this call created it. A new study's first trial is the config's own values of the searched
+    keys (``tune.baseline_trial``), so that what the sweep finds is measured against them."""
     settings = config.tune
     directions = [StudyDirection.MAXIMIZE]
     if settings.multi_objective:
         directions.append(StudyDirection.MINIMIZE)
-    name = study_key(config)
+    name = study_key(config, model_digest)
     try:
         storage.create_new_study(directions, name)
         created = True
     except DuplicatedStudyError:
         created = False
-    if settings.multi_objective or settings.pruner == "none":
-        pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
-    elif settings.pruner == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=settings.val_every,
-                                                max_resource=settings.steps)
-    else:
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     study = optuna.load_study(study_name=name, storage=storage,
-                              sampler=TrialSeededSampler(config.seed), pruner=pruner)
+                              sampler=TrialSeededSampler(config.seed), pruner=build_pruner(config))
+    baseline = baseline_values(config) if settings.baseline_trial else {}
+    if created and baseline:
+        study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True})
     return study, created
 
 
@@ -397,7 +366,7 @@ def wait_for_parent_run(study: optuna.Study, timeout_s: float) -> str | None:
     return study.user_attrs.get(PARENT_RUN_ATTR)
 
 
-def run_study(study: optuna.Study, objective: Objective, trials: int) -> None:
+def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], Any], trials: int) -> None:
     """Run trials until the study holds ``trials`` COMPLETE or PRUNED ones.
 
     Trials RUNNING elsewhere count as work under way. When they alone would complete the
@@ -417,23 +386,42 @@ def run_study(study: optuna.Study, objective: Objective, trials: int) -> None:
             time.sleep(POLL_S)
 
 
-def best_values(study: optuna.Study, config: Config) -> tuple[dict[str, Any], dict[str, float]]:
-    """Params and metrics of the best feasible trial (folding % <= ``tune.max_folding_pct``).
-
-    Single-objective: the highest score among COMPLETE trials. Multi-objective: the highest
-    Dice on the Pareto front. Empty dicts when no trial qualifies.
-    """
+def feasible(trial: FrozenTrial, config: Config) -> bool:
+    """Whether a trial's results are within ``tune.max_folding_pct`` and ``tune.max_sdlogj``."""
     settings = config.tune
-    candidates = (study.best_trials if settings.multi_objective
-                  else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    feasible = [trial for trial in candidates
-                if float(trial.user_attrs.get(FOLDING_ATTR, 0.0)) <= settings.max_folding_pct]
-    if not feasible:
+    folding = float(trial.user_attrs.get(FOLDING_ATTR, 0.0))
+    sdlogj = float(trial.user_attrs.get(SDLOGJ_ATTR, 0.0))
+    return folding <= settings.max_folding_pct and (
+        settings.max_sdlogj is None or sdlogj <= settings.max_sdlogj)
+
+
+def best_trial(study: optuna.Study, config: Config) -> FrozenTrial | None:
+    """The rule: among COMPLETE trials within both limits (:func:`feasible`), the highest Dice
+    (a single-objective study: the highest value, Dice less the folding penalty); a tie goes to
+    the lower SDlogJ, then the earlier trial. None when no trial qualifies.
+
+    In a multi-objective study the pick lies on the Pareto front of the trials within the
+    folding limit: a trial dominating it would be within the SDlogJ limit too, with at least
+    its Dice and a lower SDlogJ.
+    """
+    candidates = [trial for trial in study.get_trials(deepcopy=False,
+                                                      states=(TrialState.COMPLETE,))
+                  if feasible(trial, config)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda trial: (
+        trial.values[0], -float(trial.user_attrs.get(SDLOGJ_ATTR, 0.0)), -trial.number))
+
+
+def best_values(study: optuna.Study, config: Config) -> tuple[dict[str, Any], dict[str, float]]:
+    """Params and metrics of the rule's pick (:func:`best_trial`); empty dicts when none."""
+    best = best_trial(study, config)
+    if best is None:
         return {}, {}
-    best = max(feasible, key=lambda trial: trial.values[0])
     folding = float(best.user_attrs.get(FOLDING_ATTR, 0.0))
-    penalty = 0.0 if settings.multi_objective else settings.folding_penalty * folding
-    metrics = {"best_dice": float(best.values[0]) + penalty,
+    penalty = 0.0 if config.tune.multi_objective else config.tune.folding_penalty * folding
+    metrics = {"best_dice": float(best.user_attrs.get(DICE_ATTR, best.values[0] + penalty)),
+               "best_sdlogj": float(best.user_attrs.get(SDLOGJ_ATTR, 0.0)),
                "best_folding_pct": folding,
                "best_trial": float(best.number)}
     return dict(best.params), metrics
@@ -469,3 +457,20 @@ def log_study_pictures(study: optuna.Study, config: Config) -> None:
                 target_name=name)
             tracking.log_figure(importances.figure, "tuning/param_importances.png")
             plt.close(importances.figure)
+    if multi:
+        tracking.log_figure(pareto_figure(study, config), PARETO_PICTURE)
+
+
+def pareto_figure(study: optuna.Study, config: Config) -> Figure:
+    """The Pareto front of a two-objective study (Dice, SDlogJ) with the rule's pick."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = {trial.number for trial in study.best_trials}
+    folding_limit = config.tune.max_folding_pct
+    rows = [{"number": trial.number, "dice": trial.values[0], "sdlogj": trial.values[1],
+             "feasible": float(trial.user_attrs.get(FOLDING_ATTR, 0.0)) <= folding_limit,
+             "front": trial.number in front} for trial in completed]
+    pick = best_trial(study, config)
+    baseline = next((trial.number for trial in completed
+                     if trial.user_attrs.get(BASELINE_ATTR)), None)
+    return viz.pareto_front_figure(rows, config.tune.max_sdlogj,
+                                   None if pick is None else pick.number, baseline)

@@ -309,6 +309,50 @@ def training_curve_figure(rows: list[dict[str, Any]]) -> Figure:
     return figure
 
 
+def pareto_front_figure(trials: list[dict[str, Any]], max_sdlogj: float | None,
+                        pick: int | None, baseline: int | None = None) -> Figure:
+    """A two-objective study: validation Dice against SDlogJ of every finished trial.
+
+    Args:
+        trials: one row per trial: ``number``, ``dice``, ``sdlogj``, ``feasible`` (within the
+            folding limit) and ``front`` (on the Pareto front of the feasible trials).
+        max_sdlogj: the rule's SDlogJ limit, drawn as a dashed line (None: no limit).
+        pick: number of the trial the rule picked (a star), or None.
+        baseline: number of the trial that ran the config's own values (a square), or None.
+    """
+    figure = Figure(figsize=(6, 4))
+    axes = figure.add_subplot()
+    for feasible, style in ((True, {"marker": "o", "color": "tab:blue",
+                                    "label": "trial (folding within the limit)"}),
+                            (False, {"marker": "x", "color": "tab:gray",
+                                     "label": "trial folding above the limit"})):
+        rows = [row for row in trials if row["feasible"] == feasible]
+        if rows:
+            axes.scatter([row["sdlogj"] for row in rows], [row["dice"] for row in rows], s=18,
+                         alpha=0.7, **style)
+    front = sorted((row for row in trials if row["front"]), key=lambda row: row["sdlogj"])
+    if front:
+        axes.step([row["sdlogj"] for row in front], [row["dice"] for row in front],
+                  where="post", color="tab:orange", label="Pareto front")
+        for row in front:
+            axes.annotate(str(row["number"]), (row["sdlogj"], row["dice"]), fontsize=7,
+                          xytext=(3, -9), textcoords="offset points")
+    marks = ((baseline, "s", "none", "config's own values"), (pick, "*", "tab:red", "rule's pick"))
+    for number, marker, face, label in marks:
+        row = next((row for row in trials if row["number"] == number), None)
+        if row is not None:
+            axes.scatter([row["sdlogj"]], [row["dice"]], marker=marker, s=160,
+                         facecolors=face, edgecolors="tab:red", label=f"{label} ({number})")
+    if max_sdlogj is not None:
+        axes.axvline(max_sdlogj, color="tab:red", linestyle="--", linewidth=0.8,
+                     label=f"SDlogJ limit {max_sdlogj:g}")
+    axes.set_xlabel("SDlogJ (lower is smoother)")
+    axes.set_ylabel("validation Dice")
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
 def save_figure(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write the figure as a PNG atomically (temporary file in the same folder, then rename).
 

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENDING = "train.loss.regularization.bending_energy.weight"
+REFINE_STEPS = "evaluate.refine.steps"
 
 
 def run(command: list[str], cwd: Path) -> str:
@@ -45,7 +46,8 @@ def dvc_project(tmp_path, tiny_raw, mlflow_store):
     params["data"]["raw_dir"], params["data"]["processed_dir"] = "data/raw", "data/processed"
     params["train"]["optimizer"] = {"lr": 0.001}  # DVC needs every params key a stage names
     params["evaluate"] = {"hd95": False}
-    params["tune"] = {"enabled": True, "trials": 0}
+    params["tune"] = {"enabled": True, "trials": 2, "max_folding_pct": 100.0,  # test-time sweep
+                      "search_space": {REFINE_STEPS: {"type": "int", "low": 0, "high": 2}}}
     params["registry"] = {"model_name": f"tiny-{tmp_path.name[-12:]}"}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO_ROOT / ".gitignore", project / ".gitignore")  # what git keeps matters to DVC
@@ -60,7 +62,12 @@ def dvc_project(tmp_path, tiny_raw, mlflow_store):
 
 
 def test_repro_then_noop_then_experiment_with_another_loss_weight(dvc_project):
-    run(["dvc", "repro"], dvc_project)
+    output = run(["dvc", "repro"], dvc_project)
+    order = [output.index(f"Running stage '{stage}'") for stage in
+             ("fetch", "preprocess", "train", "tune", "evaluate", "register")]
+    assert order == sorted(order), "tune sweeps the trained model: it runs after train"
+    tuned = yaml.safe_load((dvc_project / "models/tuning/best_params.yaml").read_text())
+    assert set(tuned) == {REFINE_STEPS}
     headline = json.loads((dvc_project / "metrics/eval.json").read_text())
     assert 0 <= headline["dice_mean"] <= 1
     assert (dvc_project / "models/registered.json").exists()

@@ -17,13 +17,19 @@ from regflow.config import load_config, load_training_config
 from regflow.errors import ConfigError
 from regflow.stages import tune_stage
 from regflow.tuning import (
+    DICE_ATTR,
     FOLDING_ATTR,
     PARENT_RUN_ATTR,
+    PARETO_PICTURE,
+    SDLOGJ_ATTR,
     STORAGE_PASSWORD_ENV,
     STORAGE_PASSWORD_FILE_ENV,
     SURPLUS_ATTR,
     TrialSeededSampler,
+    baseline_values,
+    best_trial,
     best_values,
+    build_pruner,
     build_storage,
     connection_url,
     default_storage,
@@ -138,11 +144,17 @@ def test_multi_objective_takes_best_dice_from_pareto_front(tiny_project):
     trials = study.get_trials()
     assert [trial.state for trial in trials] == [TrialState.COMPLETE] * 2
     for trial in trials:
-        assert trial.values == [pytest.approx(trial.values[0]), trial.user_attrs[FOLDING_ATTR]]
+        assert trial.values == [trial.user_attrs[DICE_ATTR], trial.user_attrs[SDLOGJ_ATTR]]
+        assert trial.constraints == {FOLDING_ATTR: pytest.approx(
+            trial.user_attrs[FOLDING_ATTR] - 100.0)}
         assert trial.intermediate_values == {}
     winner = max(study.best_trials, key=lambda trial: trial.values[0])
     assert best == winner.params
     assert yaml.safe_load((TUNING / "best_params.yaml").read_text()) == winner.params
+    [parent] = parent_runs()
+    pictures = [item.path for item in
+                mlflow.MlflowClient().list_artifacts(parent.info.run_id, "tuning")]
+    assert PARETO_PICTURE in pictures
 
 
 @pytest.mark.parametrize("override", ["tune.enabled=false", "tune.trials=0"])
@@ -237,15 +249,35 @@ def test_best_values_skip_trials_that_fold_too_much(tiny_project):
     for dice, folding, x in ((0.9, 5.0, 0.1), (0.7, 0.5, 0.2), (0.6, 0.0, 0.3)):
         study.add_trial(finished_trial([dice], folding, x))
     assert best_values(study, config) == ({"x": 0.2}, {
-        "best_dice": 0.7, "best_folding_pct": 0.5, "best_trial": 1.0})
+        "best_dice": 0.7, "best_sdlogj": 0.0, "best_folding_pct": 0.5, "best_trial": 1.0})
 
+
+def test_the_rule_picks_the_best_feasible_trial_of_a_hand_made_front(tiny_project):
     multi = load_config(tiny_project, tune_overrides(3, multi_objective=True,
-                                                      max_folding_pct=1.0))
+                                                      max_folding_pct=0.5, max_sdlogj=0.10))
     front = in_memory_study(["maximize", "minimize"])
-    for dice, folding, x in ((0.9, 5.0, 0.1), (0.7, 0.5, 0.2), (0.6, 0.0, 0.3),
-                             (0.5, 0.6, 0.4)):
-        front.add_trial(finished_trial([dice, folding], folding, x))
-    assert best_values(front, multi)[0] == {"x": 0.2}
+    #        Dice  SDlogJ folding x      what it tests
+    rows = ((0.86, 0.090, 0.90, 0.1),  # best Dice, smooth, but folds above the limit
+            (0.85, 0.120, 0.10, 0.2),  # second best Dice, too rough
+            (0.83, 0.099, 0.30, 0.3),  # tied best feasible Dice, rougher
+            (0.83, 0.095, 0.40, 0.4),  # tied best feasible Dice, smoother: the pick
+            (0.80, 0.070, 0.00, 0.5),  # feasible, smoothest, lower Dice
+            (0.84, 0.100, 0.50, 0.6))  # exactly on both limits: feasible, best Dice
+    for dice, sdlogj, folding, x in rows:
+        front.add_trial(optuna.trial.create_trial(
+            values=[dice, sdlogj], params={"x": x},
+            distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+            user_attrs={DICE_ATTR: dice, SDLOGJ_ATTR: sdlogj, FOLDING_ATTR: folding}))
+    assert best_values(front, multi) == ({"x": 0.6}, {
+        "best_dice": 0.84, "best_sdlogj": 0.10, "best_folding_pct": 0.5, "best_trial": 5.0})
+    front.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))
+    without_last = in_memory_study(["maximize", "minimize"])
+    for trial in front.get_trials()[:5]:
+        without_last.add_trial(trial)
+    assert best_trial(without_last, multi).number == 3  # the tie goes to the smoother trial
+    strict = multi.model_copy(update={"tune": multi.tune.model_copy(update={
+        "max_sdlogj": 0.05})})
+    assert best_values(front, strict) == ({}, {})
 
 
 def test_sampler_draws_depend_on_trial_number_only():
@@ -370,3 +402,28 @@ def test_two_workers_share_one_study(tiny_project):
     completed = [trial for trial in counted if trial.state == TrialState.COMPLETE]
     assert best_params == max(completed, key=lambda trial: trial.value).params
 
+
+
+@pytest.mark.parametrize(("settings", "pruner"), [
+    ({}, optuna.pruners.MedianPruner),
+    ({"pruner": "hyperband"}, optuna.pruners.HyperbandPruner),
+    ({"pruner": "successive_halving"}, optuna.pruners.SuccessiveHalvingPruner),
+    ({"pruner": "none"}, optuna.pruners.NopPruner),
+    ({"pruner": "hyperband", "multi_objective": True}, optuna.pruners.NopPruner),
+    ({"pruner": "hyperband", "search_space": {
+        "evaluate.refine.steps": {"type": "int", "low": 0, "high": 4}}}, optuna.pruners.NopPruner),
+])
+def test_pruning_is_over_training_steps_of_single_objective_training_sweeps(tiny_project,
+                                                                             settings, pruner):
+    config = load_config(tiny_project, tune_overrides(3, **settings))
+    assert type(build_pruner(config)) is pruner
+
+
+def test_baseline_values_are_the_configs_own_values_in_range(tiny_project):
+    config = load_config(tiny_project, tune_overrides(3))
+    assert baseline_values(config) == {  # tests/synthetic.py's params
+        "train.loss.regularization.bending_energy.weight": 0.1,
+        "train.loss.label.dice.weight": 1.0, "train.optimizer.lr": 0.001}
+    narrow = load_config(tiny_project, [*tune_overrides(3), "tune.search_space.train.optimizer."
+                                        "lr={type: float, low: 0.01, high: 0.1}"])
+    assert "train.optimizer.lr" not in baseline_values(narrow)
