@@ -253,7 +253,7 @@ def import_deepreg_command(configs: tuple[str, ...], out: str) -> None:
     regflow translation is printed with the reason, and so is every key DeepReg itself ignores;
     the losses get the options that reproduce DeepReg's formulas.
     """
-    from regflow.deepreg import import_deepreg
+    from regflow.deepreg.importer import import_deepreg
 
     translation = import_deepreg(list(configs), Path(out))
     for note in translation.notes:
@@ -558,7 +558,7 @@ def export(config: Config, checkpoint: str, out: str, half: bool, measure: bool)
 def request(url: str, fixed: str, moving: str, moving_label: str | None, out: str,
             timeout: float, refine_steps: int | None) -> None:
     """Send a pair to a running model server (URL) and write the answer as NIfTI."""
-    from regflow.client import invocations_endpoint, request_registration
+    from regflow.serving.client import invocations_endpoint, request_registration
 
     invocations_endpoint(url)
     claim_output(out, folder=True)
@@ -575,9 +575,9 @@ def serve_command(model_uri: str, host: str, port: int, workers: int
     """The uvicorn command line and the variables ``regflow serve`` runs the server with.
 
     The variables name the model and the project's store (:func:`regflow.tracking.tracking_uri`)
-    and keep MLflow quiet and offline; see :mod:`regflow.serving_app`.
+    and keep MLflow quiet and offline; see :mod:`regflow.serving.app`.
     """
-    from regflow.serving_app import APP, GRACE_S, HEALTHCHECK_S, MODEL_ENV
+    from regflow.serving.app import APP, GRACE_S, HEALTHCHECK_S, MODEL_ENV
     from regflow.tracking import QUIET_ENV, tracking_uri
 
     env = {**QUIET_ENV, MODEL_ENV: model_uri, "MLFLOW_TRACKING_URI": tracking_uri()}
@@ -603,7 +603,7 @@ def serve(model_uri: str, host: str, port: int, workers: int, print_command: boo
 
     Works from an unactivated venv; the model store is the project's (or $MLFLOW_TRACKING_URI).
     """
-    from regflow.serving_app import MODEL_ENV, serve_model
+    from regflow.serving.app import MODEL_ENV, serve_model
 
     command, env = serve_command(model_uri, host, port, workers)
     if print_command:

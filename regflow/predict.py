@@ -203,14 +203,14 @@ def predict_split(registrar: Registrar, config: Config, manifest_file: Path, spl
 
     Args:
         layout: "regflow" (flat ``<fixed>__<moving>_*.nii.gz`` files and ``metrics.csv``) or
-            "deepreg" (``deepreg_predict``'s ``pair_<i>/`` tree, see regflow.deepreg_layout).
+            "deepreg" (``deepreg_predict``'s ``pair_<i>/`` tree, see regflow.deepreg.layout).
         png, nifti: "deepreg" layout: write the PNG slices, the NIfTI volumes.
 
     Returns:
         The written files and folders (top level of ``out_dir``).
     """
     from regflow.data.loader import build_dataloader
-    from regflow.deepreg_layout import DeepRegWriter
+    from regflow.deepreg.layout import DeepRegWriter
     from regflow.evaluation import evaluate_pairs
 
     manifest = Manifest.read(manifest_file)

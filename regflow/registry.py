@@ -4,11 +4,11 @@ Every new version gets ``@challenger``; ``@champion`` moves to it only when its 
 not below the current champion's and its folding is under ``registry.max_folding_pct``. The
 decision goes to models/registered.json and to the version's tags.
 
-Crash consistency: the model is logged from code (regflow/pyfunc_model.py, no pickle), then the
-version is created together with its evaluation and decision tags in one call, so no version is
-ever visible without them; the aliases follow, ``@challenger`` last, as the mark of a finished
-registration. A later run first reconciles what an interrupted one left (:func:`reconcile`), so
-``models:/<name>/latest`` never names an unevaluated model.
+Crash consistency: the model is logged from code (regflow/serving/pyfunc_model.py, no pickle),
+then the version is created together with its evaluation and decision tags in one call, so no
+version is ever visible without them; the aliases follow, ``@challenger`` last, as the mark of a
+finished registration. A later run first reconciles what an interrupted one left
+(:func:`reconcile`), so ``models:/<name>/latest`` never names an unevaluated model.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from regflow import tracking
 from regflow.config import Config
 from regflow.errors import RegflowError
 from regflow.redact import redact_values
-from regflow.serving import CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT, input_example, signature
+from regflow.serving.model import CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT, input_example, signature
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 DECISION_TAG = "regflow.decision"
 PROMOTED, KEPT = "promoted: ", "kept champion: "
-MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # MLflow "models from code"
+MODEL_CODE = Path(__file__).parent / "serving" / "pyfunc_model.py"  # MLflow "models from code"
 RUNTIME_PACKAGES = ("torch", "numpy", "scipy", "nibabel", "mlflow", "pydantic", "pyyaml",
                     "torchio", "h5py", "click", "tqdm", "matplotlib")
 

@@ -1,4 +1,4 @@
-"""Tests for regflow.budget: reservations granted in arrival order, timeouts, trimming."""
+"""Tests for regflow.serving.budget: reservations granted in arrival order, timeouts, trimming."""
 
 import asyncio
 import threading
@@ -6,8 +6,13 @@ import time
 
 import pytest
 
-from regflow.budget import HELD_UNTIL_ANSWERED, MemoryBudget, release_free_memory, tune_allocator
 from regflow.errors import RequestTooLarge, ServerBusy
+from regflow.serving.budget import (
+    HELD_UNTIL_ANSWERED,
+    MemoryBudget,
+    release_free_memory,
+    tune_allocator,
+)
 
 
 def reserve_in_thread(budget: MemoryBudget, nbytes: int, granted: list) -> threading.Thread:

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from regflow.cli import cli
-from regflow.client import encode_file
 from regflow.data.io import write_nifti
+from regflow.serving.client import encode_file
 from tests.test_client import StubServer, free_port
 
 FORBIDDEN = "/sys/regflow-test-output"  # sysfs: EACCES/EPERM for every user, root included

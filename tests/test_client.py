@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from regflow.client import request_registration
-from regflow.codec import build_response, read_request
 from regflow.data.io import read_volume, write_nifti
 from regflow.errors import DataError, RegflowError
+from regflow.serving.client import request_registration
+from regflow.serving.codec import build_response, read_request
 
 AFFINE = np.array([[0.0, 0.0, 1.5, -10.0], [0.0, 2.0, 0.0, 5.0], [1.0, 0.0, 0.0, 3.0],
                    [0.0, 0.0, 0.0, 1.0]])

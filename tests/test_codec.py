@@ -1,4 +1,4 @@
-"""Tests for regflow.codec: the serving wire format."""
+"""Tests for regflow.serving.codec: the serving wire format."""
 
 import base64
 import gzip
@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from regflow.codec import (
+from regflow.errors import RegflowError, RequestTooLarge
+from regflow.serving.codec import (
     RequestError,
     build_response,
     decode_volume,
@@ -19,8 +20,7 @@ from regflow.codec import (
     parse_request,
     read_request,
 )
-from regflow.errors import RegflowError, RequestTooLarge
-from regflow.limits import Limits
+from regflow.serving.limits import Limits
 
 AFFINE = np.array([[1.5, 0, 0, -10], [0, 2.0, 0, 20], [0, 0, 0.5, 3], [0, 0, 0, 1]])
 

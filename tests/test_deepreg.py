@@ -1,5 +1,6 @@
-"""Tests for regflow.deepreg: DeepReg's config merge, the translation tables, the command, and
-real DeepReg configs (tests/deepreg_configs) trained for two steps on synthetic data."""
+"""Tests for regflow.deepreg.importer: DeepReg's config merge, the translation tables, the
+command, and real DeepReg configs (tests/deepreg_configs) trained for two steps on synthetic
+data."""
 
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from regflow.data.io import write_nifti
 from regflow.data.loader import build_augmentation
 from regflow.data.preprocess import preprocess_dataset
 from regflow.data.sources import fetch_dataset
-from regflow.deepreg import _ddf_augment, merge_configs, read_deepreg_configs, translate
+from regflow.deepreg.importer import _ddf_augment, merge_configs, read_deepreg_configs, translate
 from regflow.engine import Trainer
 from regflow.losses import build_loss
 from regflow.models import RegistrationModel

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from regflow.cli import cli
 from regflow.data.manifest import Manifest
-from regflow.deepreg_layout import (
+from regflow.deepreg.layout import (
     DeepRegWriter,
     describe,
     pair_rows,

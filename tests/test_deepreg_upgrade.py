@@ -1,9 +1,9 @@
-"""Tests for regflow.deepreg_upgrade: DeepReg 0.1.x trees rewritten as deepreg/config/v011.py
+"""Tests for regflow.deepreg.upgrade: DeepReg 0.1.x trees rewritten as deepreg/config/v011.py
 rewrites them (each mapping checked against the tree DeepReg's upgrade produces)."""
 
 import pytest
 
-from regflow.deepreg_upgrade import upgrade
+from regflow.deepreg.upgrade import upgrade
 from regflow.errors import ConfigError
 
 

@@ -16,7 +16,7 @@ from regflow.cli import MIRROR_ENV
 from regflow.config import load_config
 from regflow.data.io import read_volume
 from regflow.data.sources import CATALOGUE
-from regflow.deepreg import read_deepreg_configs
+from regflow.deepreg.importer import read_deepreg_configs
 from tests.demo_archives import (
     abdomen_archive,
     heart_archive,

@@ -1,9 +1,9 @@
-"""Tests for regflow.limits: serving resource limits and their environment variables."""
+"""Tests for regflow.serving.limits: serving resource limits and their environment variables."""
 
 import pytest
 
 from regflow.errors import ConfigError, RequestTooLarge
-from regflow.limits import Limits, parse_bytes
+from regflow.serving.limits import Limits, parse_bytes
 
 
 def test_limits_from_the_environment():

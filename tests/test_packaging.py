@@ -48,7 +48,7 @@ def test_dvc_config_is_quiet_and_offline():
 # (rerunning the pipeline for them is waste) and the dispatch module that every stage goes through.
 UNLISTED_CODE = {"regflow/__init__.py", "regflow/errors.py", "regflow/stages.py"}
 # Code a stage runs without importing it: MLflow runs the model file that `register` logs.
-RUN_AS_FILES = {"register": {"regflow.pyfunc_model"}}
+RUN_AS_FILES = {"register": {"regflow.serving.pyfunc_model"}}
 
 
 def module_path(name: str) -> Path | None:
@@ -164,7 +164,7 @@ def test_serve_prints_the_uvicorn_command_of_this_interpreter():
     command, model, uri = result.stdout.splitlines()
     interpreter, rest = command.split(" ", 1)
     assert Path(interpreter).parent == bin_dir  # runs from an unactivated venv
-    assert rest.startswith("-m uvicorn --factory regflow.serving_app:create_app --host 127.0.0.1 "
+    assert rest.startswith("-m uvicorn --factory regflow.serving.app:create_app --host 127.0.0.1 "
                            "--port 5123 ")
     assert "--workers 2" in command
     assert model == "REGFLOW_SERVE_MODEL=runs:/abc/model"

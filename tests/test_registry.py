@@ -13,7 +13,6 @@ import pytest
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from regflow import tracking
-from regflow.codec import decode_volume
 from regflow.config import load_config
 from regflow.data.preprocess import preprocess_dataset
 from regflow.data.sources import fetch_dataset
@@ -29,7 +28,8 @@ from regflow.registry import (
     reconcile,
     should_promote,
 )
-from regflow.serving import input_example
+from regflow.serving.codec import decode_volume
+from regflow.serving.model import RegflowPythonModel, input_example
 from regflow.stages import evaluate_stage, register_stage
 from tests.synthetic import write_params, write_unpaired_dataset
 
@@ -196,7 +196,8 @@ def latest_version(name: str) -> str:
 
 
 def test_the_served_model_code_imports_without_warnings():
-    result = subprocess.run([sys.executable, "-W", "default", "-c", "import regflow.pyfunc_model"],
+    result = subprocess.run([sys.executable, "-W", "default", "-c",
+                             "import regflow.serving.pyfunc_model"],
                             capture_output=True, text=True, timeout=120, check=False)
     assert (result.returncode, result.stderr) == (0, "")
 
@@ -324,3 +325,11 @@ def test_init_from_a_different_network_is_one_line(tiny_project):
     with pytest.raises(RegflowError, match=r"^train.init_from models/tiny/best.pt: its network "
                                            r"does not match train.model \("):
         Trainer(wider, Path("data/processed/tiny/manifest.json"), Path("models/wider")).fit()
+
+
+def test_a_model_registered_before_the_serving_package_finds_its_class():
+    # A model logged before regflow/serving/ existed carries the old pyfunc_model.py, which runs
+    # this import when MLflow loads it.
+    from regflow.serving import RegflowPythonModel as OldPath
+
+    assert OldPath is RegflowPythonModel

@@ -33,19 +33,19 @@ from mlflow.pyfunc import scoring_server
 
 from benchmarks.serving_attacks import sform_b64, zero_column
 from regflow import metrics
-from regflow.budget import MemoryBudget
 from regflow.cli import cli
-from regflow.codec import decode_volume, encode_volume
 from regflow.config import load_config
 from regflow.data.io import read_volume, write_nifti
 from regflow.data.manifest import Manifest
 from regflow.engine import Trainer
 from regflow.inference import Volume, load_registrar
-from regflow.limits import Limits
 from regflow.predict import _unregistered_label
 from regflow.registry import pip_requirements
-from regflow.serving import CHECKPOINT_ARTIFACT, RegflowPythonModel, input_example, signature
-from regflow.serving_app import Admission
+from regflow.serving.app import Admission
+from regflow.serving.budget import MemoryBudget
+from regflow.serving.codec import decode_volume, encode_volume
+from regflow.serving.limits import Limits
+from regflow.serving.model import CHECKPOINT_ARTIFACT, RegflowPythonModel, input_example, signature
 from regflow.stages import (
     evaluate_stage,
     fetch_stage,
@@ -696,7 +696,8 @@ def test_internal_error_is_500_with_a_short_message_and_a_logged_traceback(
         app_url, tiny_model, tiny_pair, caplog):
     inputs = {"fixed": [tiny_pair["fixed"]], "moving": [tiny_pair["moving"]]}
     with model_attribute(tiny_model, "registrar", None), \
-            caplog.at_level(logging.ERROR, logger="regflow.scoring_errors"):  # a bug: no network
+            caplog.at_level(logging.ERROR,
+                            logger="regflow.serving.scoring_errors"):  # a bug: no network
         message = error_answer(app_url, inputs, 500)
     assert message == "internal error; see the server log"
     assert "Traceback" in caplog.text and "AttributeError" in caplog.text
@@ -720,7 +721,7 @@ def test_invalid_json_answer_does_not_quote_the_body(app_url):
 
 
 # Round two: limits on what is computed, per-request refinement, geometry, the memory budget and
-# the admission of request bodies (regflow.serving_app) in front of the same scoring app.
+# the admission of request bodies (regflow.serving.app) in front of the same scoring app.
 
 def test_refine_steps_is_applied_and_reported_and_its_absence_changes_nothing(
         app_url, tiny_pair, tiny_registrar):

@@ -1,4 +1,4 @@
-"""Tests for regflow.serving_app: admission of request bodies, the parent watch, the port."""
+"""Tests for regflow.serving.app: admission of request bodies, the parent watch, the port."""
 
 import asyncio
 import json
@@ -10,10 +10,10 @@ import time
 import psutil
 import pytest
 
-from regflow.budget import HELD_UNTIL_ANSWERED
 from regflow.errors import RegflowError
-from regflow.limits import Limits
-from regflow.serving_app import Admission, wait_for_port
+from regflow.serving.app import Admission, wait_for_port
+from regflow.serving.budget import HELD_UNTIL_ANSWERED
+from regflow.serving.limits import Limits
 
 
 class BlockingApp:
@@ -107,7 +107,7 @@ def test_a_worker_ends_when_its_supervisor_is_killed():
     """A child that watches its parent (as a uvicorn worker of regflow serve does) is gone
     within a second of a SIGKILL of that parent."""
     child_code = ("import os, time\n"
-                  "from regflow.serving_app import watch_parent\n"
+                  "from regflow.serving.app import watch_parent\n"
                   "watch_parent(int(os.environ['PARENT']), 0.05)\n"
                   "print('watching', flush=True)\n"
                   "time.sleep(60)\n")

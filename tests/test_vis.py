@@ -12,7 +12,7 @@ from PIL import Image
 
 from regflow.cli import cli
 from regflow.data.io import write_nifti
-from regflow.deepreg_layout import DeepRegWriter
+from regflow.deepreg.layout import DeepRegWriter
 from regflow.vis import (
     CAPTION_HEIGHT,
     GAP,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks.serving_attacks import post_raw, serving
-from regflow.codec import encode_volume
+from regflow.serving.codec import encode_volume
 from tests.test_serving import tiny_model_uri  # noqa: F401
 
 DEFAULT_LIMITS = ("REGFLOW_MAX_VOXELS", "REGFLOW_MAX_PAIRS", "REGFLOW_MAX_CHANNELS",

@@ -32,7 +32,7 @@ from benchmarks.serving_attacks import (
     workers_of,
     zero_column,
 )
-from regflow.codec import decode_volume
+from regflow.serving.codec import decode_volume
 
 pytestmark = pytest.mark.slow
 

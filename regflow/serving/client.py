@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from regflow.codec import REPORT_FIELDS, RESPONSE_FIELDS, decode_volume
 from regflow.data.io import write_nifti
 from regflow.errors import DataError, RegflowError
 from regflow.redact import redact_url
+from regflow.serving.codec import REPORT_FIELDS, RESPONSE_FIELDS, decode_volume
 
 
 def encode_file(path: Path) -> str:

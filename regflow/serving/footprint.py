@@ -1,9 +1,9 @@
 """What registering a request allocates, estimated from file headers before anything is decoded.
 
-The served model reserves this estimate from its worker's memory budget (:mod:`regflow.budget`)
-before it decodes a request, so that concurrent requests queue instead of exhausting memory. The
-estimate follows the inference path (:meth:`regflow.inference.Registrar.register_volumes`) phase
-by phase, per pair:
+The served model reserves this estimate from its worker's memory budget
+(:mod:`regflow.serving.budget`) before it decodes a request, so that concurrent requests queue
+instead of exhausting memory. The estimate follows the inference path
+(:meth:`regflow.inference.Registrar.register_volumes`) phase by phase, per pair:
 
 - held throughout: the decoded float32 volumes;
 - then the largest of: inflating and decoding one volume (its stored bytes and a NaN check),
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regflow.codec import EncodedPair, EncodedVolume
+from regflow.serving.codec import EncodedPair, EncodedVolume
 
 FLOAT = 4  # bytes of float32
 FRAME_BYTES = 20  # per resampled voxel: resampling, normalising and cropping one image

@@ -3,7 +3,7 @@
 DeepReg runs ``deepreg_train --config_path a.yaml b.yaml``: the files are merged in order, a later
 file overriding an earlier one key by key (maps merge recursively, anything else is replaced).
 :func:`merge_configs` does the same; :func:`translate` first upgrades DeepReg 0.1.0/0.1.1 trees as
-DeepReg does (:mod:`regflow.deepreg_upgrade`), then maps the tree onto regflow's params and picks
+DeepReg does (:mod:`regflow.deepreg.upgrade`), then maps the tree onto regflow's params and picks
 the loss options that reproduce DeepReg's formulas. Every DeepReg key is used, reported as not
 translated (with the reason), or reported as ignored because DeepReg ignores it too; nothing is
 dropped silently.
@@ -26,7 +26,7 @@ import yaml
 from regflow import fileio
 from regflow.config import validate_config
 from regflow.data.layouts import discover_cases
-from regflow.deepreg_upgrade import leaves, upgrade
+from regflow.deepreg.upgrade import leaves, upgrade
 from regflow.errors import ConfigError, RegflowError
 
 # the order of the sections in the written params file, as in params.yaml

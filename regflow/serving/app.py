@@ -17,7 +17,7 @@ it), asks for its length (411 without ``Content-Length``), and reserves the memo
 (:data:`PARSE_FACTOR` bytes per byte: MLflow reads the body, parses the JSON and copies every
 base64 text into a numpy array of 4-byte characters) from the quarter of ``REGFLOW_MAX_MEMORY``
 that bodies may hold, so that concurrent uploads queue (503 after ``REGFLOW_QUEUE_TIMEOUT``);
-the model's own reservation (:mod:`regflow.serving`) is kept until the answer has been sent.
+the model's own reservation (:mod:`regflow.serving.model`) is kept until the answer has been sent.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from typing import Any
 
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
-from regflow.budget import HELD_UNTIL_ANSWERED, MemoryBudget, mib
 from regflow.errors import RegflowError, RequestTooLarge
-from regflow.limits import COMPUTE_SHARE, ENV_VARS, Limits
-from regflow.scoring_errors import ServingError, serving_error
+from regflow.serving.budget import HELD_UNTIL_ANSWERED, MemoryBudget, mib
+from regflow.serving.limits import COMPUTE_SHARE, ENV_VARS, Limits
+from regflow.serving.scoring_errors import ServingError, serving_error
 
 MODEL_ENV = "REGFLOW_SERVE_MODEL"  # the model's URI or local folder, for every worker
 PARENT_ENV = "REGFLOW_SERVE_PARENT"  # the supervisor's process id, which workers watch
-APP = "regflow.serving_app:create_app"
+APP = "regflow.serving.app:create_app"
 PARSE_FACTOR = 8  # bytes of memory per byte of a request body until the model has decoded it
 WATCH_S = 0.5  # how often a worker checks that its supervisor is alive
 GRACE_S = 10  # requests in flight get this long to finish when the server stops
@@ -61,7 +61,7 @@ class Admission:
     Args:
         app: the scoring app.
         limits: ``max_memory`` (bodies may hold what the model's computation does not,
-            see :data:`regflow.limits.COMPUTE_SHARE`) and ``queue_timeout_s``.
+            see :data:`regflow.serving.limits.COMPUTE_SHARE`) and ``queue_timeout_s``.
     """
 
     def __init__(self, app: ASGIApp, limits: Limits) -> None:

@@ -14,9 +14,9 @@ the memory it will need. Over a limit, a request is refused with
   served model's own ``evaluate.refine.steps``).
 - ``REGFLOW_MAX_MEMORY``: bytes a server worker may spend on requests at once (default 768 MiB;
   ``K``/``M``/``G`` suffixes are binary multiples): three quarters for the model's computation
-  (:mod:`regflow.serving`), a quarter for request bodies being read and parsed
-  (:mod:`regflow.serving_app`); requests beyond it wait their turn for up to
-  ``REGFLOW_QUEUE_TIMEOUT`` seconds (default 30), then get 503 (:mod:`regflow.budget`).
+  (:mod:`regflow.serving.model`), a quarter for request bodies being read and parsed
+  (:mod:`regflow.serving.app`); requests beyond it wait their turn for up to
+  ``REGFLOW_QUEUE_TIMEOUT`` seconds (default 30), then get 503 (:mod:`regflow.serving.budget`).
 
 The server reads them when the model loads (:meth:`Limits.from_env`); library code passes a
 :class:`Limits`. The smallest accepted size along an axis, ``REGFLOW_MIN_SIZE``, is a geometry

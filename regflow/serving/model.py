@@ -2,18 +2,18 @@
 
 The built-in PyTorch flavour cannot take a fixed and a moving image, so regflow ships a custom
 ``PythonModel``: the checkpoint travels as an artifact, requests and responses follow
-regflow.codec, inputs of any size go through the checkpoint's preprocessing and the outputs come
-back on the fixed image's grid (see regflow.inference.Registrar.register_volumes).
+regflow.serving.codec, inputs of any size go through the checkpoint's preprocessing and the
+outputs come back on the fixed image's grid (see regflow.inference.Registrar.register_volumes).
 
 The contract is hardened for a server facing untrusted clients. Before anything is decoded, the
 file headers are checked: geometry (:mod:`regflow.geometry`), and resource limits
-(:mod:`regflow.limits`, read from ``REGFLOW_*`` when the model loads) on the shapes as stored and
-as they will be resampled to the model's voxel size; the request's memory is estimated
-(:mod:`regflow.footprint`) and reserved from the worker's budget, waiting its turn behind other
-requests (:mod:`regflow.budget`). Pairs are then decoded, registered and encoded one at a time; a
-label map with too many values is refused once decoded, before it is warped. Errors become
-413 / 422 / 400 / 503 / 500 answers with short bodies that never quote the request
-(:mod:`regflow.scoring_errors`), and a request still running when the server's own timeout
+(:mod:`regflow.serving.limits`, read from ``REGFLOW_*`` when the model loads) on the shapes as
+stored and as they will be resampled to the model's voxel size; the request's memory is estimated
+(:mod:`regflow.serving.footprint`) and reserved from the worker's budget, waiting its turn behind
+other requests (:mod:`regflow.serving.budget`). Pairs are then decoded, registered and encoded one
+at a time; a label map with too many values is refused once decoded, before it is warped. Errors
+become 413 / 422 / 400 / 503 / 500 answers with short bodies that never quote the request
+(:mod:`regflow.serving.scoring_errors`), and a request still running when the server's own timeout
 (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, after which the client already got a 504) has passed
 stops before its next pair.
 
@@ -36,8 +36,11 @@ from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from regflow.budget import MemoryBudget, tune_allocator
-from regflow.codec import (
+from regflow.config import load_config
+from regflow.geometry import min_size
+from regflow.inference import Volume, label_values, load_registrar
+from regflow.serving.budget import MemoryBudget, tune_allocator
+from regflow.serving.codec import (
     RESPONSE_FIELDS,
     EncodedPair,
     encode_result,
@@ -45,12 +48,9 @@ from regflow.codec import (
     join_results,
     read_request,
 )
-from regflow.config import load_config
-from regflow.footprint import PairPlan, peak_growth, request_bytes
-from regflow.geometry import min_size
-from regflow.inference import Volume, label_values, load_registrar
-from regflow.limits import COMPUTE_SHARE, ENV_VARS, Limits
-from regflow.scoring_errors import ServingError, serving_error
+from regflow.serving.footprint import PairPlan, peak_growth, request_bytes
+from regflow.serving.limits import COMPUTE_SHARE, ENV_VARS, Limits
+from regflow.serving.scoring_errors import ServingError, serving_error
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 CONFIG_ARTIFACT = "config"  # the params the model was trained and registered with (refinement)
@@ -64,7 +64,7 @@ def signature() -> ModelSignature:
     With an input schema MLflow would check requests before ``predict``: it drops unknown
     fields silently, turns a null ``moving_label`` into the string "None", and answers its own
     errors with a body that quotes the whole request. Without one, the request reaches
-    :func:`regflow.codec.read_request` as sent, which checks it all.
+    :func:`regflow.serving.codec.read_request` as sent, which checks it all.
     """
     return ModelSignature(outputs=Schema([ColSpec("string", field) for field in RESPONSE_FIELDS]))
 
@@ -125,15 +125,15 @@ class RegflowPythonModel(mlflow.pyfunc.PythonModel):
 
         ``model_input`` is what MLflow passes without an input schema: a dict of numpy arrays for
         ``{"inputs": ...}``, a DataFrame for the ``dataframe_*`` formats (see
-        :func:`regflow.codec.read_request`). The DataFrame hint is one MLflow infers no schema
-        from (it does not convert to it); it keeps MLflow from warning about type hints.
+        :func:`regflow.serving.codec.read_request`). The DataFrame hint is one MLflow infers no
+        schema from (it does not convert to it); it keeps MLflow from warning about type hints.
 
         Raises:
             ServingError: 413 over a limit (``REGFLOW_MAX_VOXELS`` / ``_PAIRS`` / ``_CHANNELS`` /
                 ``_REFINE_STEPS`` / ``_MEMORY``), 422 nothing to register, 400 any other request
                 problem (bad geometry included), 503 no memory free in time, 500 a bug
                 (traceback in the server log), 504 past the server's timeout; see
-                :func:`regflow.scoring_errors.serving_error`.
+                :func:`regflow.serving.scoring_errors.serving_error`.
         """
         started = time.monotonic()
         try:

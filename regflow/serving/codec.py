@@ -8,7 +8,7 @@ NaN) means absent: a ``moving_label`` that is null, or null for one pair, is no 
 is a :class:`RequestError` naming the field (``inputs.moving[0]: not valid base64``), an unknown
 field included. Beside the volumes a request may carry one setting, ``refine_steps`` (an integer
 for every pair, or one per pair); an answer to such a request adds the :data:`REPORT_FIELDS`. A
-request over a resource limit (:mod:`regflow.limits`) is a
+request over a resource limit (:mod:`regflow.serving.limits`) is a
 :class:`~regflow.errors.RequestTooLarge`, found from the file headers (the first 540 inflated bytes
 of a ``.nii.gz``, the header of a ``.npy``) before any voxel data is inflated or decoded; inflating
 stops at the size the header declares. Images whose header geometry cannot be registered are
@@ -38,7 +38,7 @@ import numpy as np
 from regflow.arrays import to_numpy
 from regflow.errors import RegflowError, RequestTooLarge
 from regflow.geometry import DEFAULT_MIN_SIZE, check_geometry
-from regflow.limits import DEFAULT_LIMITS, ENV_VARS, Limits
+from regflow.serving.limits import DEFAULT_LIMITS, ENV_VARS, Limits
 
 ENCODINGS = ("nii.gz", "npy")
 REQUIRED_FIELDS = ("fixed", "moving")
@@ -303,7 +303,7 @@ def inspect_volume(text: Any, name: str, channels: bool = False,
         name: the field, used in error messages (e.g. ``"inputs.moving[0]"``).
         channels: False: an image, (D, H, W) or with one singleton channel (leading or trailing).
             True: up to ``limits.max_channels`` channels (NIfTI (D, H, W, C), npy (C, D, H, W)).
-        limits: voxels and channels per volume (see :class:`regflow.limits.Limits`).
+        limits: voxels and channels per volume (see :class:`regflow.serving.limits.Limits`).
 
     Returns:
         The volume, ready for :meth:`EncodedVolume.decode`.

@@ -1,0 +1,1 @@
+"""DeepReg compatibility: its configs imported (and upgraded), its prediction layout written."""
