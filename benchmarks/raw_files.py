@@ -20,10 +20,10 @@ import numpy as np
 from regflow import metrics
 from regflow.cli import config_options
 from regflow.config import Config, load_training_config
+from regflow.data.catalogue import get_dataset
 from regflow.data.layouts import VolumeRef, discover_cases
 from regflow.data.loader import build_dataloader, pair_list
 from regflow.data.manifest import Manifest
-from regflow.data.sources import get_dataset
 from regflow.evaluation import evaluate_pairs, summarise
 from regflow.inference import Registrar, Volume, load_registrar
 from regflow.paths import manifest_path

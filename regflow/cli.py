@@ -137,7 +137,7 @@ def cli() -> None:
 @cli.command()
 def datasets() -> None:
     """List the dataset catalogue with licences and whether each needs the network."""
-    from regflow.data.sources import CATALOGUE, describe_dataset
+    from regflow.data.catalogue import CATALOGUE, describe_dataset
 
     for entry in CATALOGUE.values():
         click.echo(describe_dataset(entry))
@@ -158,7 +158,7 @@ class FetchCommand(click.Command):
     """``fetch``, whose help ends with the catalogue read from the code (so it never goes stale)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from regflow.data.sources import CATALOGUE, describe_dataset
+        from regflow.data.catalogue import CATALOGUE, describe_dataset
 
         with formatter.section("Datasets ([licence] [real|simulated] [access] description)"):
             formatter.write_dl([(name, describe_dataset(entry).removeprefix(name).strip())

@@ -39,7 +39,7 @@ from regflow import shipping, spatial
 from regflow.config import Config, EvaluateConfig, LossConfig, PreprocessConfig
 from regflow.data.io import read_volume
 from regflow.data.manifest import PreprocessingRecord, PreprocessSettings
-from regflow.data.preprocess import process_image, resampled_shape
+from regflow.data.transforms import process_image, resampled_shape
 from regflow.errors import NothingToRegister, RegflowError
 from regflow.geometry import check_geometry, min_size
 from regflow.models import RegistrationModel, select_device

@@ -26,7 +26,7 @@ from regflow.redact import redact_text
 
 def fetch_stage(config: Config, dataset: str | None = None, mirror: str | None = None) -> Path:
     """Download (or copy from ``mirror``) and verify a dataset into data/raw/<dataset>/."""
-    from regflow.data.sources import fetch_dataset
+    from regflow.data.fetch import fetch_dataset
 
     return fetch_dataset(dataset or config.data.dataset, config, mirror=mirror)
 

@@ -46,8 +46,8 @@ def tiny_project(tmp_path, tiny_raw, mlflow_store, monkeypatch):
     Returns the params.yaml path; the test runs inside the directory.
     """
     from regflow.config import load_config
+    from regflow.data.fetch import fetch_dataset
     from regflow.data.preprocess import preprocess_dataset
-    from regflow.data.sources import fetch_dataset
     from tests.synthetic import write_params
 
     monkeypatch.chdir(tmp_path)

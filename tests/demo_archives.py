@@ -12,9 +12,9 @@ import numpy as np
 from click.testing import CliRunner
 
 from regflow.cli import cli
+from regflow.data.catalogue import CATALOGUE
 from regflow.data.integrity import SUMS_NAME, format_sums, hash_tree
 from regflow.data.io import write_nifti
-from regflow.data.sources import CATALOGUE
 from tests.synthetic import make_case
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from regflow import metrics
-from regflow.data.preprocess import resample
+from regflow.data.transforms import resample
 from regflow.inference import Volume
 
 LABELS = [1, 2]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from regflow.config import flatten, load_config, load_training_config
-from regflow.data.sources import CATALOGUE
+from regflow.data.catalogue import CATALOGUE
 from regflow.errors import ConfigError
 
 

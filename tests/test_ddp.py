@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from regflow.config import load_config
+from regflow.data.fetch import fetch_dataset
 from regflow.data.preprocess import preprocess_dataset
-from regflow.data.sources import fetch_dataset
 from regflow.distributed import state_checksum
 from regflow.models import RegistrationModel
 from tests.synthetic import write_params, write_unpaired_dataset

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from regflow.cli import cli
 from regflow.config import load_config, validate_config
+from regflow.data.fetch import fetch_dataset
 from regflow.data.io import write_nifti
 from regflow.data.loader import build_augmentation
 from regflow.data.preprocess import preprocess_dataset
-from regflow.data.sources import fetch_dataset
 from regflow.deepreg.importer import _ddf_augment, merge_configs, read_deepreg_configs, translate
 from regflow.engine import Trainer
 from regflow.losses import build_loss

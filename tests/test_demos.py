@@ -14,8 +14,8 @@ import pytest
 
 from regflow.cli import MIRROR_ENV
 from regflow.config import load_config
+from regflow.data.catalogue import CATALOGUE
 from regflow.data.io import read_volume
-from regflow.data.sources import CATALOGUE
 from regflow.deepreg.importer import read_deepreg_configs
 from tests.demo_archives import (
     abdomen_archive,

@@ -6,7 +6,7 @@ import torch
 
 from regflow import inference
 from regflow.config import Config, LossConfig
-from regflow.data.preprocess import regrid
+from regflow.data.transforms import regrid
 from regflow.errors import ConfigError, GeometryError, NothingToRegister
 from regflow.inference import (
     Registrar,

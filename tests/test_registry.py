@@ -14,8 +14,8 @@ from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from regflow import tracking
 from regflow.config import load_config
+from regflow.data.fetch import fetch_dataset
 from regflow.data.preprocess import preprocess_dataset
-from regflow.data.sources import fetch_dataset
 from regflow.engine import Trainer
 from regflow.errors import RegflowError
 from regflow.registry import (

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from regflow import metrics
 from regflow.cli import cli
 from regflow.config import load_config
+from regflow.data.fetch import fetch_dataset
 from regflow.data.io import write_nifti
 from regflow.data.manifest import Manifest
-from regflow.data.preprocess import resize_to_shape
-from regflow.data.sources import fetch_dataset
+from regflow.data.transforms import resize_to_shape
 from regflow.engine import Trainer
 from regflow.stages import preprocess_stage
 from tests.synthetic import write_params

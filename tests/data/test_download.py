@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from regflow.data.catalogue import CATALOGUE
 from regflow.data.download import download, part_path
+from regflow.data.fetch import MARKER_NAME, fetch_entry
 from regflow.data.integrity import SUMS_NAME, read_sums
-from regflow.data.sources import CATALOGUE, MARKER_NAME, fetch_entry
 from regflow.errors import DataError, RegflowError
 
 MIB = 1 << 20

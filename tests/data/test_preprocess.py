@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from regflow.cli import cli
 from regflow.config import PreprocessConfig
-from regflow.data.preprocess import crop_or_pad, normalise, preprocess_folder, resample
+from regflow.data.preprocess import preprocess_folder
 from regflow.errors import ConfigError, DataError
 
 TASK = "Task04_Hippocampus"
@@ -127,22 +127,6 @@ def test_rerun_replaces_output_atomically(hippo_raw: Path, tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["msd-hippocampus"]
 
 
-def test_resample_halves_shape_and_scales_affine(mirror: Path) -> None:
-    source = nib.load(mirror / TASK / "imagesTr/hippocampus_001.nii.gz")  # (35, 51, 35), 1 mm
-    image = source.get_fdata().astype(np.float32)
-    resampled, affine = resample(image, source.affine, [2.0, 2.0, 2.0], order=1)
-    assert resampled.shape == (18, 26, 18)
-    np.testing.assert_allclose(np.diag(affine)[:3], [2.0, 2.0, 2.0])
-    centre_before = source.affine @ [17, 25, 17, 1]
-    np.testing.assert_allclose(affine @ [8.5, 12.5, 8.5, 1], centre_before)
-    ramp = np.fromfunction(lambda i, j, k: i + 2 * j + 3 * k, (10, 12, 14)).astype(np.float32)
-    out, out_affine = resample(ramp, np.eye(4), [2.0, 2.0, 2.0], order=1)
-    assert out.shape == (5, 6, 7)
-    np.testing.assert_allclose(out_affine @ [2, 2.5, 3, 1], [4.5, 5.5, 6.5, 1])  # same centre
-    index = np.linalg.solve(np.eye(4), out_affine @ [2, 3, 4, 1])[:3]  # source voxel coords
-    assert out[2, 3, 4] == pytest.approx(index @ [1, 2, 3], abs=1e-4)
-
-
 def test_resampling_in_the_pipeline(hippo_raw: Path, tmp_path: Path) -> None:
     manifest = run_msd(hippo_raw, tmp_path / "out", spacing=[2.0, 2.0, 2.0], shape=[24, 32, 24])
     assert manifest["spacing"] == [2.0, 2.0, 2.0]
@@ -153,28 +137,6 @@ def test_resampling_in_the_pipeline(hippo_raw: Path, tmp_path: Path) -> None:
     assert image.shape == (24, 32, 24)
     np.testing.assert_allclose(np.abs(image.affine[:3, :3]).sum(axis=0), [2.0, 2.0, 2.0])
     assert set(np.unique(label)) == {0, 1, 2}  # nearest neighbour keeps label values
-
-
-def test_crop_or_pad_centres_and_moves_origin() -> None:
-    array = np.arange(4 * 6 * 3, dtype=np.float32).reshape(4, 6, 3)
-    affine = np.diag([2.0, 3.0, 1.0, 1.0])
-    out, out_affine = crop_or_pad(array, affine, (6, 4, 3), fill=-1)
-    np.testing.assert_array_equal(out[1:5], array[:, 1:5])
-    assert (out[0] == -1).all() and (out[5] == -1).all()
-    np.testing.assert_allclose(out_affine[:3, 3], [-2.0, 3.0, 0.0])  # start = (-1, 1, 0)
-    channels, _ = crop_or_pad(np.ones((3, 3, 3, 2), np.uint8), np.eye(4), (5, 1, 3), fill=0)
-    assert channels.shape == (5, 1, 3, 2) and channels.sum() == 2 * 3 * 3
-
-
-def test_normalise_minmax_and_percentile() -> None:
-    np.testing.assert_allclose(normalise(np.array([2.0, 4.0, 6.0]), "minmax"), [0, 0.5, 1])
-    assert not normalise(np.full((3, 3), 5.0), "minmax").any()
-    image = np.linspace(0, 1, 1000)
-    image[0], image[-1] = -500.0, 900.0  # outliers that minmax would be ruled by
-    scaled = normalise(image, "percentile", [1.0, 99.0])
-    assert scaled.dtype == np.float32 and scaled.min() == 0.0 and scaled.max() == 1.0
-    assert np.count_nonzero(scaled == 0.0) == 10 and np.count_nonzero(scaled == 1.0) == 10
-    assert scaled[500] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_percentile_normalisation_in_the_pipeline(hippo_raw: Path, tmp_path: Path) -> None:

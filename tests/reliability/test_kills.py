@@ -19,8 +19,8 @@ import nibabel as nib
 import pytest
 
 from regflow.config import load_config
+from regflow.data.fetch import fetch_dataset
 from regflow.data.preprocess import preprocess_dataset
-from regflow.data.sources import fetch_dataset
 from regflow.engine import Trainer
 from regflow.registry import CHALLENGER, is_evaluated
 from tests.synthetic import write_params, write_unpaired_dataset

@@ -219,8 +219,8 @@ def write_project(folder: Path, raw_source: Path) -> Path:
     with relative paths (so that every clone's config, and so its Optuna study, is the same),
     the data fetched and preprocessed. Returns the folder."""
     from regflow.config import load_config
+    from regflow.data.fetch import fetch_dataset
     from regflow.data.preprocess import preprocess_dataset
-    from regflow.data.sources import fetch_dataset
 
     folder.mkdir(parents=True)
     params_path = write_params(folder, raw_source)
