@@ -311,16 +311,28 @@ class TrainConfig(Section):
 
 class RefineConfig(Section):
     """Test-time instance optimisation of the DDF (no labels): the training's image similarity
-    and regulariser, coarse to fine (see regflow.refine). Used by evaluate, predict and serving."""
+    and regulariser, coarse to fine (see regflow.refine). Used by evaluate, predict and serving;
+    regflow.refine takes this section as it is.
+
+    Attributes:
+        steps: non-rigid optimisation steps in total (0: the starting field is returned as is).
+        lr: Adam learning rate on the residual field, in voxels per step.
+        levels: coarse-to-fine stages the steps are split over (1: full resolution only).
+        regularization_scale: multiplies the training's regulariser weights.
+        regularization_ratio: if set, replaces the scale: regulariser weight sum over image weight
+            sum, whatever the training's (see regflow.refine.regularization_multiplier).
+        regularize: ``field`` (the refined field) or ``residual`` (refined minus starting field).
+        smooth_sigma: Gaussian smoothing of the starting field in voxels (0: none).
+        affine_steps: steps of the affine stage of classical registration (model "none").
+        affine_lr: Adam learning rate of the affine stage.
+    """
 
     steps: NonNegativeInt = 0
     lr: Annotated[float, Field(gt=0)] = 0.1
     levels: Annotated[int, Field(ge=1, le=4)] = 2
     regularization_scale: NonNegativeFloat = 1.0
-    # set: regulariser weight sum / image weight sum, whatever the training's (replaces the scale)
     regularization_ratio: NonNegativeFloat | None = None
     regularize: Literal["field", "residual"] = "field"
-    # Gaussian smoothing (voxels) of the starting field before optimisation; 0: none
     smooth_sigma: NonNegativeFloat = 0.0
     affine_steps: NonNegativeInt = 0
     affine_lr: Annotated[float, Field(gt=0)] = 0.01

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from regflow import distributed, fileio, paths, tracking, viz
-from regflow.config import Config
+from regflow.config import Config, RefineConfig
 from regflow.data.loader import build_dataloader, steps_per_epoch
 from regflow.data.manifest import Manifest
 from regflow.errors import RegflowError
@@ -37,7 +37,6 @@ from regflow.inference import Registrar, checkpoint_path
 from regflow.losses import build_loss
 from regflow.models import RegistrationModel, select_device
 from regflow.redact import redact_text
-from regflow.refine import RefineSettings
 from regflow.symmetric import both_directions, inverse_consistency
 
 ValidationCallback = Callable[[int, dict[str, float]], None]
@@ -383,7 +382,7 @@ class Trainer:
                 pictures.append((batch, outputs))
 
         registrar = Registrar(self.model, self.manifest.record(), self.config.train.loss,
-                              RefineSettings(), self.device)
+                              RefineConfig(), self.device)
         rows = evaluate_pairs(registrar, loader, self.spacing, self.label_names,
                               on_pair=keep_first)
         summary = summarise(rows)

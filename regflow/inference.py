@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,14 @@ import numpy as np
 import torch
 
 from regflow import shipping, spatial
-from regflow.config import Config, EvaluateConfig, LossConfig, PreprocessConfig
+from regflow.config import Config, EvaluateConfig, LossConfig, PreprocessConfig, RefineConfig
 from regflow.data.io import read_volume
 from regflow.data.manifest import PreprocessingRecord, PreprocessSettings
 from regflow.data.transforms import process_image, resampled_shape
 from regflow.errors import NothingToRegister, RegflowError
 from regflow.geometry import check_geometry, min_size
 from regflow.models import RegistrationModel, select_device
-from regflow.refine import RefineSettings, SimilarityLoss, affine_register, refine_ddf
+from regflow.refine import SimilarityLoss, affine_register, refine_ddf, regularization_multiplier
 
 INITIALISATIONS = ("centre", "header")
 NO_MODEL = "none"
@@ -225,7 +225,7 @@ class Registrar:
     """
 
     def __init__(self, model: RegistrationModel | None, record: PreprocessingRecord,
-                 loss_config: LossConfig, refine: RefineSettings,
+                 loss_config: LossConfig, refine: RefineConfig,
                  device: torch.device | None = None) -> None:
         if model is None and refine.steps + refine.affine_steps <= 0:
             raise RegflowError("--model none registers by optimisation alone: give "
@@ -242,7 +242,7 @@ class Registrar:
         """The refinement loss (training image terms and regulariser), built on first use."""
         if self._similarity is None:
             self._similarity = SimilarityLoss(
-                self.loss_config, self.refine.regularization_multiplier(self.loss_config))
+                self.loss_config, regularization_multiplier(self.refine, self.loss_config))
         return self._similarity
 
     @property
@@ -271,8 +271,8 @@ class Registrar:
         moving, fixed = moving.to(self.device), fixed.to(self.device)
         if self.conditional:
             return self._predict_labels(moving, fixed, moving_label)
-        settings = self.refine if refine_steps is None else replace(self.refine,
-                                                                   steps=refine_steps)
+        settings = (self.refine if refine_steps is None
+                    else self.refine.model_copy(update={"steps": refine_steps}))
         self._synchronise()
         started = time.perf_counter()
         network: dict[str, torch.Tensor] = {}
@@ -467,13 +467,11 @@ class Registrar:
 
 
 def refine_settings(evaluate: EvaluateConfig | None, steps: int | None = None
-                    ) -> RefineSettings:
-    """``evaluate.refine``, with ``steps`` (``--refine-steps``) overriding."""
-    section = evaluate.refine if evaluate is not None else None
-    settings = RefineSettings(**section.model_dump()) if section is not None else RefineSettings()
-    if steps is not None:
-        settings = RefineSettings(**{**settings.__dict__, "steps": steps})
-    return settings
+                    ) -> RefineConfig:
+    """``evaluate.refine`` (defaults without a config), with ``steps`` (``--refine-steps``)
+    overriding."""
+    settings = evaluate.refine if evaluate is not None else RefineConfig()
+    return settings if steps is None else settings.model_copy(update={"steps": steps})
 
 
 def load_registrar(spec: str, config: Config | None = None, refine_steps: int | None = None,
@@ -502,7 +500,7 @@ def load_registrar(spec: str, config: Config | None = None, refine_steps: int | 
         if config is None:
             raise RegflowError("--model none needs a config (params.yaml) for its frame and loss")
         if settings.steps > 0 and settings.affine_steps == 0:
-            settings = RefineSettings(**{**settings.__dict__, "affine_steps": settings.steps})
+            settings = settings.model_copy(update={"affine_steps": settings.steps})
         return Registrar(None, record_from_config(config), config.train.loss, settings, device)
     checkpoint = checkpoint_path(spec)
     model, extra = RegistrationModel.load(checkpoint, map_location="cpu")

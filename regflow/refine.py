@@ -26,56 +26,27 @@ scale, so only this ratio matters).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from regflow import spatial
-from regflow.config import LossConfig
+from regflow.config import LossConfig, RefineConfig
 from regflow.losses import CompositeLoss
 from regflow.losses.filters import gaussian_smoothing_kernel, separable_filter, window_weight
 
 
-@dataclass(frozen=True)
-class RefineSettings:
-    """How long and how hard to optimise one pair (``evaluate.refine`` of params.yaml).
+def regularization_multiplier(settings: RefineConfig, loss_config: LossConfig) -> float:
+    """What the training's regulariser weights are multiplied by during optimisation.
 
-    Attributes:
-        steps: non-rigid optimisation steps in total (0: the starting field is returned as is).
-        lr: Adam learning rate on the residual field, in voxels per step.
-        levels: coarse-to-fine stages the steps are split over (1: full resolution only).
-        regularization_scale: multiplies the training's regulariser weights.
-        regularization_ratio: if set, replaces the scale: regulariser weight sum over image weight
-            sum (see :meth:`regularization_multiplier`).
-        regularize: ``field`` (the refined field) or ``residual`` (refined minus starting field).
-        smooth_sigma: Gaussian smoothing of the starting field in voxels (0: none).
-        affine_steps: steps of the affine stage of classical registration (model "none").
-        affine_lr: Adam learning rate of the affine stage.
+    ``settings.regularization_scale``; with ``settings.regularization_ratio``, the factor that
+    makes the regulariser weights sum to that ratio times the image terms' summed weight (0 when
+    the training has no regulariser).
     """
-
-    steps: int = 0
-    lr: float = 0.1
-    levels: int = 2
-    regularization_scale: float = 1.0
-    regularization_ratio: float | None = None
-    regularize: str = "field"
-    smooth_sigma: float = 0.0
-    affine_steps: int = 0
-    affine_lr: float = 0.01
-
-    def regularization_multiplier(self, loss_config: LossConfig) -> float:
-        """What the training's regulariser weights are multiplied by during optimisation.
-
-        ``regularization_scale``; with ``regularization_ratio``, the factor that makes the
-        regulariser weights sum to that ratio times the image terms' summed weight (0 when the
-        training has no regulariser).
-        """
-        if self.regularization_ratio is None:
-            return self.regularization_scale
-        image = sum(term.weight for term in loss_config.image.values())
-        regularization = sum(term.weight for term in loss_config.regularization.values())
-        return self.regularization_ratio * image / regularization if regularization > 0 else 0.0
+    if settings.regularization_ratio is None:
+        return settings.regularization_scale
+    image = sum(term.weight for term in loss_config.image.values())
+    regularization = sum(term.weight for term in loss_config.regularization.values())
+    return settings.regularization_ratio * image / regularization if regularization > 0 else 0.0
 
 
 class SimilarityLoss:
@@ -129,7 +100,7 @@ def smooth_field(field: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def refine_ddf(fixed: torch.Tensor, moving: torch.Tensor, ddf: torch.Tensor,
-               loss: SimilarityLoss, settings: RefineSettings) -> torch.Tensor:
+               loss: SimilarityLoss, settings: RefineConfig) -> torch.Tensor:
     """Optimise ``ddf`` for one batch of pairs, coarse to fine.
 
     Args:
@@ -174,7 +145,7 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 def affine_register(fixed: torch.Tensor, moving: torch.Tensor, loss: SimilarityLoss,
-                    settings: RefineSettings) -> torch.Tensor:
+                    settings: RefineConfig) -> torch.Tensor:
     """Classical affine stage: the 12 (2-D: 6) parameters about the volume centre.
 
     Args:

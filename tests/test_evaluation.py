@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from regflow.config import Config, LossConfig
+from regflow.config import Config, LossConfig, RefineConfig
 from regflow.evaluation import (
     dice_plot_rows,
     evaluate_pairs,
@@ -16,7 +16,6 @@ from regflow.evaluation import (
 )
 from regflow.inference import Registrar, record_from_config
 from regflow.models import RegistrationModel
-from regflow.refine import RefineSettings
 
 SHAPE = (10, 10, 10)
 SPACING = (1.5, 1.0, 2.0)
@@ -112,7 +111,7 @@ def near_identity_registrar() -> Registrar:
     """A fresh LocalNet: its field heads start at ~0 voxels, so labels come back as they were."""
     torch.manual_seed(0)
     model = RegistrationModel(channels=(4, 8), ndim=3)
-    return Registrar(model, record_from_config(Config()), LossConfig(), RefineSettings(),
+    return Registrar(model, record_from_config(Config()), LossConfig(), RefineConfig(),
                      torch.device("cpu"))
 
 

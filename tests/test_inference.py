@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from regflow import inference
-from regflow.config import Config, LossConfig
+from regflow.config import Config, LossConfig, RefineConfig
 from regflow.data.transforms import regrid
 from regflow.errors import ConfigError, GeometryError, NothingToRegister
 from regflow.inference import (
@@ -20,7 +20,6 @@ from regflow.inference import (
 )
 from regflow.models import RegistrationModel
 from regflow.predict import warp_array
-from regflow.refine import RefineSettings
 from tests.restorage import assert_registers_alike, mean_dice, restorage_cases, restore
 from tests.test_refine import blobs
 
@@ -33,7 +32,7 @@ def tiny_registrar() -> Registrar:
     """A random LocalNet 4-8 (the geometry does not depend on what the network learnt)."""
     torch.manual_seed(0)
     model = RegistrationModel(channels=(4, 8), ndim=3)
-    return Registrar(model, record_from_config(FRAME), LNCC_BENDING, RefineSettings(),
+    return Registrar(model, record_from_config(FRAME), LNCC_BENDING, RefineConfig(),
                      torch.device("cpu"))
 
 
@@ -118,7 +117,7 @@ def test_the_same_physical_pair_stored_differently_registers_alike(mirror):
     config = Config.model_validate({"preprocess": {"shape": [48, 64, 48]},
                                     "train": {"loss": LNCC_BENDING.model_dump()}})
     registrar = Registrar(None, record_from_config(config), config.train.loss,
-                          RefineSettings(steps=60, affine_steps=40, lr=0.2),
+                          RefineConfig(steps=60, affine_steps=40, lr=0.2),
                           torch.device("cpu"))
     cases = restorage_cases(fixed, fixed_label, moving, moving_label)
     dice = {name: mean_dice(case.fixed_label.array, registrar.register_volumes(
@@ -210,7 +209,7 @@ def test_the_raw_grid_work_in_small_slabs_gives_the_same_answer(monkeypatch):
 
 def test_refinement_steps_per_call():
     registrar = Registrar(tiny_registrar().model, record_from_config(FRAME), LNCC_BENDING,
-                          RefineSettings(steps=3, levels=1), torch.device("cpu"))
+                          RefineConfig(steps=3, levels=1), torch.device("cpu"))
     fixed, moving = raw_volume(1), raw_volume(2)
     network = registrar.register_volumes(fixed, moving, refine_steps=0)
     refined = registrar.register_volumes(fixed, moving)

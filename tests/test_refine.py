@@ -6,10 +6,16 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from regflow import spatial
-from regflow.config import Config, LossConfig
+from regflow.config import Config, LossConfig, RefineConfig
 from regflow.inference import Registrar, record_from_config, refine_settings
 from regflow.models import RegistrationModel
-from regflow.refine import RefineSettings, SimilarityLoss, affine_register, refine_ddf, smooth_field
+from regflow.refine import (
+    SimilarityLoss,
+    affine_register,
+    refine_ddf,
+    regularization_multiplier,
+    smooth_field,
+)
 
 LNCC_BENDING = LossConfig(image={"lncc": {"weight": 1.0, "options": {"kernel_size": 7}}},
                           regularization={"bending_energy": {"weight": 0.5}})
@@ -42,7 +48,7 @@ def test_refinement_lowers_the_loss_it_optimises():
     fixed = spatial.warp(moving, smooth_ddf())
     loss = SimilarityLoss(LNCC_BENDING)
     start = torch.zeros(1, 3, *SHAPE)
-    refined = refine_ddf(fixed, moving, start, loss, RefineSettings(steps=40, lr=0.1))
+    refined = refine_ddf(fixed, moving, start, loss, RefineConfig(steps=40, lr=0.1))
     before = float(loss(fixed, moving, start))
     after = float(loss(fixed, spatial.warp(moving, refined), refined))
     print(f"\nLNCC + bending: {before:.4f} before, {after:.4f} after 40 steps")
@@ -54,7 +60,7 @@ def test_zero_refinement_steps_return_the_network_field_exactly():
     model = RegistrationModel(channels=(4, 8), ndim=3)
     config = Config()
     registrar = Registrar(model, record_from_config(config), LNCC_BENDING,
-                          RefineSettings(steps=0), torch.device("cpu"))
+                          RefineConfig(steps=0), torch.device("cpu"))
     moving, fixed = blobs(seed=2), blobs(seed=3)
     with torch.no_grad():
         expected = model.eval()(moving, fixed)["ddf"]
@@ -75,7 +81,7 @@ def test_a_residual_regulariser_keeps_a_start_field_the_images_already_agree_wit
     change = {}
     for regularize in ("field", "residual"):
         refined = refine_ddf(fixed, moving, start, loss,
-                             RefineSettings(steps=40, lr=0.1, regularize=regularize))
+                             RefineConfig(steps=40, lr=0.1, regularize=regularize))
         change[regularize] = float(interior((refined - start).norm(dim=1)).mean())
     print(f"\nmean interior change of an aligning start field (voxels): "
           f"field {change['field']:.3f}, residual {change['residual']:.3f}")
@@ -84,24 +90,24 @@ def test_a_residual_regulariser_keeps_a_start_field_the_images_already_agree_wit
 
 
 def test_a_regularisation_ratio_fixes_the_balance_whatever_the_training_weights():
-    settings = RefineSettings(regularization_scale=5.0, regularization_ratio=2.5)
-    assert RefineSettings(regularization_scale=5.0).regularization_multiplier(LNCC_BENDING) == 5.0
-    assert settings.regularization_multiplier(LNCC_BENDING) == pytest.approx(5.0)  # 2.5 * 1 / 0.5
+    settings = RefineConfig(regularization_scale=5.0, regularization_ratio=2.5)
+    assert regularization_multiplier(RefineConfig(regularization_scale=5.0), LNCC_BENDING) == 5.0
+    assert regularization_multiplier(settings, LNCC_BENDING) == pytest.approx(5.0)  # 2.5 * 1 / 0.5
     tuned = LossConfig(image={"lncc": {"weight": 0.6, "options": {"kernel_size": 7}}},
                        regularization={"bending_energy": {"weight": 0.75}})
-    assert settings.regularization_multiplier(tuned) == pytest.approx(2.0)  # 2.5 * 0.6 / 0.75
+    assert regularization_multiplier(settings, tuned) == pytest.approx(2.0)  # 2.5 * 0.6 / 0.75
     no_regulariser = LossConfig(image={"lncc": {"weight": 1.0}})
-    assert settings.regularization_multiplier(no_regulariser) == 0.0
+    assert regularization_multiplier(settings, no_regulariser) == 0.0
     # one ratio, one refined field (Adam ignores the objective's overall scale); one scale, two
     moving = blobs(seed=1)
     fixed = spatial.warp(moving, smooth_ddf())
 
-    def refined(config: LossConfig, settings: RefineSettings) -> torch.Tensor:
-        loss = SimilarityLoss(config, settings.regularization_multiplier(config))
+    def refined(config: LossConfig, settings: RefineConfig) -> torch.Tensor:
+        loss = SimilarityLoss(config, regularization_multiplier(settings, config))
         return refine_ddf(fixed, moving, torch.zeros(1, 3, *SHAPE), loss,
-                          RefineSettings(steps=20, lr=0.1))
+                          RefineConfig(steps=20, lr=0.1))
 
-    by_scale = RefineSettings(regularization_scale=5.0)
+    by_scale = RefineConfig(regularization_scale=5.0)
     ratio_gap = float((refined(LNCC_BENDING, settings) - refined(tuned, settings)).abs().mean())
     scale_gap = float((refined(LNCC_BENDING, by_scale) - refined(tuned, by_scale)).abs().mean())
     print(f"\nmean field difference between two trainings' weights: ratio 2.5 {ratio_gap:.4f}, "
@@ -133,11 +139,11 @@ def test_smoothing_belongs_to_refinement_and_comes_from_the_config():
     assert refine_settings(config.evaluate).smooth_sigma == 0.5
     start = torch.randn(1, 3, *SHAPE, generator=torch.Generator().manual_seed(1))
     loss = SimilarityLoss(LNCC_BENDING)
-    no_steps = RefineSettings(steps=0, smooth_sigma=0.5)
+    no_steps = RefineConfig(steps=0, smooth_sigma=0.5)
     assert torch.equal(refine_ddf(blobs(seed=3), blobs(seed=2), start, loss, no_steps), start)
     # residual regularisation pulls towards the smoothed start, not the raw one
     smoothed = smooth_field(start, 0.5)
-    refined = refine_ddf(blobs(seed=3), blobs(seed=2), start, loss, RefineSettings(
+    refined = refine_ddf(blobs(seed=3), blobs(seed=2), start, loss, RefineConfig(
         steps=2, lr=1e-4, levels=1, smooth_sigma=0.5, regularize="residual"))
     assert float((refined - smoothed).abs().max()) < 0.01
     assert float((refined - start).abs().mean()) > 0.1
@@ -148,7 +154,7 @@ def test_classical_mode_recovers_a_known_smooth_deformation():
     truth = smooth_ddf(magnitude=2.0)
     fixed = spatial.warp(moving, truth)
     registrar = Registrar(None, record_from_config(Config()), LNCC_BENDING,
-                          RefineSettings(steps=150, lr=0.1, levels=2), torch.device("cpu"))
+                          RefineConfig(steps=150, lr=0.1, levels=2), torch.device("cpu"))
     ddf = registrar.register_tensors(moving, fixed)["ddf"]
     error = (interior(ddf) - interior(truth)).norm(dim=1)
     start = interior(truth).norm(dim=1)
@@ -166,7 +172,7 @@ def test_classical_affine_stage_recovers_a_known_affine():
     fixed = spatial.warp(moving, truth)
     loss = SimilarityLoss(LossConfig(image={"lncc": {"weight": 1.0,
                                                       "options": {"kernel_size": 9}}}))
-    ddf = affine_register(fixed, moving, loss, RefineSettings(affine_steps=300,
+    ddf = affine_register(fixed, moving, loss, RefineConfig(affine_steps=300,
                                                               affine_lr=0.01))
     error = (interior(ddf) - interior(truth)).norm(dim=1)
     print(f"\naffine: mean |error| {error.mean():.2e} voxels, max {error.max():.2e} (mean "
@@ -179,5 +185,5 @@ def test_refinement_stages_split_the_steps(levels):
     moving, fixed = blobs(seed=6), blobs(seed=7)
     loss = SimilarityLoss(LNCC_BENDING)
     refined = refine_ddf(fixed, moving, torch.zeros(1, 3, *SHAPE), loss,
-                         RefineSettings(steps=5, levels=levels))
+                         RefineConfig(steps=5, levels=levels))
     assert refined.shape == (1, 3, *SHAPE) and torch.isfinite(refined).all()
