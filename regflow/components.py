@@ -29,6 +29,8 @@ BUILTIN_LOSSES: dict[str, tuple[str, ...]] = {
     "label": ("dice", "jaccard", "cross_entropy", "ssd"),
     "regularization": ("bending_energy", "gradient_norm"),
 }
+# The one list of built-in backbone names: regflow.networks.BACKBONES builds each of them, and
+# the DeepReg importer accepts them (DeepReg names its backbones the same way).
 BUILTIN_BACKBONES: tuple[str, ...] = ("local", "global", "unet")
 
 

@@ -111,3 +111,26 @@ def test_unknown_backbone_lists_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.model\.backbone\.name: unknown backbone "
                                           r"'resnet'; known: 'local', 'global', 'unet'"):
         load_config(tmp_path / "params.yaml", ["train.model.backbone.name=resnet"])
+
+
+def test_one_backbone_table_for_the_listing_the_networks_and_the_deepreg_importer():
+    from regflow.components import BUILTIN_BACKBONES, listing
+    from regflow.deepreg.importer import translate
+    from regflow.errors import ConfigError
+    from regflow.networks import BACKBONES, build_backbone
+
+    assert tuple(BACKBONES) == BUILTIN_BACKBONES
+    listed = [row["name"] for row in listing() if row["kind"] == "backbone"
+              and row["source"] == "regflow"]
+    assert listed == list(BUILTIN_BACKBONES)
+    deepreg = {"dataset": {"dir": {"train": "x/train"}, "format": "nifti", "type": "paired",
+                           "labeled": True, "image_shape": [8, 8, 8]}}
+    loss = {"loss": {"label": [{"name": "dice", "weight": 1.0}]}}
+    for name in BUILTIN_BACKBONES:
+        assert isinstance(build_backbone(name, 3, 2, 3, [4, 8]), BACKBONES[name])
+        method = "affine" if name == "global" else "ddf"
+        tree = {**deepreg, "train": {"method": method, "backbone": {"name": name}, **loss}}
+        assert translate(tree, "x").params["train"]["model"]["backbone"]["name"] == name
+    tree = {**deepreg, "train": {"method": "ddf", "backbone": {"name": "vanilla"}, **loss}}
+    with pytest.raises(ConfigError, match=f"regflow has {', '.join(BUILTIN_BACKBONES)}, not"):
+        translate(tree, "x")

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from regflow import fileio
+from regflow.components import BUILTIN_BACKBONES
 from regflow.config import validate_config
 from regflow.data.layouts import discover_cases
 from regflow.deepreg.upgrade import leaves, upgrade
@@ -74,8 +75,6 @@ LOSS_OPTIONS: dict[str, dict[str, str]] = {
 
 OPTIMIZER_NAMES = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "rms": "rmsprop",
                    "rmsprop": "rmsprop"}
-
-BACKBONE_NAMES = ("local", "unet", "global")
 
 AUGMENTATIONS = ("affine", "ddf")
 
@@ -319,8 +318,8 @@ def _translate_model(reader: _Reader, params: dict[str, Any], notes: list[str]) 
     if method not in ("ddf", "dvf", "conditional", "affine"):
         raise ConfigError(f"train.method: expected ddf, dvf or conditional, got {method!r}")
     backbone = reader.get("train.backbone.name", "local")
-    if backbone not in BACKBONE_NAMES:
-        raise ConfigError(f"train.backbone.name: regflow has {', '.join(BACKBONE_NAMES)}, "
+    if backbone not in BUILTIN_BACKBONES:
+        raise ConfigError(f"train.backbone.name: regflow has {', '.join(BUILTIN_BACKBONES)}, "
                           f"not {backbone!r}")
     if backbone == "global" and method != "affine":
         notes.append(f"train.method {method} with backbone global -> regflow method affine "

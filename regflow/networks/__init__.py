@@ -15,6 +15,7 @@ from regflow.networks.unet import UNet
 
 __all__ = ["BACKBONES", "GlobalNet", "LocalNet", "UNet", "build_backbone"]
 
+# The class of each name of components.BUILTIN_BACKBONES (tests/test_components.py ties the two).
 BACKBONES: dict[str, type[nn.Module]] = {"local": LocalNet, "global": GlobalNet, "unet": UNet}
 
 
