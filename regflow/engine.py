@@ -245,17 +245,17 @@ class Trainer:
     @property
     def last_path(self) -> Path:
         """The checkpoint that resume reads."""
-        return self.out_dir / "last.pt"
+        return self.out_dir / paths.LAST_CHECKPOINT
 
     @property
     def best_path(self) -> Path:
         """The checkpoint with the best validation Dice (or lowest loss without labels)."""
-        return self.out_dir / "best.pt"
+        return self.out_dir / paths.BEST_CHECKPOINT
 
     @property
     def run_record_path(self) -> Path:
         """run.json: the MLflow run id of this model folder (evaluate and register log to it)."""
-        return self.out_dir / "run.json"
+        return self.out_dir / paths.RUN_RECORD
 
     def write_run_record(self) -> None:
         """Record the run id as soon as the run starts, so a crash before any checkpoint

@@ -9,11 +9,16 @@ from regflow.errors import RegflowError
 
 MANIFEST_JSON = "manifest.json"
 MANIFEST_CSV = "manifest.csv"
-TUNING_DIR = Path("models/tuning")
+MODELS_DIR = Path("models")
+BEST_CHECKPOINT, LAST_CHECKPOINT = "best.pt", "last.pt"  # in models/<train.name>/
+RUN_RECORD = "run.json"  # models/<train.name>/run.json: the training's MLflow run id
+TUNING_DIR = MODELS_DIR / "tuning"
+BEST_PARAMS_YAML = "best_params.yaml"  # in models/tuning/
+REGISTERED_JSON = MODELS_DIR / "registered.json"
 METRICS_DIR = Path("metrics")
+EVAL_JSON = "eval.json"  # in metrics/: the evaluation's headline metrics
 PLOTS_DIR = Path("plots")
 EVAL_DIR = Path("eval")
-REGISTERED_JSON = Path("models/registered.json")
 
 
 def experiment_name(dataset: str) -> str:
@@ -40,7 +45,7 @@ def manifest_path(config: Config, must_exist: bool = True) -> Path:
 
 def model_dir(config: Config) -> Path:
     """models/<train.name>: best.pt, last.pt, run.json."""
-    return Path("models") / config.train.name
+    return MODELS_DIR / config.train.name
 
 
 def volumes_dir(config: Config) -> Path:

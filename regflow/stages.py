@@ -60,7 +60,7 @@ def tune_stage(config: Config, storage_url: str | None = None,
             training sweep, or an unusable storage URL.
         RegflowError: the model to sweep cannot be found or loaded.
     """
-    best_path = tuning_dir / "best_params.yaml"
+    best_path = tuning_dir / paths.BEST_PARAMS_YAML
     settings = config.tune
     if not settings.enabled or settings.trials == 0 or not settings.search_space:
         tuning.write_best_params(best_path, {})
@@ -71,7 +71,7 @@ def tune_stage(config: Config, storage_url: str | None = None,
         raise ConfigError("--model: a test-time sweep needs tune.search_space keys all under "
                           "evaluate.; this search space trains")
     if test_time:
-        spec: str | None = model or str(paths.model_dir(config) / "best.pt")
+        spec: str | None = model or str(paths.model_dir(config) / paths.BEST_CHECKPOINT)
     else:
         spec = settings.init_from  # every training trial's start, when set
     checkpoint = _sweep_checkpoint(spec) if spec else None
@@ -121,31 +121,31 @@ def train_stage(config: Config, resume: bool = True) -> TrainResult:
     """Train into models/<train.name>/, resuming from last.pt unless ``resume`` is False."""
     out_dir = paths.model_dir(config)
     if not resume:
-        (out_dir / "last.pt").unlink(missing_ok=True)
-        (out_dir / "run.json").unlink(missing_ok=True)
+        (out_dir / paths.LAST_CHECKPOINT).unlink(missing_ok=True)
+        (out_dir / paths.RUN_RECORD).unlink(missing_ok=True)
     return Trainer(config, paths.manifest_path(config), out_dir).fit()
 
 
-def register_stage(config: Config, models_dir: Path = Path("models"),
-                   metrics_path: Path = paths.METRICS_DIR / "eval.json") -> dict[str, Any]:
+def register_stage(config: Config) -> dict[str, Any]:
     """Register models/<name>/best.pt with its evaluation metrics, gate @champion; write
     models/registered.json.
 
     Raises:
         RegflowError: no trained model, no evaluation metrics (or no ``dice_mean`` in them).
     """
-    out_dir = models_dir / config.train.name
-    checkpoint = out_dir / "best.pt"
+    out_dir = paths.model_dir(config)
+    checkpoint = out_dir / paths.BEST_CHECKPOINT
     if not checkpoint.exists():
         raise RegflowError(f"{checkpoint}: no trained model; run `regflow train` first")
+    metrics_path = paths.METRICS_DIR / paths.EVAL_JSON
     metrics = registry.read_json(metrics_path, "evaluation metrics")
     if "dice_mean" not in metrics:  # the gate and reconcile() need an evaluated model
         raise RegflowError(f"{metrics_path}: no dice_mean; run `regflow evaluate` first")
-    record = out_dir / "run.json"
+    record = out_dir / paths.RUN_RECORD
     run_id = registry.read_json(record, "run record")["run_id"] if record.exists() else None
     decision = registry.register_model(checkpoint, run_id, metrics, config,
                                        paths.experiment_name(config.data.dataset))
-    fileio.write_json(models_dir / "registered.json", decision)
+    fileio.write_json(paths.REGISTERED_JSON, decision)
     return decision
 
 
@@ -236,7 +236,7 @@ def evaluate_stage(config: Config, metrics_dir: Path = paths.METRICS_DIR,
         rows, headline = evaluate_checkpoint(
             config, out_dir / f"{config.evaluate.checkpoint}.pt", on_pair=writer)
     manifest = Manifest.read(paths.manifest_path(config))
-    fileio.write_json(metrics_dir / "eval.json", headline)
+    fileio.write_json(metrics_dir / paths.EVAL_JSON, headline)
     fileio.write_csv(metrics_dir / "pairs.csv", rows)
     dice_table = evaluation.dice_plot_rows(rows, manifest.channel_names)
     fileio.write_csv(plots_dir / "dice_per_label.csv", dice_table)
@@ -251,7 +251,7 @@ def _training_run_id(config: Config, out_dir: Path) -> str | None:
     Raises:
         RegflowError: run.json names a run the configured store does not have.
     """
-    record = out_dir / "run.json"
+    record = out_dir / paths.RUN_RECORD
     if not record.exists():
         return None
     run_id = json.loads(record.read_text())["run_id"]
