@@ -1,4 +1,5 @@
-"""Registration quality of a model on pairs: Dice, HD95, TRE, folding, SDlogJ and time per pair.
+"""Registration quality of a model on pairs: Dice, HD95, label-centroid distance, folding, SDlogJ
+and time per pair.
 
 Used by validation during training (cheap metrics) and by the ``evaluate`` stage (all metrics,
 plus "no registration" on the same pairs as the baseline).
@@ -39,8 +40,10 @@ def pair_metrics(fixed_label: np.ndarray | None, warped_label: np.ndarray | None
         with_hd95: also compute HD95 (mm), the slowest metric.
 
     Returns:
-        A flat dict: ``dice/<name>``, ``dice_mean``, ``hd95/<name>``, ``hd95_mean``, ``tre_mm``
-        (between label centroids), ``folding_pct``, ``sdlogj``.
+        A flat dict: ``dice/<name>``, ``dice_mean``, ``hd95/<name>``, ``hd95_mean``,
+        ``centroid_distance_mm`` (mean over labels of the distance between the fixed and the
+        warped label's centroid: no landmarks, so not a target registration error; runs logged
+        before this name called it ``tre_mm``), ``folding_pct``, ``sdlogj``.
     """
     row: dict[str, float] = {}
     if fixed_label is not None and warped_label is not None:
@@ -61,7 +64,7 @@ def pair_metrics(fixed_label: np.ndarray | None, warped_label: np.ndarray | None
         warped_centroids = metrics.label_centroids(warped_mask)
         distances_mm = np.linalg.norm((fixed_centroids - warped_centroids) * np.asarray(spacing),
                                       axis=-1)
-        row["tre_mm"] = float(np.nanmean(distances_mm)) if not np.all(
+        row["centroid_distance_mm"] = float(np.nanmean(distances_mm)) if not np.all(
             np.isnan(distances_mm)) else float("nan")
     if ddf is not None:
         row["folding_pct"] = 100.0 * float(metrics.folding_fraction(ddf[None]))
@@ -159,11 +162,11 @@ def dice_plot_rows(rows: list[dict[str, Any]], label_names: Sequence[str]
 def headline_metrics(rows: list[dict[str, Any]], label_names: Sequence[str]
                      ) -> dict[str, float]:
     """metrics/eval.json: means over pairs after registration, and before where it means
-    something (Dice, HD95, TRE; folding and SDlogJ of no registration are 0); ``dice30``, the
-    30th percentile of the pairs' mean Dice (Learn2Reg's Dice30)."""
+    something (Dice, HD95, centroid distance; folding and SDlogJ of no registration are 0);
+    ``dice30``, the 30th percentile of the pairs' mean Dice (Learn2Reg's Dice30)."""
     after, before = summarise(rows, "regflow"), summarise(rows, "none")
     headline = {"pairs": float(len([row for row in rows if row["method"] == "regflow"]))}
-    for key in ("dice_mean", "hd95_mean", "tre_mm", "folding_pct", "sdlogj"):
+    for key in ("dice_mean", "hd95_mean", "centroid_distance_mm", "folding_pct", "sdlogj"):
         if key in after:
             headline[key] = after[key]
         if key in before and key not in ("folding_pct", "sdlogj"):

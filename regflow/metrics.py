@@ -1,4 +1,4 @@
-"""Metrics for one registered pair: overlap, surface distance, landmark error, regularity.
+"""Metrics for one registered pair: overlap, surface distance, label centroids, regularity.
 
 Every function accepts numpy arrays or torch tensors (moved to the CPU) and returns Python floats
 or numpy arrays. Fields follow the package convention: a DDF is in voxels, shape (ndim, *S) or
@@ -101,35 +101,8 @@ def hd95(mask_a: ArrayLike, mask_b: ArrayLike, spacing: float | Sequence[float] 
     return float(max(np.percentile(to_b, 95), np.percentile(to_a, 95)))
 
 
-def tre(fixed_points: ArrayLike, moving_points: ArrayLike, ddf: ArrayLike,
-        spacing: float | Sequence[float] = 1.0) -> np.ndarray:
-    """Target registration error per landmark, in mm.
-
-    A fixed landmark x is mapped to ``x + ddf(x)`` (linear interpolation of the DDF, edge values
-    beyond the volume) and compared with its moving partner. Report the mean (and spread) of the
-    returned array as the pair's TRE.
-
-    Args:
-        fixed_points: (N, ndim) landmark positions in voxels of the fixed grid.
-        moving_points: (N, ndim) corresponding positions in voxels of the moving grid.
-        ddf: (ndim, *S) or (1, ndim, *S) displacement in voxels on the fixed grid.
-        spacing: mm per voxel, one value or one per array axis.
-
-    Returns:
-        (N,) float64 distances ``||(x + ddf(x) - moving) * spacing||`` in mm.
-    """
-    field = _unbatched_ddf(ddf)
-    fixed = to_numpy(fixed_points).astype(np.float64).reshape(-1, field.shape[0])
-    moving = to_numpy(moving_points).astype(np.float64).reshape(-1, field.shape[0])
-    displacement = np.stack([
-        ndimage.map_coordinates(channel, fixed.T, order=1, mode="nearest") for channel in field
-    ], axis=1)  # (N, ndim)
-    error = (fixed + displacement - moving) * _spacing(spacing, field.shape[0])
-    return np.linalg.norm(error, axis=1)
-
-
 def label_centroids(label: ArrayLike) -> np.ndarray:
-    """Centroid of each label channel, for TRE computed from label centroids.
+    """Centroid of each label channel (regflow's centroid distance, DeepReg's ``label_tre``).
 
     Args:
         label: (L, *S) binary channels (> 0.5 is foreground).

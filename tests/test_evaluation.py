@@ -37,7 +37,7 @@ def test_pair_metrics_of_a_shifted_cube_match_the_hand_computation():
     assert row["dice/b"] == 1.0
     assert row["dice_mean"] == pytest.approx(0.75)
     # centroids 2 voxels apart along axis 0 (1.5 mm) for a, 0 for b -> mean 1.5 mm
-    assert row["tre_mm"] == pytest.approx(1.5)
+    assert row["centroid_distance_mm"] == pytest.approx(1.5)
     assert row["hd95/b"] == 0.0
     assert row["hd95/a"] == pytest.approx(3.0)  # the far faces are 2 voxels x 1.5 mm apart
     assert row["folding_pct"] == 0.0 and row["sdlogj"] == pytest.approx(0.0, abs=1e-12)
@@ -47,7 +47,7 @@ def test_pair_metrics_of_a_label_absent_from_both_sides():
     empty = np.zeros((1, *SHAPE), np.float32)
     row = pair_metrics(empty, empty, None, SPACING, ["gone"], with_hd95=True)
     assert row["dice/gone"] == 1.0  # nothing to find, nothing found
-    assert math.isnan(row["hd95_mean"]) and math.isnan(row["tre_mm"])
+    assert math.isnan(row["hd95_mean"]) and math.isnan(row["centroid_distance_mm"])
     assert "folding_pct" not in row  # no DDF, no regularity
 
 
@@ -61,17 +61,17 @@ def test_pair_metrics_of_a_folding_field():
 
 ROWS = [
     {"fixed_id": "f1", "moving_id": "m1", "method": "regflow", "time_s": 0.1,
-     "dice/a": 0.8, "dice/b": 0.6, "dice_mean": 0.7, "hd95_mean": 2.0, "tre_mm": 1.0,
-     "folding_pct": 0.5, "sdlogj": 0.1},
+     "dice/a": 0.8, "dice/b": 0.6, "dice_mean": 0.7, "hd95_mean": 2.0,
+     "centroid_distance_mm": 1.0, "folding_pct": 0.5, "sdlogj": 0.1},
     {"fixed_id": "f2", "moving_id": "m2", "method": "regflow", "time_s": 0.3,
-     "dice/a": 0.6, "dice/b": float("nan"), "dice_mean": 0.6, "hd95_mean": 4.0, "tre_mm": 3.0,
-     "folding_pct": 1.5, "sdlogj": 0.3},
+     "dice/a": 0.6, "dice/b": float("nan"), "dice_mean": 0.6, "hd95_mean": 4.0,
+     "centroid_distance_mm": 3.0, "folding_pct": 1.5, "sdlogj": 0.3},
     {"fixed_id": "f1", "moving_id": "m1", "method": "none", "time_s": 0.0,
-     "dice/a": 0.4, "dice/b": 0.2, "dice_mean": 0.3, "hd95_mean": 6.0, "tre_mm": 5.0,
-     "folding_pct": 0.0, "sdlogj": 0.0},
+     "dice/a": 0.4, "dice/b": 0.2, "dice_mean": 0.3, "hd95_mean": 6.0,
+     "centroid_distance_mm": 5.0, "folding_pct": 0.0, "sdlogj": 0.0},
     {"fixed_id": "f2", "moving_id": "m2", "method": "none", "time_s": 0.0,
-     "dice/a": 0.2, "dice/b": 0.4, "dice_mean": 0.3, "hd95_mean": 8.0, "tre_mm": 7.0,
-     "folding_pct": 0.0, "sdlogj": 0.0},
+     "dice/a": 0.2, "dice/b": 0.4, "dice_mean": 0.3, "hd95_mean": 8.0,
+     "centroid_distance_mm": 7.0, "folding_pct": 0.0, "sdlogj": 0.0},
 ]
 
 
@@ -87,8 +87,9 @@ def test_headline_metrics_pair_before_and_after():
     headline = headline_metrics(ROWS, ["a", "b"])
     assert headline == {
         "pairs": 2.0, "dice_mean": 0.65, "dice_mean_before": 0.3, "hd95_mean": 3.0,
-        "hd95_mean_before": 7.0, "tre_mm": 2.0, "tre_mm_before": 6.0, "folding_pct": 1.0,
-        "sdlogj": 0.2, "dice_a": 0.7, "dice_b": 0.6, "dice30": 0.63, "time_ms_per_pair": 200.0}
+        "hd95_mean_before": 7.0, "centroid_distance_mm": 2.0, "centroid_distance_mm_before": 6.0,
+        "folding_pct": 1.0, "sdlogj": 0.2, "dice_a": 0.7, "dice_b": 0.6, "dice30": 0.63,
+        "time_ms_per_pair": 200.0}
 
 
 def test_dice30_is_the_30th_percentile_of_the_pairs_dice():

@@ -24,7 +24,7 @@ def test_train_evaluate_predict_on_tiny_data(tiny_project):
 
     metrics = json.loads(Path("metrics/eval.json").read_text())
     assert metrics == headline
-    for key in ("dice_mean", "dice_mean_before", "hd95_mean", "tre_mm", "folding_pct",
+    for key in ("dice_mean", "dice_mean_before", "hd95_mean", "centroid_distance_mm", "folding_pct",
                 "sdlogj", "time_ms_per_pair", "dice_first", "dice_second"):
         assert key in metrics, key
     assert metrics["pairs"] == 2
