@@ -36,7 +36,6 @@ QUIET_ENV = {
 }
 MAX_PARAM_KEY = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
-MAX_DIGEST = 36  # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
 CONFIG_ARTIFACT = "config/params.yaml"
 _UNSAFE_KEY_CHARS = re.compile(r"[^\w\-. :/]")  # MLflow allows alphanumerics and _-. :/
 

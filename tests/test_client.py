@@ -12,7 +12,7 @@ import pytest
 from regflow.data.io import read_volume, write_nifti
 from regflow.errors import DataError, RegflowError
 from regflow.serving.client import request_registration
-from regflow.serving.codec import build_response, read_request
+from regflow.serving.codec import encode_result, join_results, read_request
 
 AFFINE = np.array([[0.0, 0.0, 1.5, -10.0], [0.0, 2.0, 0.0, 5.0], [1.0, 0.0, 0.0, 3.0],
                    [0.0, 0.0, 0.0, 1.0]])
@@ -86,7 +86,8 @@ def shift_answer(body):
         if pair["moving_label"] is not None:
             result["warped_label"] = np.roll(pair["moving_label"], -1, axis=1)
         results.append(result)
-    predictions = build_response(results, [pair.encoding for pair in pairs])
+    predictions = join_results([encode_result(result, pair.encoding)
+                                for result, pair in zip(results, pairs, strict=True)])
     if pairs[0].refine_steps is not None:
         predictions.update(refine_steps=[pair.refine_steps for pair in pairs],
                            time_s=[0.25] * len(pairs))

@@ -14,9 +14,10 @@ import torch
 from regflow.errors import RegflowError, RequestTooLarge
 from regflow.serving.codec import (
     RequestError,
-    build_response,
     decode_volume,
+    encode_result,
     encode_volume,
+    join_results,
     parse_request,
     read_request,
 )
@@ -200,12 +201,12 @@ def test_request_that_is_not_a_mapping():
         parse_request(["abc"])
 
 
-def test_build_response_round_trips(volume):
+def test_encoded_results_join_and_round_trip(volume):
     ddf = np.stack([volume, volume, volume])
     results = [{"ddf": ddf, "warped": volume[None], "warped_label": (volume > 0)[None],
                 "affine": AFFINE},
                {"ddf": ddf, "warped": volume, "affine": AFFINE}]
-    response = build_response(results, "nii.gz")
+    response = join_results([encode_result(result, "nii.gz") for result in results])
     assert set(response) == {"ddf", "warped", "warped_label"}
     assert response["warped_label"][1] is None
     decoded_ddf, affine, _ = decode_volume(response["ddf"][0], "ddf", channels=True)
@@ -217,9 +218,10 @@ def test_build_response_round_trips(volume):
     np.testing.assert_array_equal(label, (volume > 0)[None])
 
 
-def test_build_response_per_pair_encoding_and_no_ddf(volume):
+def test_per_pair_encoding_and_no_ddf(volume):
     results = [{"warped_label": volume[None]}, {"warped_label": volume[None]}]
-    response = build_response(results, ["npy", "nii.gz"])
+    response = join_results([encode_result(result, encoding) for result, encoding
+                             in zip(results, ["npy", "nii.gz"], strict=True)])
     assert list(response) == ["warped_label"]
     assert [decode_volume(text, "x")[2] for text in response["warped_label"]] == ["npy", "nii.gz"]
 

@@ -348,6 +348,11 @@ class PatchQueue(tio.Queue):
 
     @property
     def iterations_per_epoch(self) -> int:
+        """Patches per epoch, which ``len(queue)`` (and so ``len(DataLoader)``) returns.
+
+        Overrides TorchIO's, which walks the subject sampler (advancing an :class:`EpochSampler`
+        by an epoch) over ``dry_iter()``, a method a :class:`PairDataset` does not have.
+        """
         return len(self.subject_sampler) * self.samples_per_volume
 
     def _fill(self) -> None:

@@ -20,8 +20,6 @@ from regflow.errors import DataError, RegflowError
 MANIFEST_VERSION = 2
 Pairing = Literal["paired", "unpaired", "grouped"]
 LabelFormat = Literal["integer", "channels", "soft"]
-IMAGE_ROLES = ("image", "fixed_image", "moving_image")
-LABEL_ROLES = ("label", "fixed_label", "moving_label")
 
 
 class _Strict(BaseModel):

@@ -111,11 +111,6 @@ class CompositeLoss:
         """The active terms' keys, in the order they are computed."""
         return [term.key for term in self.terms]
 
-    @property
-    def needs_labels(self) -> bool:
-        """Whether any active term is a label term."""
-        return any(term.group == "label" for term in self.terms)
-
     def __call__(self, fixed: torch.Tensor | None, warped: torch.Tensor | None,
                  fixed_label: torch.Tensor | None = None,
                  warped_label: torch.Tensor | None = None,

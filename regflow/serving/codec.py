@@ -556,19 +556,3 @@ def join_results(encoded: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
               if any(field in pair for pair in encoded)]
     return {field: [pair.get(field) for pair in encoded] for field in fields}
 
-
-def build_response(results: Sequence[Mapping[str, Any]], encoding: str | Sequence[str]
-                   ) -> dict[str, list[str | None]]:
-    """Encode model outputs into the response body's ``predictions`` mapping.
-
-    Args:
-        results: one mapping per pair, as :func:`encode_result` takes.
-        encoding: one encoding for all pairs, or one per pair (``"nii.gz"`` / ``"npy"``).
-
-    Returns:
-        ``{"ddf": [b64, ...], "warped": [b64, ...], "warped_label": [b64, ...]}`` as
-        :func:`join_results` builds it.
-    """
-    encodings = [encoding] * len(results) if isinstance(encoding, str) else list(encoding)
-    return join_results([encode_result(result, enc)
-                         for result, enc in zip(results, encodings, strict=True)])
