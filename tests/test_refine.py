@@ -160,7 +160,7 @@ def test_classical_mode_recovers_a_known_smooth_deformation():
     start = interior(truth).norm(dim=1)
     print(f"\nsmooth deformation, interior: mean |error| {error.mean():.3f} voxels (mean "
           f"|displacement| {start.mean():.3f}), 90th percentile {error.quantile(0.9):.3f}")
-    assert error.mean() < 0.35 * start.mean()
+    assert error.mean() < 0.1 * start.mean()  # measured: 0.13 of 2.62 voxels
 
 
 def test_classical_affine_stage_recovers_a_known_affine():
@@ -177,7 +177,7 @@ def test_classical_affine_stage_recovers_a_known_affine():
     error = (interior(ddf) - interior(truth)).norm(dim=1)
     print(f"\naffine: mean |error| {error.mean():.2e} voxels, max {error.max():.2e} (mean "
           f"|displacement| {interior(truth).norm(dim=1).mean():.3f})")
-    assert error.mean() < 0.3
+    assert error.max() < 1e-5  # measured: mean 5e-7, max 1.2e-6 voxel (float32 round-off)
 
 
 @pytest.mark.parametrize("levels", [1, 3])

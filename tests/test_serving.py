@@ -294,27 +294,14 @@ def test_served_pair_is_registered_on_the_fixed_grid(champion, pair, single_answ
 
 
 @pytest.mark.slow
-def test_served_answer_matches_in_process_registration_and_latency(champion, server, pair,
-                                                                   single_answer):
-    local_times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        local = champion["registrar"].register_volumes(pair["fixed"], pair["moving"],
-                                                       pair["moving_label"])
-        local_times.append(time.perf_counter() - started)
+def test_served_answer_matches_in_process_registration(champion, pair, single_answer):
+    # Latency is a benchmark's business: `python -m benchmarks.serving_attacks` times valid
+    # requests (client and server p50) at several refine_steps.
+    local = champion["registrar"].register_volumes(pair["fixed"], pair["moving"],
+                                                   pair["moving_label"])
     np.testing.assert_allclose(single_answer["ddf"][0], local["ddf"], atol=1e-4)
     mismatch = np.mean(single_answer["warped_label"][0][0] != local["warped_label"])
     assert mismatch < 1e-3, "label values may differ only at ties between two values' masks"
-    latencies = []
-    for _ in range(20):
-        started = time.perf_counter()
-        status, _ = post(server, pair["payload"])
-        latencies.append(time.perf_counter() - started)
-        assert status == 200
-    print(f"\nlatency for {pair['fixed'].array.shape} <- {pair['moving'].array.shape}: served "
-          f"p50 {1000 * np.median(latencies):.0f} ms over 20 sequential requests (p90 "
-          f"{1000 * np.percentile(latencies, 90):.0f} ms); in-process register_volumes median "
-          f"{1000 * np.median(local_times):.0f} ms")
 
 
 @pytest.mark.slow
