@@ -534,6 +534,36 @@ def test_valid_request_on_the_scoring_app(app_url, tiny_pair):
     assert label.shape == (1, 16, 24, 16)
 
 
+# regflow/pyfunc_model.py as versions registered before regflow/serving/ existed carry it
+PRE_PACKAGE_MODEL_CODE = """import mlflow
+
+from regflow.serving import RegflowPythonModel
+
+mlflow.models.set_model(RegflowPythonModel())
+"""
+
+
+def test_a_version_logged_with_the_pre_package_model_code_loads_and_answers_alike(
+        tiny_model, tiny_model_uri, tiny_pair, tmp_path):
+    code = tmp_path / "pyfunc_model.py"
+    code.write_text(PRE_PACKAGE_MODEL_CODE)
+    downloaded = Path(mlflow.artifacts.download_artifacts(tiny_model_uri, dst_path=tmp_path))
+    (checkpoint,) = downloaded.rglob("*.pt")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(code), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+            signature=signature(), input_example=input_example(),
+            pip_requirements=pip_requirements())
+    code.unlink()  # MLflow runs the logged copy
+    inputs = {key: [tiny_pair[key]] for key in ("fixed", "moving", "moving_label")}
+    old = mlflow.pyfunc.load_model(info.model_uri).predict(inputs)
+    current = tiny_model.predict(inputs)
+    for field in ("ddf", "warped", "warped_label"):
+        channels = field != "warped"
+        np.testing.assert_array_equal(decode_volume(old[field][0], field, channels)[0],
+                                      decode_volume(current[field][0], field, channels)[0])
+
+
 def test_one_hot_label_is_warped_channel_by_channel(app_url, tiny_pair, tiny_registrar):
     one_hot = np.stack([tiny_pair["label"] == value for value in (0, 1, 2)])  # (3, D, H, W)
     label = served_label(app_url, tiny_pair, one_hot)  # sent as NIfTI (D, H, W, 3)
