@@ -91,7 +91,8 @@ def redact_url(url: str | None) -> str | None:
 
     Where either parser finds a password, or a parser cannot read the URL at all, everything
     between ``://`` and the URL's last ``@`` becomes ``user:***`` (the user as written before
-    the first ``:``); an unreadable URL without ``@`` keeps only its scheme. The passwords found
+    the first ``:``); an unreadable URL without ``@`` keeps only its scheme. SQLAlchemy's reading
+    counts for database URLs only (``http://`` with no host is readable, and named as it is). The passwords found
     are remembered for :func:`redact_text`.
     """
     if not url:
@@ -100,7 +101,7 @@ def redact_url(url: str | None) -> str | None:
         readings = _readings(url)
         passwords = _remember(url, readings)
         head, rest = url.split("://", 1)
-        unreadable = None in readings
+        unreadable = None in (readings if is_database_url(url) else readings[1:])
         if "@" in rest and (passwords or unreadable):
             user_info, _, host = rest.rpartition("@")
             url = f"{head}://{user_info.split(':', 1)[0]}:{MASK}@{host}"

@@ -101,7 +101,7 @@ ROWS = [
      "unsupported scheme 'ftp'", None),
     ("request-no-host", ["request", "http://", *PAIR, "--out", "out"], "http://: no host", None),
     ("request-bad-port", ["request", "http://host:abc", *PAIR, "--out", "out"],
-     "http://host:abc: not a valid URL", None),
+     "http://***: not a valid URL", None),  # unreadable URLs are masked whole
     ("request-bad-ipv6", ["request", "http://[::1", *PAIR, "--out", "out"], "not a valid URL",
      None),
     ("request-unreachable", ["request", f"http://127.0.0.1:{free_port()}", *PAIR, "--out",

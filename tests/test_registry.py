@@ -167,11 +167,11 @@ def test_register_gates_champion_on_evaluation_metrics(tiny_project):
         headline["dice_mean"] + 0.05)
 
     served = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # the input example's form
-    answer = served.predict(input_example((9, 11, 7)))
+    answer = served.predict(input_example((9, 11, 8)))
     assert sorted(answer) == ["ddf", "warped"]
     ddf, affine, encoding = decode_volume(answer["ddf"][0], "ddf", channels=True)
     warped, _, _ = decode_volume(answer["warped"][0], "warped")
-    assert (ddf.shape, warped.shape, encoding) == ((3, 9, 11, 7), (9, 11, 7), "nii.gz")
+    assert (ddf.shape, warped.shape, encoding) == ((3, 9, 11, 8), (9, 11, 8), "nii.gz")
     np.testing.assert_allclose(affine, np.eye(4))
     assert np.isfinite(ddf).all()
 
