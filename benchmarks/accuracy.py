@@ -1,8 +1,8 @@
 """Registration accuracy of regflow against classical baselines on the held-out pairs.
 
 Run ``python -m benchmarks.accuracy [--pairs N] [--split test|val] [--model NAME=PATH_OR_URI ...]``
-(or ``make bench-accuracy``), ``--no-demons --no-bspline --classical-steps 0`` to measure only
-the models. Every method registers the same fixed pairs that ``regflow
+(or ``make bench-accuracy``); ``--no-identity --no-demons --no-bspline --classical-steps 0`` to
+measure only the models. Every method registers the same fixed pairs that ``regflow
 evaluate`` uses (``build_dataloader(manifest, split, config, train=False)``, processed volumes),
 and every method is measured by the same code (:func:`regflow.evaluation.pair_metrics` on a DDF in
 regflow's convention and the moving labels warped by :func:`regflow.spatial.warp`, linear,
@@ -341,7 +341,8 @@ def describe_refinement(refine: RefineSettings, passes: int | None) -> str:
               if refine.regularization_ratio is not None
               else f"regulariser x{refine.regularization_scale:g}")
     smooth = f", start smoothed {refine.smooth_sigma:g} voxel" if refine.smooth_sigma else ""
-    parts.append(f"+{refine.steps} refinement steps (lr {refine.lr:g}, {refine.levels} levels, "
+    parts.append(f"+{refine.steps} refinement steps (lr {refine.lr:g}, {refine.levels} "
+                 f"level{'s' if refine.levels != 1 else ''}, "
                  f"{weight} on the {refine.regularize}{smooth})")
     return ", ".join(parts)
 
@@ -366,6 +367,7 @@ class Settings:
     Attributes:
         split: the evaluated split ("test" or "val").
         pairs: how many of its pairs (None: all).
+        identity: measure the no-registration row.
         tune_pairs: how many validation pairs tune demons (None: all).
         demons_grid: (iterations, sigma) candidates (empty: no demons row).
         bspline: run the B-spline row.
@@ -381,6 +383,7 @@ class Settings:
 
     split: str = "test"
     pairs: int | None = None
+    identity: bool = True
     tune_pairs: int | None = None
     demons_grid: tuple[tuple[int, float], ...] = DEMONS_GRID
     bspline: bool = True
@@ -433,7 +436,8 @@ def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None]
             f"{measured['dice30']:.3f}, SDlogJ {measured['sdlogj']:.3f}, folding "
             f"{measured['folding_pct']:.3f} %, {measured['seconds_per_pair']:.2f} s/pair")
 
-    add("no registration", "identity (zero field)", no_registration)
+    if settings.identity:
+        add("no registration", "identity (zero field)", no_registration)
 
     if settings.demons_grid:
         val_pairs = load_pairs(manifest_file, "val", config, settings.tune_pairs)
@@ -524,6 +528,8 @@ class _Command(click.Command):
                    "checkpoint carries instead of the config's evaluate section.")
 @click.option("--classical-steps", type=click.IntRange(min=0), default=150, show_default=True,
               help="Steps of regflow's classical mode (model none; 0: skip the row).")
+@click.option("--identity/--no-identity", default=True, show_default=True,
+              help="The no-registration row.")
 @click.option("--demons/--no-demons", default=True, show_default=True)
 @click.option("--bspline/--no-bspline", default=True, show_default=True)
 @click.option("--bspline-budget", type=float, default=30.0, show_default=True,
@@ -539,8 +545,8 @@ class _Command(click.Command):
 @config_options(load_training_config)
 def main(config: Config, split: str, pairs: int | None, tune_pairs: int | None,
          models: tuple[tuple[str, str], ...], refine_steps: int | None, own_settings: bool,
-         classical_steps: int, demons: bool, bspline: bool, bspline_budget: float,
-         bspline_pairs: int | None, threads: int | None, machine_note: str,
+         classical_steps: int, identity: bool, demons: bool, bspline: bool,
+         bspline_budget: float, bspline_pairs: int | None, threads: int | None, machine_note: str,
          results_file: str) -> None:
     """Accuracy table: no registration, SimpleITK, regflow classical and trained models."""
     fileio.check_writable_file(results_file, suffixes=(".json",))
@@ -548,7 +554,8 @@ def main(config: Config, split: str, pairs: int | None, tune_pairs: int | None,
     if threads is not None:
         torch.set_num_threads(threads)
     _sitk().ProcessObject.SetGlobalDefaultNumberOfThreads(torch.get_num_threads())
-    settings = Settings(split=split, pairs=pairs, tune_pairs=tune_pairs or pairs,
+    settings = Settings(split=split, pairs=pairs, identity=identity,
+                        tune_pairs=tune_pairs or pairs,
                         demons_grid=DEMONS_GRID if demons else (), bspline=bspline,
                         bspline_budget_s=bspline_budget, bspline_pairs=bspline_pairs,
                         classical_steps=classical_steps, models=models,
