@@ -419,6 +419,7 @@ def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None]
     log(f"{len(pairs)} of {len(all_pairs)} {settings.split} pairs of {manifest.dataset}, "
         f"shape {manifest.shape}")
     digest = config_digest(config)
+    commit = records.git_commit()  # the code as it is now, before any row is measured
     threads = torch.get_num_threads()
     rows: list[dict[str, Any]] = []
 
@@ -430,7 +431,7 @@ def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None]
         rows.append({"split": settings.split, "method": method, "settings": description,
                      **measured, "split_pairs": len(all_pairs), "model": model,
                      "config_digest": model_digest, "notes": notes,
-                     **records.provenance(watch.note(settings.machine_note))})
+                     **records.provenance(commit, watch.note(settings.machine_note))})
         on_row(rows[-1])
         log(f"  {method} ({description}): Dice {measured['dice_mean']:.3f}, Dice30 "
             f"{measured['dice30']:.3f}, SDlogJ {measured['sdlogj']:.3f}, folding "

@@ -75,10 +75,11 @@ class LoadWatch:
         return ", ".join(parts) + (f"; {extra}" if extra else "")
 
 
-def provenance(machine: str, root: Path = ROOT) -> dict[str, str]:
-    """``commit``, ``date`` (UTC, ISO 8601 to the minute) and ``machine`` of a row."""
+def provenance(commit: str, machine: str) -> dict[str, str]:
+    """``commit`` (:func:`git_commit`, taken when the measuring code was loaded), ``date`` (now,
+    UTC, ISO 8601 to the minute) and ``machine`` of a row."""
     date = datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ")
-    return {"commit": git_commit(root), "date": date, "machine": machine}
+    return {"commit": commit, "date": date, "machine": machine}
 
 
 def _rounded(value: Any) -> Any:
