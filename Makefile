@@ -48,7 +48,7 @@ lint: setup
 	$(BIN)/hadolint Dockerfile
 
 bench: setup
-	$(BIN)/python -m benchmarks.core
+	$(BIN)/python -m benchmarks.core --results benchmarks/results/speed.json
 
 bench-accuracy: setup
 	$(BIN)/python -m benchmarks.accuracy

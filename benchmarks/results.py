@@ -24,6 +24,7 @@ from regflow.errors import RegflowError
 BEGIN = "<!-- BEGIN generated: results-summary -->"
 END = "<!-- END generated: results-summary -->"
 SUMMARY_METHODS = 4
+PROVENANCE = ("commit", "config_digest", "date", "machine")
 # Learn2Reg 2020 task 4 (hippocampus MR), 3rd place, Estienne et al., on the challenge's test set
 REFERENCE = {"method": "Learn2Reg 2020 task 4, 3rd place (Estienne et al.)",
              "dice_mean": 0.85, "dice30": 0.84, "hd95_mm": 1.51, "sdlogj": 0.09}
@@ -96,10 +97,13 @@ def _row_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _generic_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Every key of the rows as a column (for results files without their own renderer)."""
+    """Every key of the rows as a column, the provenance last (for results files without their
+    own renderer)."""
     columns: list[str] = []
     for row in rows:
         columns.extend(key for key in row if key not in columns)
+    columns = ([key for key in columns if key not in PROVENANCE]
+               + [key for key in PROVENANCE if key in columns])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_number(row[key], 4) if isinstance(row.get(key), float)

@@ -102,8 +102,10 @@ def test_readme_without_markers_is_left_alone_and_half_markers_fail(project):
 
 def test_other_results_files_get_a_table_of_their_columns(project):
     records.upsert(project / "results" / "speed.json",
-                   [{"split": "-", "method": "warp", "settings": "64", "seconds": 0.0123456}])
+                   [{"name": "warp", "size": 64, "regflow_s": 0.0123456, "commit": "abc1234",
+                     "date": "2026-12-07T20:00Z", "machine": "2 threads"}],
+                   key_fields=("name", "size"))
     page = results.render(results.read_results(project / "results"))
     assert "## speed" in page
-    assert "| method | seconds | settings | split |" in page
-    assert "| warp | 0.0123 | 64 | - |" in page
+    assert "| name | regflow_s | size | commit | date | machine |" in page
+    assert "| warp | 0.0123 | 64 | abc1234 | 2026-12-07T20:00Z | 2 threads |" in page
