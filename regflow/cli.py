@@ -522,16 +522,28 @@ def register(config: Config, checkpoint: str | None) -> None:
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
               help="The shipped .pt file to write.")
 @click.option("--half", is_flag=True, help="Store the weights as float16 (half the size).")
+@click.option("--evaluate", "measure", is_flag=True,
+              help="Evaluate the written file on evaluate.split with its own settings and put "
+                   "the metrics in its JSON record.")
 @config_options(load_training_config)
-def export(config: Config, checkpoint: str, out: str, half: bool) -> None:
+def export(config: Config, checkpoint: str, out: str, half: bool, measure: bool) -> None:
     """Package a checkpoint to ship: weights, the config it was trained with, and the config's
-    evaluate section as its own test-time settings (used by predict and register --checkpoint)."""
+    evaluate section as its own test-time settings (used by predict and register --checkpoint).
+    A JSON record beside it (OUT with .json) holds its sha256, size, settings and metrics."""
     claim_output(out, suffixes=(".pt",))
-    from regflow.shipping import export_checkpoint
+    from regflow.shipping import export_checkpoint, write_record
 
     shipped = export_checkpoint(Path(checkpoint), config, Path(out), half=half)
+    metrics = None
+    if measure:
+        from regflow.stages import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(config, Path(out))[1]
+        click.echo(f"{config.evaluate.split}: " + ", ".join(
+            f"{key} {value:.4g}" for key, value in metrics.items()))
+    record = write_record(shipped, config, half, metrics)
     click.echo(f"wrote {out}: {shipped['bytes']} bytes, {shipped['parameters']} parameters, "
-               f"sha256 {shipped['sha256']}")
+               f"sha256 {shipped['sha256']}; record {record}")
 
 
 @cli.command()

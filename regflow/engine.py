@@ -474,6 +474,7 @@ class Trainer:
             self.run_id = distributed.broadcast_from_main(run.info.run_id if main else None)
             if new_run:
                 tracking.log_config(self.config)
+                tracking.set_tag("regflow.config_digest", self.digest)
                 tracking.log_dataset_input(self.manifest_path, self.manifest.dataset,
                                            "training")
             if resumed:

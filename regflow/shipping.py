@@ -6,10 +6,13 @@ measured, whatever params.yaml the working folder holds."""
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from regflow import __version__
 from regflow.config import Config, validate_config
+from regflow.fileio import write_json
 from regflow.models import RegistrationModel
 from regflow.redact import redact_values
 
@@ -47,6 +50,26 @@ def export_checkpoint(checkpoint: Path, config: Config, output: Path, half: bool
     return {"path": str(output), "sha256": file_sha256(output), "bytes": output.stat().st_size,
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
             "training": shipped["training"]}
+
+
+def record_path(shipped: Path) -> Path:
+    """The JSON record beside a shipped checkpoint (``x.pt`` -> ``x.json``)."""
+    return shipped.with_suffix(".json")
+
+
+def write_record(shipped: dict[str, Any], config: Config, half: bool,
+                 metrics: dict[str, float] | None) -> Path:
+    """Write the shipped checkpoint's record: what :func:`export_checkpoint` returned, the
+    weights' dtype, its test-time settings and, when given, its metrics on ``evaluate.split``
+    (what the model card cites and the shipped-weights test checks against)."""
+    path = Path(shipped["path"])
+    record = {**shipped, "path": path.name, "dtype": "float16" if half else "float32",
+              "evaluate": config.evaluate.model_dump(mode="json"),
+              "regflow_version": __version__,
+              "date": datetime.now(UTC).strftime("%Y-%m-%d")}
+    if metrics is not None:
+        record["metrics"] = {"split": config.evaluate.split, **metrics}
+    return write_json(record_path(path), record)
 
 
 def file_sha256(path: Path) -> str:

@@ -57,6 +57,14 @@ def display_range(*images: Any) -> tuple[float, float]:
     return (low, high) if high > low else (float(values.min()), float(values.max()))
 
 
+def windowed(image: Any) -> np.ndarray:
+    """``image`` scaled to [0, 1] over its own :func:`display_range` (clipped outside it), so
+    that images of different intensity scales can share one picture."""
+    values = to_numpy(image).astype(np.float32)
+    low, high = display_range(values)
+    return np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
+
+
 def _planes(shape: tuple[int, ...]) -> list[tuple[int | None, int]]:
     """(axis, index) of the middle slice of each orthogonal plane; (None, 0) for 2-D."""
     if len(shape) == 2:
@@ -184,11 +192,12 @@ def checkerboard_figure(fixed: Any, warped: Any, moving: Any = None, tiles: int 
         moving: the moving image on the same grid, for the "before" column; None leaves it out.
         tiles: tiles along each axis.
     """
-    fixed, warped = _spatial(fixed), _spatial(warped)
+    fixed, warped = windowed(_spatial(fixed)), windowed(_spatial(warped))
     boards = [("after: fixed / warped", checkerboard(fixed, warped, tiles))]
     if moving is not None:
-        boards.insert(0, ("before: fixed / moving", checkerboard(fixed, _spatial(moving), tiles)))
-    vmin, vmax = display_range(*(board for _, board in boards))
+        boards.insert(0, ("before: fixed / moving",
+                          checkerboard(fixed, windowed(_spatial(moving)), tiles)))
+    vmin, vmax = 0.0, 1.0  # each image in its own window: raw scans differ in scale
     planes = _planes(fixed.shape)
     figure = Figure(figsize=(4 * len(boards), 3.6 * len(planes)), layout="constrained")
     axes = figure.subplots(len(planes), len(boards), squeeze=False)

@@ -15,6 +15,7 @@ from regflow.engine import Trainer
 from regflow.inference import load_registrar
 from regflow.models import RegistrationModel
 from regflow.shipping import export_checkpoint, file_sha256
+from regflow.stages import evaluate_checkpoint
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -98,3 +99,19 @@ def test_export_prints_the_sha256_of_the_file_it_wrote(tiny_project):
     result = run_cli("export", "--checkpoint", "models/tiny/best.pt", "-o", "tiny.pt", "--half")
     assert result.returncode == 0, result.stderr
     assert file_sha256(Path("tiny.pt")) in result.stdout
+
+
+def test_export_evaluate_records_the_files_metrics_beside_it(tiny_project):
+    config = load_config(tiny_project, ["train.steps=1", "train.val_every=1"])
+    Trainer(config, Path("data/processed/tiny/manifest.json"), Path("models/tiny")).fit()
+    result = run_cli("export", "--checkpoint", "models/tiny/best.pt", "-o", "tiny.pt", "--half",
+                     "--evaluate", "-S", "evaluate.split=val")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(Path("tiny.json").read_text())
+    assert record["sha256"] == file_sha256(Path("tiny.pt")) and record["dtype"] == "float16"
+    assert record["path"] == "tiny.pt" and record["evaluate"]["split"] == "val"
+    _, headline = evaluate_checkpoint(load_config(tiny_project, ["evaluate.split=val"]),
+                                      Path("tiny.pt"))
+    metrics = record["metrics"]
+    assert metrics["split"] == "val" and metrics["pairs"] == headline["pairs"] > 0
+    assert metrics["dice_mean"] == pytest.approx(headline["dice_mean"], abs=1e-9)

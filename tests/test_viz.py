@@ -12,6 +12,7 @@ from regflow.viz import (
     jacobian_figure,
     overlay_figure,
     save_figure,
+    windowed,
 )
 from tests.test_vis import SHAPE, folding_ddf, ramp
 
@@ -164,3 +165,13 @@ def test_display_range_ignores_a_few_bright_voxels():
     image[0, 0, 0] = 1000.0
     assert display_range(image) == (0.0, 1.0)
     assert display_range(np.ones((3, 3))) == (1.0, 1.0)
+
+
+def test_checkerboard_shows_images_of_different_scales_in_their_own_windows():
+    """A raw moving scan stored at 10x the fixed one's scale: after perfect registration the
+    picture is seamless, not dark tiles beside bright ones."""
+    ramp = np.linspace(0.0, 1.0, 16 * 16 * 16, dtype=np.float32).reshape(16, 16, 16)
+    figure = checkerboard_figure(ramp, 10.0 * ramp)
+    shown = np.asarray(figure.axes[0].images[0].get_array())
+    assert np.allclose(shown, windowed(ramp)[8], atol=1e-6)
+    assert windowed(10.0 * ramp).max() == 1.0 and windowed(10.0 * ramp).min() == 0.0
