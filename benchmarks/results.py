@@ -1,15 +1,18 @@
 """docs/results.md and the README's results summary, generated from the committed results files.
 
 Run ``python -m benchmarks.results`` (or ``make results``) after a benchmark has updated a file
-under ``benchmarks/results/`` (:mod:`benchmarks.records`). Every table row shows the commit,
-config digest and date it was measured with; the accuracy tables end with the published
-reference (:data:`REFERENCE`), which is not measured here. The README block between
-:data:`BEGIN` and :data:`END` is replaced by a five-line summary; nothing else in the README is
-touched, and a README without the markers is left alone. Generating twice gives the same files.
+under ``benchmarks/results/``: the JSON files of :mod:`benchmarks.records` (accuracy, speed) and
+CSV files such as ``training_curves.csv``, one section each. Every table row shows the commit,
+config digest (where the benchmark has a config) and date it was measured with; the accuracy
+tables end with the published reference (:data:`REFERENCE`), which is not measured here. The
+README block between :data:`BEGIN` and :data:`END` is replaced by a five-line summary; nothing else
+in the README is touched, and a README without the markers is left alone. Generating twice gives
+the same files.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +26,7 @@ from regflow.errors import RegflowError
 
 BEGIN = "<!-- BEGIN generated: results-summary -->"
 END = "<!-- END generated: results-summary -->"
+ACCURACY_FILE = "accuracy.json"
 SUMMARY_METHODS = 4
 PROVENANCE = ("commit", "config_digest", "date", "machine")
 # Learn2Reg 2020 task 4 (hippocampus MR), 3rd place, Estienne et al., on the challenge's test set
@@ -112,11 +116,11 @@ def _generic_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render(results: dict[str, dict[str, Any]]) -> str:
-    """docs/results.md for ``{file stem: results file payload}`` (sorted by stem)."""
+    """docs/results.md for ``{file name: results file payload}`` (sorted by name)."""
     sections = [HEADER]
-    for stem in sorted(results):
-        rows = results[stem]["rows"]
-        if stem == "accuracy":
+    for name in sorted(results):
+        rows = results[name]["rows"]
+        if name == ACCURACY_FILE:
             for split in sorted({row["split"] for row in rows},
                                 key=lambda name: (name != "test", name)):
                 chosen = [row for row in rows if row["split"] == split]
@@ -125,7 +129,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                                 + "\n".join(accuracy_table(chosen, reference=split == "test"))
                                 + "\n\nRows:\n\n" + "\n".join(_row_notes(chosen)) + "\n")
         else:
-            sections.append(f"## {stem}\n\n(benchmarks/results/{stem}.json)\n\n"
+            title = Path(name).stem.replace("_", " ").capitalize()
+            sections.append(f"## {title}\n\n(benchmarks/results/{name})\n\n"
                             + "\n".join(_generic_table(rows)) + "\n")
     return "\n".join(sections)
 
@@ -169,9 +174,27 @@ def replace_block(text: str, lines: Sequence[str], source: str = "README.md") ->
     return text[:start + len(BEGIN)] + "\n" + "\n".join(lines) + "\n" + text[stop:]
 
 
+def read_csv_results(path: Path) -> dict[str, Any]:
+    """A CSV results file (one row per line, e.g. benchmarks.training_curves) as a results
+    payload; cells stay text.
+
+    Raises:
+        RegflowError: the file cannot be read as CSV.
+    """
+    try:
+        with open(path, newline="") as stream:
+            rows = list(csv.DictReader(stream))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RegflowError(f"{path}: not a readable CSV results file ({exc})") from exc
+    return {"benchmark": path.stem, "rows": rows}
+
+
 def read_results(folder: Path) -> dict[str, dict[str, Any]]:
-    """Every ``*.json`` results file under ``folder``, by file stem."""
-    return {path.stem: records.read(path) for path in sorted(folder.glob("*.json"))}
+    """Every ``*.json`` (:func:`records.read`) and ``*.csv`` results file under ``folder``, by
+    file name."""
+    readers = {".json": records.read, ".csv": read_csv_results}
+    return {path.name: readers[path.suffix](path) for path in sorted(folder.iterdir())
+            if path.suffix in readers}
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -189,7 +212,7 @@ def generate(results_dir: Path, output: Path, readme: Path | None) -> list[Path]
     if readme is not None and readme.exists():
         link = (output.resolve().relative_to(readme.resolve().parent).as_posix()
                 if output.resolve().is_relative_to(readme.resolve().parent) else str(output))
-        rows = results.get("accuracy", {"rows": []})["rows"]
+        rows = results.get(ACCURACY_FILE, {"rows": []})["rows"]
         text = replace_block(readme.read_text(), summary_lines(rows, link), str(readme))
         if text is not None and _write_if_changed(readme, text):
             changed.append(readme)

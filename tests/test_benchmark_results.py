@@ -100,12 +100,20 @@ def test_readme_without_markers_is_left_alone_and_half_markers_fail(project):
     assert result.exit_code == 2 and "needs" in result.output
 
 
-def test_other_results_files_get_a_table_of_their_columns(project):
+def test_other_json_and_csv_results_files_get_a_table_of_their_columns(project):
     records.upsert(project / "results" / "speed.json",
                    [{"name": "warp", "size": 64, "regflow_s": 0.0123456, "commit": "abc1234",
                      "date": "2026-12-07T20:00Z", "machine": "2 threads"}],
                    key_fields=("name", "size"))
+    (project / "results" / "training_curves.csv").write_text(
+        "run_name,run_id,commit,config_digest,date,step,dice_mean\n"
+        "base,r1,378bd7c20b,3952bff6f413ee2d,2026-12-07,300,0.7188\n")
+    (project / "results" / "notes.txt").write_text("not a results file")
     page = results.render(results.read_results(project / "results"))
-    assert "## speed" in page
+    assert "## Speed\n\n(benchmarks/results/speed.json)" in page
     assert "| name | regflow_s | size | commit | date | machine |" in page
     assert "| warp | 0.0123 | 64 | abc1234 | 2026-12-07T20:00Z | 2 threads |" in page
+    assert "## Training curves\n\n(benchmarks/results/training_curves.csv)" in page
+    assert "| run_name | run_id | step | dice_mean | commit | config_digest | date |" in page
+    assert "| base | r1 | 300 | 0.7188 | 378bd7c20b | 3952bff6f413ee2d | 2026-12-07 |" in page
+    assert "not a results file" not in page
