@@ -314,8 +314,11 @@ def tune_demons(pairs: Sequence[Pair], spacing: Sequence[float], label_names: Se
     """Pick demons' (iterations, sigma) by the best mean Dice on ``pairs`` (validation).
 
     Returns:
-        The best setting and ``((iterations, sigma), mean Dice)`` of every setting.
+        The best setting and ``((iterations, sigma), mean Dice)`` of every setting; a single
+        candidate is returned as it is, with nothing measured.
     """
+    if len(grid) == 1:
+        return grid[0], []
     if not pairs:
         raise RegflowError("no validation pairs to tune demons on")
     results = []
@@ -369,7 +372,8 @@ class Settings:
         pairs: how many of its pairs (None: all).
         identity: measure the no-registration row.
         tune_pairs: how many validation pairs tune demons (None: all).
-        demons_grid: (iterations, sigma) candidates (empty: no demons row).
+        demons_grid: (iterations, sigma) candidates tuned on val (one: used as given; empty: no
+            demons row).
         bspline: run the B-spline row.
         bspline_budget_s: skip B-spline when its first pair takes longer than this.
         bspline_pairs: B-spline on only the first N of the pairs (None: all of them).
@@ -441,9 +445,10 @@ def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None]
         add("no registration", "identity (zero field)", no_registration)
 
     if settings.demons_grid:
-        val_pairs = load_pairs(manifest_file, "val", config, settings.tune_pairs)
+        tuned = len(settings.demons_grid) > 1
+        val_pairs = load_pairs(manifest_file, "val", config, settings.tune_pairs) if tuned else []
         log(f"tuning demons on {len(val_pairs)} val pairs over {len(settings.demons_grid)} "
-            f"settings")
+            f"settings" if tuned else "demons with the one setting given")
         (iterations, sigma), tuning = tune_demons(val_pairs, spacing, label_names,
                                                   settings.demons_grid, log)
         check = conversion_dice(pairs[0], demons_field(pairs[0], spacing, iterations, sigma),
@@ -452,12 +457,15 @@ def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None]
             raise RegflowError(f"SimpleITK field conversion check failed: Dice {check} between "
                                f"regflow's and SimpleITK's warped labels (want > "
                                f"{CONVERSION_MIN_DICE})")
-        add("SimpleITK demons", "fast symmetric forces after histogram matching; iterations "
-            "and smoothing sigma tuned on val", demons_method(spacing, iterations, sigma),
-            notes=f"chosen {iterations} iterations, sigma {sigma:g} voxel by mean Dice on "
+        chosen = (f"chosen {iterations} iterations, sigma {sigma:g} voxel by mean Dice on "
                   f"{len(val_pairs)} val pairs (" + ", ".join(
-                      f"{it}/{sd:g}: {dice:.3f}" for (it, sd), dice in tuning)
-                  + "); field conversion checked against SimpleITK's resampler (Dice "
+                      f"{it}/{sd:g}: {dice:.3f}" for (it, sd), dice in tuning) + ")"
+                  if tuned else "the setting given by --demons-grid, not tuned in this run")
+        add("SimpleITK demons", "fast symmetric forces after histogram matching; " + (
+                "iterations and smoothing sigma tuned on val" if tuned
+                else f"{iterations} iterations, sigma {sigma:g} (given)"),
+            demons_method(spacing, iterations, sigma),
+            notes=chosen + "; field conversion checked against SimpleITK's resampler (Dice "
                   + ", ".join(f"{value:.4f}" for value in check) + ")")
 
     if settings.bspline:
@@ -502,6 +510,21 @@ def _model_spec(_ctx: click.Context, _param: click.Parameter, values: tuple[str,
     return tuple(specs)
 
 
+def _demons_setting(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+                    ) -> tuple[tuple[int, float], ...]:
+    settings = []
+    for value in values:
+        iterations, _, sigma = value.partition("/")
+        try:
+            setting = (int(iterations), float(sigma))
+        except ValueError:
+            setting = (0, 0.0)
+        if setting[0] < 1 or not setting[1] > 0:
+            raise click.BadParameter(f"{value!r}: expected ITERATIONS/SIGMA, e.g. 200/1.5")
+        settings.append(setting)
+    return tuple(settings)
+
+
 class _Command(click.Command):
     """A user error (bad config, missing data, failed check) is one line and exit code 2."""
 
@@ -532,6 +555,9 @@ class _Command(click.Command):
 @click.option("--identity/--no-identity", default=True, show_default=True,
               help="The no-registration row.")
 @click.option("--demons/--no-demons", default=True, show_default=True)
+@click.option("--demons-grid", multiple=True, callback=_demons_setting, metavar="IT/SIGMA",
+              help="Demons candidates to tune on val (repeatable; one: used without tuning) "
+                   "[100 and 200 iterations x sigma 1, 1.5, 2].")
 @click.option("--bspline/--no-bspline", default=True, show_default=True)
 @click.option("--bspline-budget", type=float, default=30.0, show_default=True,
               help="Skip B-spline when its first pair takes longer (seconds).")
@@ -546,7 +572,8 @@ class _Command(click.Command):
 @config_options(load_training_config)
 def main(config: Config, split: str, pairs: int | None, tune_pairs: int | None,
          models: tuple[tuple[str, str], ...], refine_steps: int | None, own_settings: bool,
-         classical_steps: int, identity: bool, demons: bool, bspline: bool,
+         classical_steps: int, identity: bool, demons: bool,
+         demons_grid: tuple[tuple[int, float], ...], bspline: bool,
          bspline_budget: float, bspline_pairs: int | None, threads: int | None, machine_note: str,
          results_file: str) -> None:
     """Accuracy table: no registration, SimpleITK, regflow classical and trained models."""
@@ -557,7 +584,8 @@ def main(config: Config, split: str, pairs: int | None, tune_pairs: int | None,
     _sitk().ProcessObject.SetGlobalDefaultNumberOfThreads(torch.get_num_threads())
     settings = Settings(split=split, pairs=pairs, identity=identity,
                         tune_pairs=tune_pairs or pairs,
-                        demons_grid=DEMONS_GRID if demons else (), bspline=bspline,
+                        demons_grid=(demons_grid or DEMONS_GRID) if demons else (),
+                        bspline=bspline,
                         bspline_budget_s=bspline_budget, bspline_pairs=bspline_pairs,
                         classical_steps=classical_steps, models=models,
                         refine_steps=refine_steps, own_settings=own_settings,

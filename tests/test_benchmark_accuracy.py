@@ -26,15 +26,18 @@ def _setup(params):
 
 def test_no_registration_demons_and_classical_rows_are_finite(tiny_project, tmp_path):
     config, _, label_names = _setup(tiny_project)
-    settings = accuracy.Settings(split="test", pairs=2, tune_pairs=2, demons_grid=((5, 1.0),),
-                                 bspline=False, classical_steps=4, machine_note="a test")
+    settings = accuracy.Settings(split="test", pairs=2, tune_pairs=2,
+                                 demons_grid=((5, 1.0), (3, 2.0)), bspline=False,
+                                 classical_steps=4, machine_note="a test")
     saved = []
     rows = accuracy.run_benchmark(config, settings, log=lambda _: None, on_row=saved.append)
 
     assert saved == rows
     assert [row["method"] for row in rows] == ["no registration", "SimpleITK demons",
                                                "regflow classical"]
-    assert "chosen 5 iterations, sigma 1" in rows[1]["notes"]
+    assert rows[1]["settings"].endswith("iterations and smoothing sigma tuned on val")
+    assert "by mean Dice on 2 val pairs (5/1: 0." in rows[1]["notes"]
+    assert ", 3/2: 0." in rows[1]["notes"]
     assert "checked against SimpleITK" in rows[1]["notes"]
     assert rows[2]["settings"].startswith("model none, 4 affine steps (lr 0.01), +4 refinement")
     digest = config_digest(config)
@@ -132,6 +135,23 @@ def test_command_refuses_a_damaged_results_file_before_measuring(tiny_project, t
                                                 str(results)])
     assert result.exit_code == 2
     assert "'rows' list" in result.output and results.read_text() == "[1, 2]"
+
+
+def test_one_demons_setting_is_used_without_tuning(tiny_project):
+    config, _, _ = _setup(tiny_project)
+    settings = accuracy.Settings(split="test", pairs=1, identity=False, demons_grid=((5, 1.5),),
+                                 bspline=False, classical_steps=0)
+    rows = accuracy.run_benchmark(config, settings, log=lambda _: None)
+    assert [(row["method"], row["settings"]) for row in rows] == [
+        ("SimpleITK demons", "fast symmetric forces after histogram matching; 5 iterations, "
+                             "sigma 1.5 (given)")]
+    assert rows[0]["notes"].startswith("the setting given by --demons-grid, not tuned")
+
+
+def test_demons_grid_option_is_checked():
+    for value in ("200", "x/1", "0/1", "200/-1"):
+        result = CliRunner().invoke(accuracy.main, ["--demons-grid", value])
+        assert result.exit_code == 2 and "ITERATIONS/SIGMA" in result.output, value
 
 
 def test_model_option_needs_a_name():
