@@ -20,7 +20,7 @@ export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup repro serve test test-slow lint bench bench-accuracy
+.PHONY: setup repro serve test test-slow lint bench bench-accuracy results
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,7 +48,11 @@ lint: setup
 	$(BIN)/hadolint Dockerfile
 
 bench: setup
-	$(BIN)/python -m benchmarks.core
+	$(BIN)/python -m benchmarks.core --results benchmarks/results/speed.json
 
 bench-accuracy: setup
 	$(BIN)/python -m benchmarks.accuracy
+
+# docs/results.md and the README's results summary from the committed benchmarks/results/*.json
+results: setup
+	$(BIN)/python -m benchmarks.results

@@ -1,7 +1,8 @@
 """Registration accuracy of regflow against classical baselines on the held-out pairs.
 
 Run ``python -m benchmarks.accuracy [--pairs N] [--split test|val] [--model NAME=PATH_OR_URI ...]``
-(or ``make bench-accuracy``). Every method registers the same fixed pairs that ``regflow
+(or ``make bench-accuracy``); ``--no-identity --no-demons --no-bspline --classical-steps 0`` to
+measure only the models. Every method registers the same fixed pairs that ``regflow
 evaluate`` uses (``build_dataloader(manifest, split, config, train=False)``, processed volumes),
 and every method is measured by the same code (:func:`regflow.evaluation.pair_metrics` on a DDF in
 regflow's convention and the moving labels warped by :func:`regflow.spatial.warp`, linear,
@@ -16,7 +17,8 @@ thresholded at 0.5). Rows:
 - regflow's classical mode: ``load_registrar("none", config, refine_steps=N)`` (affine stage, then
   coarse-to-fine non-rigid optimisation of the training's image loss and regulariser).
 - every ``--model NAME=SPEC``: the network's field (``refine_steps=0``) and the field refined for
-  ``--refine-steps`` steps (default: the config's ``evaluate.refine``).
+  ``--refine-steps`` steps (default: the config's ``evaluate.refine``; with ``--own-settings``, the
+  passes and refinement a shipped checkpoint carries, :mod:`regflow.shipping`).
 
 SimpleITK fields: an ITK displacement field is indexed (x, y, z) = reversed numpy axes and holds
 physical (mm) displacements along x, y, z; fixed point p maps to moving point p + d(p), the same
@@ -24,8 +26,11 @@ direction as regflow's ``warped[x] = moving[x + ddf[x]]``. :func:`sitk_field_to_
 components and divides by the voxel size; :func:`conversion_dice` checks on one pair that the
 converted DDF warps the moving labels as SimpleITK's own resampler does.
 
-Outputs: the table on stdout, and ``benchmarks/results/accuracy_<split>.md`` / ``.csv`` (method
-means) plus ``accuracy_<split>_pairs.csv`` (every pair), each written atomically.
+Output: each method's row goes into the committed results file ``benchmarks/results/accuracy.json``
+as soon as it is measured (:mod:`benchmarks.records`: a row of the same split, method and settings
+is replaced, the others kept), with its commit, config digest (the config's, or the checkpoint's
+training config's for a model), date, pairs and machine note; the run's table is printed on
+stdout. ``python -m benchmarks.results`` renders the file into docs/results.md.
 """
 
 from __future__ import annotations
@@ -41,23 +46,25 @@ import click
 import numpy as np
 import torch
 
+from benchmarks import records
+from benchmarks.results import accuracy_table
 from regflow import fileio, spatial
 from regflow.cli import config_options
 from regflow.config import Config, load_training_config
 from regflow.data.loader import build_dataloader
 from regflow.data.manifest import Manifest
+from regflow.engine import config_digest
 from regflow.errors import RegflowError
-from regflow.evaluation import pair_metrics
-from regflow.inference import NO_MODEL, Registrar, load_registrar
+from regflow.evaluation import dice30, pair_metrics
+from regflow.inference import NO_MODEL, Registrar, checkpoint_path, load_registrar
+from regflow.models import RegistrationModel
 from regflow.paths import manifest_path
+from regflow.refine import RefineSettings
+from regflow.shipping import file_sha256, shipped_config
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEMONS_GRID = tuple((iterations, sigma) for iterations in (100, 200) for sigma in (1.0, 1.5, 2.0))
 CONVERSION_MIN_DICE = 0.99
 BSPLINE_GRID_VOXELS = 8
-PUBLISHED = ("published (Learn2Reg 2020 task 4, its own split; not measured here): the "
-             "3rd-placed method reported validation Dice 0.839, HD 1.63 mm, SDlogJ 0.093; "
-             "test 0.85")
 
 
 @dataclass(frozen=True)
@@ -258,11 +265,15 @@ def conversion_dice(pair: Pair, field, spacing: Sequence[float]) -> np.ndarray:
 # measuring ---------------------------------------------------------------------------------------
 
 def measure(name: str, method: Method, pairs: Iterable[Pair], spacing: Sequence[float],
-            label_names: Sequence[str], with_hd95: bool = True) -> list[dict[str, Any]]:
-    """Run ``method`` on every pair; one row per pair: ids, ``method``, metrics, ``time_s``."""
+            label_names: Sequence[str], with_hd95: bool = True,
+            watch: records.LoadWatch | None = None) -> list[dict[str, Any]]:
+    """Run ``method`` on every pair; one row per pair: ids, ``method``, metrics, ``time_s``.
+    ``watch`` samples the machine's load after each pair."""
     rows = []
     for pair in pairs:
         result = method(pair)
+        if watch is not None:
+            watch.sample()
         rows.append({"method": name, "fixed_id": pair.fixed_id, "moving_id": pair.moving_id,
                      "time_s": result.seconds, **pair_metrics(
                          pair.fixed_label.numpy(), result.warped_label, result.ddf, spacing,
@@ -276,76 +287,81 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def summarise(rows: Sequence[dict[str, Any]], label_names: Sequence[str]) -> dict[str, Any]:
-    """The table row of one method: means over its pairs (NaN HD95 of an empty label ignored)."""
+    """The measured figures of one method over its pairs: ``pairs``, ``dice`` (per label),
+    ``dice_mean`` and ``dice_sd`` (over pairs), ``dice30``, ``hd95_mm``, ``sdlogj``,
+    ``folding_pct`` and ``seconds_per_pair`` (means; NaN HD95 of an empty label ignored)."""
     def column(key: str) -> list[float]:
         return [float(row.get(key, float("nan"))) for row in rows]
 
     dice = column("dice_mean")
-    summary: dict[str, Any] = {"method": rows[0]["method"], "pairs": len(rows)}
-    for name in label_names:
-        summary[f"dice_{name}"] = _mean(column(f"dice/{name}"))
-    summary.update({
+    return {
+        "pairs": len(rows),
+        "dice": {name: _mean(column(f"dice/{name}")) for name in label_names},
         "dice_mean": _mean(dice),
-        "dice_mean_sd": float(np.std(dice)) if dice else float("nan"),
+        "dice_sd": float(np.std(dice)) if dice else float("nan"),
+        "dice30": dice30(dice),
         "hd95_mm": _mean(column("hd95_mean")),
         "sdlogj": _mean(column("sdlogj")),
         "folding_pct": _mean(column("folding_pct")),
         "seconds_per_pair": _mean(column("time_s")),
-    })
-    return summary
+    }
 
 
 def tune_demons(pairs: Sequence[Pair], spacing: Sequence[float], label_names: Sequence[str],
                 grid: Sequence[tuple[int, float]] = DEMONS_GRID,
                 log: Callable[[str], None] = print
-                ) -> tuple[tuple[int, float], list[dict[str, Any]]]:
+                ) -> tuple[tuple[int, float], list[tuple[tuple[int, float], float]]]:
     """Pick demons' (iterations, sigma) by the best mean Dice on ``pairs`` (validation).
 
     Returns:
-        The best setting and one summary row per setting (``method`` ``demons <it>/<sigma>``).
+        The best setting and ``((iterations, sigma), mean Dice)`` of every setting; a single
+        candidate is returned as it is, with nothing measured.
     """
+    if len(grid) == 1:
+        return grid[0], []
     if not pairs:
         raise RegflowError("no validation pairs to tune demons on")
     results = []
     for iterations, sigma in grid:
         rows = measure(f"demons {iterations}/{sigma:g}", demons_method(spacing, iterations, sigma),
                        pairs, spacing, label_names, with_hd95=False)
-        results.append(((iterations, sigma), summarise(rows, label_names)))
-        log(f"  demons {iterations}/{sigma:g} on val: Dice {results[-1][1]['dice_mean']:.3f}, "
-            f"{results[-1][1]['seconds_per_pair']:.2f} s/pair")
-    best = max(results, key=lambda item: item[1]["dice_mean"])[0]
-    return best, [summary for _, summary in results]
+        summary = summarise(rows, label_names)
+        results.append(((iterations, sigma), summary["dice_mean"]))
+        log(f"  demons {iterations}/{sigma:g} on val: Dice {summary['dice_mean']:.3f}, "
+            f"{summary['seconds_per_pair']:.2f} s/pair")
+    best = max(results, key=lambda item: item[1])[0]
+    return best, results
 
 
-# the table ---------------------------------------------------------------------------------------
+def describe_refinement(refine: RefineSettings, passes: int | None) -> str:
+    """The test-time settings of a registrar in words (the ``settings`` of its row)."""
+    parts = [] if passes is None else [f"{passes} pass{'es' if passes != 1 else ''}"]
+    if refine.affine_steps:
+        parts.append(f"{refine.affine_steps} affine steps (lr {refine.affine_lr:g})")
+    if refine.steps == 0:
+        return ", ".join(parts + ["network"])
+    weight = (f"regulariser ratio {refine.regularization_ratio:g}"
+              if refine.regularization_ratio is not None
+              else f"regulariser x{refine.regularization_scale:g}")
+    smooth = f", start smoothed {refine.smooth_sigma:g} voxel" if refine.smooth_sigma else ""
+    parts.append(f"+{refine.steps} refinement steps (lr {refine.lr:g}, {refine.levels} "
+                 f"level{'s' if refine.levels != 1 else ''}, "
+                 f"{weight} on the {refine.regularize}{smooth})")
+    return ", ".join(parts)
 
-def _cell(value: Any, digits: int) -> str:
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
-    return str(value)
+
+def model_provenance(spec: str) -> tuple[str, str]:
+    """``(config digest, "<spec> sha256:<12 hex>")`` of a checkpoint: the digest of a shipped
+    checkpoint's stored config, or the training digest a training checkpoint records."""
+    checkpoint = checkpoint_path(spec)
+    _, extra = RegistrationModel.load(checkpoint)
+    stored = shipped_config(extra, str(checkpoint))
+    digest = (config_digest(stored) if stored is not None
+              else str(extra.get("training", {}).get("config_digest", "unknown")))
+    return digest, f"{spec} sha256:{file_sha256(checkpoint)[:12]}"
 
 
-def table_columns(label_names: Sequence[str]) -> list[str]:
-    """CSV columns of the summary table."""
-    return ["method", "pairs", *[f"dice_{name}" for name in label_names], "dice_mean",
-            "dice_mean_sd", "hd95_mm", "sdlogj", "folding_pct", "seconds_per_pair"]
-
-
-def format_markdown(summaries: Sequence[dict[str, Any]], label_names: Sequence[str],
-                    notes: Sequence[str] = ()) -> str:
-    """The summary table as GitHub markdown, with ``notes`` as lines below it."""
-    header = ["method", "pairs", *[f"Dice {name}" for name in label_names], "Dice mean",
-              "HD95 (mm)", "SDlogJ", "folding %", "s/pair"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in summaries:
-        cells = [row["method"], str(row["pairs"]),
-                 *[_cell(row[f"dice_{name}"], 3) for name in label_names],
-                 f"{_cell(row['dice_mean'], 3)} ± {_cell(row['dice_mean_sd'], 3)}",
-                 _cell(row["hd95_mm"], 2), _cell(row["sdlogj"], 3),
-                 _cell(row["folding_pct"], 3), _cell(row["seconds_per_pair"], 2)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
-
+# the run -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Settings:
@@ -354,114 +370,133 @@ class Settings:
     Attributes:
         split: the evaluated split ("test" or "val").
         pairs: how many of its pairs (None: all).
+        identity: measure the no-registration row.
         tune_pairs: how many validation pairs tune demons (None: all).
-        demons_grid: (iterations, sigma) candidates.
+        demons_grid: (iterations, sigma) candidates tuned on val (one: used as given; empty: no
+            demons row).
         bspline: run the B-spline row.
         bspline_budget_s: skip B-spline when its first pair takes longer than this.
+        bspline_pairs: B-spline on only the first N of the pairs (None: all of them).
         classical_steps: refine steps of regflow's classical mode (0: no such row).
         models: (name, path or URI) of trained models.
         refine_steps: refinement steps of the models' second row (0: no such row; None: the
-            config's ``evaluate.refine.steps``).
+            config's ``evaluate.refine.steps``, or the checkpoint's own with ``own_settings``).
+        own_settings: models use the test-time settings a shipped checkpoint carries.
+        machine_note: appended to every row's machine note (e.g. what else ran).
     """
 
     split: str = "test"
     pairs: int | None = None
+    identity: bool = True
     tune_pairs: int | None = None
     demons_grid: tuple[tuple[int, float], ...] = DEMONS_GRID
     bspline: bool = True
     bspline_budget_s: float = 30.0
+    bspline_pairs: int | None = None
     classical_steps: int = 150
     models: tuple[tuple[str, str], ...] = ()
     refine_steps: int | None = None
+    own_settings: bool = False
+    machine_note: str = ""
 
 
-def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None] = print
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+def run_benchmark(config: Config, settings: Settings, log: Callable[[str], None] = print,
+                  on_row: Callable[[dict[str, Any]], None] = lambda _row: None
+                  ) -> list[dict[str, Any]]:
     """Register the pairs with every method and measure them.
 
+    Args:
+        on_row: called with each row as soon as it is measured (to save it before the next).
+
     Returns:
-        ``(summaries, pair_rows, notes)``: one summary row per method (table order), every pair's
-        metrics, and the notes printed below the table.
+        One row per method, in table order: ``split``, ``method``, ``settings``, the measured
+        figures (:func:`summarise`), ``split_pairs`` (pairs the split has), ``model``,
+        ``config_digest``, ``notes`` and the provenance (:func:`records.provenance`).
     """
     manifest_file = manifest_path(config)
     manifest = Manifest.read(manifest_file)
     spacing, label_names = manifest.voxel_size, manifest.channel_names
-    pairs = load_pairs(manifest_file, settings.split, config, settings.pairs)
+    all_pairs = load_pairs(manifest_file, settings.split, config)
+    pairs = all_pairs[:settings.pairs]
     if not pairs:
         raise RegflowError(f"{manifest_file}: split {settings.split!r} has no pairs")
-    log(f"{len(pairs)} {settings.split} pairs of {manifest.dataset}, shape {manifest.shape}")
-    notes: list[str] = []
-    all_rows: list[dict[str, Any]] = []
-    summaries: list[dict[str, Any]] = []
+    log(f"{len(pairs)} of {len(all_pairs)} {settings.split} pairs of {manifest.dataset}, "
+        f"shape {manifest.shape}")
+    digest = config_digest(config)
+    commit = records.git_commit()  # the code as it is now, before any row is measured
+    threads = torch.get_num_threads()
+    rows: list[dict[str, Any]] = []
 
-    def add(name: str, method: Method) -> None:
-        rows = measure(name, method, pairs, spacing, label_names)
-        all_rows.extend(rows)
-        summaries.append(summarise(rows, label_names))
-        log(f"  {name}: " + ", ".join(f"{key} {_cell(value, 3)}"
-                                       for key, value in summaries[-1].items()
-                                       if key not in ("method", "pairs")))
+    def add(method: str, description: str, register: Method, on: Sequence[Pair] = pairs,
+            model: str = "", model_digest: str = digest, notes: str = "") -> None:
+        watch = records.LoadWatch(threads)
+        measured = summarise(measure(method, register, on, spacing, label_names, watch=watch),
+                             label_names)
+        rows.append({"split": settings.split, "method": method, "settings": description,
+                     **measured, "split_pairs": len(all_pairs), "model": model,
+                     "config_digest": model_digest, "notes": notes,
+                     **records.provenance(commit, watch.note(settings.machine_note))})
+        on_row(rows[-1])
+        log(f"  {method} ({description}): Dice {measured['dice_mean']:.3f}, Dice30 "
+            f"{measured['dice30']:.3f}, SDlogJ {measured['sdlogj']:.3f}, folding "
+            f"{measured['folding_pct']:.3f} %, {measured['seconds_per_pair']:.2f} s/pair")
 
-    add("no registration", no_registration)
+    if settings.identity:
+        add("no registration", "identity (zero field)", no_registration)
 
     if settings.demons_grid:
-        val_pairs = load_pairs(manifest_file, "val", config, settings.tune_pairs)
+        tuned = len(settings.demons_grid) > 1
+        val_pairs = load_pairs(manifest_file, "val", config, settings.tune_pairs) if tuned else []
         log(f"tuning demons on {len(val_pairs)} val pairs over {len(settings.demons_grid)} "
-            f"settings")
+            f"settings" if tuned else "demons with the one setting given")
         (iterations, sigma), tuning = tune_demons(val_pairs, spacing, label_names,
                                                   settings.demons_grid, log)
-        notes.append(f"demons tuned on {len(val_pairs)} val pairs (mean Dice per iterations/"
-                     f"sigma): " + ", ".join(f"{row['method'].split()[1]}: "
-                                            f"{row['dice_mean']:.3f}" for row in tuning)
-                     + f"; chosen {iterations}/{sigma:g}")
-        dice = conversion_dice(pairs[0], demons_field(pairs[0], spacing, iterations, sigma),
-                               spacing)
-        if dice.min() < CONVERSION_MIN_DICE:
-            raise RegflowError(f"SimpleITK field conversion check failed: Dice {dice} between "
+        check = conversion_dice(pairs[0], demons_field(pairs[0], spacing, iterations, sigma),
+                                spacing)
+        if check.min() < CONVERSION_MIN_DICE:
+            raise RegflowError(f"SimpleITK field conversion check failed: Dice {check} between "
                                f"regflow's and SimpleITK's warped labels (want > "
                                f"{CONVERSION_MIN_DICE})")
-        notes.append(f"SimpleITK field -> regflow DDF check on {pairs[0].fixed_id}<-"
-                     f"{pairs[0].moving_id}: Dice of regflow-warped vs SimpleITK-resampled "
-                     f"labels " + ", ".join(f"{value:.4f}" for value in dice))
-        add(f"SimpleITK demons (fast symmetric forces, histogram matching; "
-            f"{iterations} it, sigma {sigma:g}, tuned on val)",
-            demons_method(spacing, iterations, sigma))
+        chosen = (f"chosen {iterations} iterations, sigma {sigma:g} voxel by mean Dice on "
+                  f"{len(val_pairs)} val pairs (" + ", ".join(
+                      f"{it}/{sd:g}: {dice:.3f}" for (it, sd), dice in tuning) + ")"
+                  if tuned else "the setting given by --demons-grid, not tuned in this run")
+        add("SimpleITK demons", "fast symmetric forces after histogram matching; " + (
+                "iterations and smoothing sigma tuned on val" if tuned
+                else f"{iterations} iterations, sigma {sigma:g} (given)"),
+            demons_method(spacing, iterations, sigma),
+            notes=chosen + "; field conversion checked against SimpleITK's resampler (Dice "
+                  + ", ".join(f"{value:.4f}" for value in check) + ")")
 
     if settings.bspline:
         first = measure("bspline", bspline_method(spacing), pairs[:1], spacing, label_names,
                         with_hd95=False)[0]
         if first["time_s"] > settings.bspline_budget_s:
-            notes.append(f"SimpleITK B-spline skipped: {first['time_s']:.1f} s on the first pair "
-                         f"(budget {settings.bspline_budget_s:g} s/pair)")
+            log(f"SimpleITK B-spline skipped: {first['time_s']:.1f} s on the first pair "
+                f"(budget {settings.bspline_budget_s:g} s/pair)")
         else:
-            add(f"SimpleITK B-spline (mesh ~{BSPLINE_GRID_VOXELS} voxels, mean squares, "
-                f"L-BFGS-B, untuned)", bspline_method(spacing))
+            add("SimpleITK B-spline", f"mesh ~{BSPLINE_GRID_VOXELS} voxels, mean squares after "
+                "histogram matching, L-BFGS-B, 2 levels, untuned", bspline_method(spacing),
+                on=pairs[:settings.bspline_pairs])
 
     if settings.classical_steps > 0:
         registrar = load_registrar(NO_MODEL, config, refine_steps=settings.classical_steps)
-        add(f"regflow classical (model none, {settings.classical_steps} affine + "
-            f"{settings.classical_steps} non-rigid steps)", registrar_method(registrar))
+        add("regflow classical", "model none, " + describe_refinement(registrar.refine, None),
+            registrar_method(registrar))
 
-    refine_steps = (config.evaluate.refine.steps if settings.refine_steps is None
-                    else settings.refine_steps)
     for name, spec in settings.models:
-        add(f"{name} (network)", registrar_method(load_registrar(spec, config, refine_steps=0)))
-        if refine_steps > 0:
-            registrar = load_registrar(spec, config, refine_steps=refine_steps)
-            add(f"{name} (+{refine_steps} refinement steps)", registrar_method(registrar))
-
-    notes.append(PUBLISHED)
-    return summaries, all_rows, notes
-
-
-def write_results(out_dir: Path, split: str, summaries: Sequence[dict[str, Any]],
-                  pair_rows: Sequence[dict[str, Any]], label_names: Sequence[str],
-                  markdown: str) -> list[Path]:
-    """Write ``accuracy_<split>.md``, ``.csv`` and ``accuracy_<split>_pairs.csv`` atomically."""
-    stem = out_dir / f"accuracy_{split}"
-    return [fileio.write_text(stem.with_suffix(".md"), markdown),
-            fileio.write_csv(stem.with_suffix(".csv"), summaries, table_columns(label_names)),
-            fileio.write_csv(out_dir / f"accuracy_{split}_pairs.csv", pair_rows)]
+        model_digest, model = model_provenance(spec)
+        network = load_registrar(spec, config, refine_steps=0,
+                                 own_settings=settings.own_settings)
+        refined = load_registrar(spec, config, refine_steps=settings.refine_steps,
+                                 own_settings=settings.own_settings)
+        for registrar in (network, refined) if refined.refine.steps > 0 else (network,):
+            assert registrar.model is not None
+            add(name, describe_refinement(registrar.refine, registrar.model.passes),
+                registrar_method(registrar), model=model, model_digest=model_digest,
+                notes="the checkpoint's own test-time settings" if settings.own_settings
+                else "")
+    return rows
 
 
 def _model_spec(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
@@ -473,6 +508,21 @@ def _model_spec(_ctx: click.Context, _param: click.Parameter, values: tuple[str,
             raise click.BadParameter(f"{value!r}: expected NAME=PATH_OR_URI")
         specs.append((name, spec))
     return tuple(specs)
+
+
+def _demons_setting(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+                    ) -> tuple[tuple[int, float], ...]:
+    settings = []
+    for value in values:
+        iterations, _, sigma = value.partition("/")
+        try:
+            setting = (int(iterations), float(sigma))
+        except ValueError:
+            setting = (0, 0.0)
+        if setting[0] < 1 or not setting[1] > 0:
+            raise click.BadParameter(f"{value!r}: expected ITERATIONS/SIGMA, e.g. 200/1.5")
+        settings.append(setting)
+    return tuple(settings)
 
 
 class _Command(click.Command):
@@ -497,32 +547,53 @@ class _Command(click.Command):
 @click.option("--refine-steps", type=click.IntRange(min=0),
               help="Test-time refinement steps of the models' second row (0: none) "
                    "[evaluate.refine.steps].")
+@click.option("--own-settings", is_flag=True,
+              help="Models use the test-time settings (passes, refinement) their shipped "
+                   "checkpoint carries instead of the config's evaluate section.")
 @click.option("--classical-steps", type=click.IntRange(min=0), default=150, show_default=True,
               help="Steps of regflow's classical mode (model none; 0: skip the row).")
+@click.option("--identity/--no-identity", default=True, show_default=True,
+              help="The no-registration row.")
 @click.option("--demons/--no-demons", default=True, show_default=True)
+@click.option("--demons-grid", multiple=True, callback=_demons_setting, metavar="IT/SIGMA",
+              help="Demons candidates to tune on val (repeatable; one: used without tuning) "
+                   "[100 and 200 iterations x sigma 1, 1.5, 2].")
 @click.option("--bspline/--no-bspline", default=True, show_default=True)
 @click.option("--bspline-budget", type=float, default=30.0, show_default=True,
               help="Skip B-spline when its first pair takes longer (seconds).")
-@click.option("--out-dir", type=click.Path(file_okay=False), default=str(RESULTS_DIR),
-              show_default=True, help="Where the markdown and CSV go.")
+@click.option("--bspline-pairs", type=click.IntRange(min=1),
+              help="B-spline on only the first N of the pairs [all].")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Compute threads of PyTorch and SimpleITK [PyTorch's default].")
+@click.option("--machine-note", default="", help="Added to every row's machine note.")
+@click.option("--results", "results_file", type=click.Path(dir_okay=False),
+              default=str(records.RESULTS_DIR / "accuracy.json"), show_default=True,
+              help="Results file whose rows (by split, method and settings) are updated.")
 @config_options(load_training_config)
 def main(config: Config, split: str, pairs: int | None, tune_pairs: int | None,
-         models: tuple[tuple[str, str], ...], refine_steps: int | None, classical_steps: int,
-         demons: bool, bspline: bool, bspline_budget: float, out_dir: str) -> None:
+         models: tuple[tuple[str, str], ...], refine_steps: int | None, own_settings: bool,
+         classical_steps: int, identity: bool, demons: bool,
+         demons_grid: tuple[tuple[int, float], ...], bspline: bool,
+         bspline_budget: float, bspline_pairs: int | None, threads: int | None, machine_note: str,
+         results_file: str) -> None:
     """Accuracy table: no registration, SimpleITK, regflow classical and trained models."""
-    fileio.check_writable_dir(out_dir)
-    settings = Settings(split=split, pairs=pairs, tune_pairs=tune_pairs or pairs,
-                        demons_grid=DEMONS_GRID if demons else (), bspline=bspline,
-                        bspline_budget_s=bspline_budget, classical_steps=classical_steps,
-                        models=models, refine_steps=refine_steps)
-    summaries, pair_rows, notes = run_benchmark(
-        config, settings, log=lambda line: click.echo(line, err=True))
-    label_names = Manifest.read(manifest_path(config)).channel_names
-    markdown = format_markdown(summaries, label_names, notes)
-    click.echo(markdown, nl=False)
-    for path in write_results(Path(out_dir), split, summaries, pair_rows, label_names,
-                              markdown):
-        click.echo(f"wrote {path}", err=True)
+    fileio.check_writable_file(results_file, suffixes=(".json",))
+    records.read(results_file)  # a damaged file fails now, not after an hour of measuring
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _sitk().ProcessObject.SetGlobalDefaultNumberOfThreads(torch.get_num_threads())
+    settings = Settings(split=split, pairs=pairs, identity=identity,
+                        tune_pairs=tune_pairs or pairs,
+                        demons_grid=(demons_grid or DEMONS_GRID) if demons else (),
+                        bspline=bspline,
+                        bspline_budget_s=bspline_budget, bspline_pairs=bspline_pairs,
+                        classical_steps=classical_steps, models=models,
+                        refine_steps=refine_steps, own_settings=own_settings,
+                        machine_note=machine_note)
+    rows = run_benchmark(config, settings, log=lambda line: click.echo(line, err=True),
+                         on_row=lambda row: records.upsert(results_file, [row]))
+    click.echo("\n".join(accuracy_table(rows)))
+    click.echo(f"updated {len(rows)} rows of {results_file}", err=True)
 
 
 if __name__ == "__main__":

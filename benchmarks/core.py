@@ -1,7 +1,9 @@
 """Time and memory of regflow's registration core against MONAI, on the CPU with 2 threads.
 
-Run ``python -m benchmarks.core [--json PATH] [--sizes 64 96] [--repeats N]``. Every row runs at
-batch 2 on smooth random volumes of ``size^3`` voxels:
+Run ``python -m benchmarks.core [--json PATH] [--results PATH] [--sizes 64 96] [--repeats N]``
+(``make bench`` updates the committed ``benchmarks/results/speed.json``: each (row, size) replaced,
+the others kept, with the commit, date and machine note of :mod:`benchmarks.records`). Every row
+runs at batch 2 on smooth random volumes of ``size^3`` voxels:
 
 - ``warp``: forward + backward (gradient w.r.t. the DDF), trilinear, zeros outside.
   ``regflow.spatial.warp`` vs ``monai.networks.blocks.Warp(mode="bilinear",
@@ -55,6 +57,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks import records
 
 ROWS = ("warp", "lncc", "gmi", "bending_energy", "localnet_forward", "train_step")
 IMPLS = ("regflow", "monai")
@@ -319,14 +323,15 @@ def write_json(rows: list[dict[str, object]], path: Path) -> None:
     os.replace(handle.name, path)
 
 
-def run_benchmarks(rows: list[str], sizes: list[int], repeats: int,
-                   with_monai: bool) -> list[dict[str, object]]:
-    """Every row at every size; one progress line per row on stderr."""
+def run_benchmarks(rows: list[str], sizes: list[int], repeats: int, with_monai: bool,
+                   on_row: Callable[[], None] = lambda: None) -> list[dict[str, object]]:
+    """Every row at every size; one progress line per row on stderr, ``on_row()`` after each."""
     torch.set_num_threads(THREADS)
     results = []
     for size in sizes:
         for row in rows:
             result = run_row(row, size, repeats, with_monai)
+            on_row()
             monai_s = "n/a" if result["monai_s"] is None else f"{result['monai_s']:.4f} s"
             print(f"done {row} {size}^3: regflow {result['regflow_s']:.4f} s, monai {monai_s}",
                   file=sys.stderr)
@@ -339,6 +344,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.core", description=__doc__.split(
         "\n")[0])
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--results", type=Path,
+                        help="update these rows (by name and size) in this results file")
+    parser.add_argument("--machine-note", default="", help="added to the rows' machine note")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96],
                         help="cube sizes in voxels (default: 64 96)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per implementation")
@@ -366,12 +374,17 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
     # MONAI 1.6.1 indexes with lists (a torch deprecation warning) and notes its grid_sample path
     warnings.filterwarnings("ignore", category=UserWarning, module=r"monai\.")
-    rows = run_benchmarks(args.rows, args.sizes, args.repeats, with_monai)
+    commit, watch = records.git_commit(), records.LoadWatch(THREADS)
+    rows = run_benchmarks(args.rows, args.sizes, args.repeats, with_monai, on_row=watch.sample)
     print(format_table(rows))
     if note:
         print(note)
     if args.json:
         write_json(rows, args.json)
+    if args.results:
+        machine = watch.note("; ".join(filter(None, [note, args.machine_note])))
+        records.upsert(args.results, [{**row, **records.provenance(commit, machine)}
+                                      for row in rows], key_fields=("name", "size"))
     return 0
 
 

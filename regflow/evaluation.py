@@ -159,6 +159,13 @@ def dice_plot_rows(rows: list[dict[str, Any]], label_names: Sequence[str]
     return table
 
 
+def dice30(pair_dice: Sequence[float]) -> float:
+    """Learn2Reg's robustness figure: the 30th percentile of the pairs' mean Dice (NaN skipped;
+    NaN when no pair has one)."""
+    finite = [value for value in pair_dice if np.isfinite(value)]
+    return float(np.percentile(finite, 30)) if finite else float("nan")
+
+
 def headline_metrics(rows: list[dict[str, Any]], label_names: Sequence[str]
                      ) -> dict[str, float]:
     """metrics/eval.json: means over pairs after registration, and before where it means
@@ -176,7 +183,7 @@ def headline_metrics(rows: list[dict[str, Any]], label_names: Sequence[str]
             headline[f"dice_{name}"] = after[f"dice/{name}"]
     pair_dice = [row["dice_mean"] for row in rows
                  if row["method"] == "regflow" and np.isfinite(row.get("dice_mean", np.nan))]
-    if pair_dice:  # Learn2Reg's robustness figure: the 30th percentile of the pairs' Dice
-        headline["dice30"] = float(np.percentile(pair_dice, 30))
+    if pair_dice:
+        headline["dice30"] = dice30(pair_dice)
     headline["time_ms_per_pair"] = 1000.0 * after.get("time_s", float("nan"))
     return {key: round(value, 6) for key, value in headline.items()}

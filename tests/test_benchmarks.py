@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import core
+from benchmarks import core, records
 
 FIELDS = {"name", "size", "regflow_s", "monai_s", "ratio", "regflow_peak_mb", "monai_peak_mb"}
 
@@ -29,6 +29,21 @@ def test_one_row_without_monai_writes_the_json_schema(tmp_path, capsys):
     assert table[1].split()[:2] == ["bending_energy", "16"]
     assert table[1].split()[3:5] == ["n/a", "n/a"]
     assert "MONAI" in captured.err  # says why the MONAI columns are empty
+
+
+def test_results_file_keeps_other_rows_and_records_provenance(tmp_path):
+    path = tmp_path / "speed.json"
+    records.upsert(path, [{"name": "warp", "size": 16, "regflow_s": 9.0},
+                          {"name": "bending_energy", "size": 16, "regflow_s": 9.0}],
+                   key_fields=("name", "size"))
+    assert core.main(["--sizes", "16", "--repeats", "1", "--rows", "bending_energy",
+                      "--no-monai", "--results", str(path), "--machine-note", "a test"]) == 0
+    rows = records.read(path)["rows"]
+    assert [(row["name"], row["size"]) for row in rows] == [("warp", 16), ("bending_energy", 16)]
+    assert rows[0]["regflow_s"] == 9.0 and 0 < rows[1]["regflow_s"] < 9.0
+    assert rows[1]["commit"] and rows[1]["date"].endswith("Z")
+    assert rows[1]["machine"].startswith(f"{core.THREADS} threads")
+    assert rows[1]["machine"].endswith("--no-monai; a test")
 
 
 def test_measure_one_reports_the_extra_memory_of_a_call():
