@@ -92,8 +92,8 @@ def redact_url(url: str | None) -> str | None:
     Where either parser finds a password, or a parser cannot read the URL at all, everything
     between ``://`` and the URL's last ``@`` becomes ``user:***`` (the user as written before
     the first ``:``); an unreadable URL without ``@`` keeps only its scheme. SQLAlchemy's reading
-    counts for database URLs only (``http://`` with no host is readable, and named as it is). The passwords found
-    are remembered for :func:`redact_text`.
+    counts for database URLs only (``http://`` with no host is readable, and named as it is).
+    The passwords found are remembered for :func:`redact_text`.
     """
     if not url:
         return url
