@@ -50,7 +50,7 @@ from benchmarks import records
 from benchmarks.results import accuracy_table
 from regflow import fileio, spatial
 from regflow.cli import config_options
-from regflow.config import Config, load_training_config
+from regflow.config import Config, RefineConfig, load_training_config
 from regflow.data.loader import build_dataloader
 from regflow.data.manifest import Manifest
 from regflow.engine import config_digest
@@ -59,7 +59,6 @@ from regflow.evaluation import dice30, pair_metrics
 from regflow.inference import NO_MODEL, Registrar, checkpoint_path, load_registrar
 from regflow.models import RegistrationModel
 from regflow.paths import manifest_path
-from regflow.refine import RefineSettings
 from regflow.shipping import file_sha256, shipped_config
 
 DEMONS_GRID = tuple((iterations, sigma) for iterations in (100, 200) for sigma in (1.0, 1.5, 2.0))
@@ -333,7 +332,7 @@ def tune_demons(pairs: Sequence[Pair], spacing: Sequence[float], label_names: Se
     return best, results
 
 
-def describe_refinement(refine: RefineSettings, passes: int | None) -> str:
+def describe_refinement(refine: RefineConfig, passes: int | None) -> str:
     """The test-time settings of a registrar in words (the ``settings`` of its row)."""
     parts = [] if passes is None else [f"{passes} pass{'es' if passes != 1 else ''}"]
     if refine.affine_steps:
