@@ -1,20 +1,22 @@
 """How a regflow experiment presents itself in the MLflow UI: its kind, description and runs view.
 
-Three experiment tags, set by :func:`regflow.tracking.configure_mlflow` whenever regflow creates or
-reuses an experiment:
+Three experiment tags (and a digest of the description), set by
+:func:`regflow.tracking.configure_mlflow` whenever regflow creates or reuses an experiment:
 
 - ``mlflow.experimentKind: custom_model_development``: a model-training experiment, not a GenAI
   one. The MLflow 3.17 UI itself picks its view from the browser's "GenAI / Model training"
   switch (kept per browser, GenAI at first) or from ``workflowType=machine_learning`` in the
   link; :func:`experiment_link` builds a link that opens the training view.
 - ``mlflow.note.content``: the description shown on the experiment page (what the runs are, what
-  the metrics mean, how to compare runs). A description someone edited in the UI is kept.
+  the metrics mean, how to compare runs). A description someone edited in the UI is kept; one
+  that regflow wrote follows regflow's current text.
 - ``mlflow.sharedViewState.regflow``: a saved view of the runs table (the columns that matter,
   best test Dice first), the view MLflow's "Share" button saves; the link opens it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from urllib.parse import urlencode
@@ -22,39 +24,45 @@ from urllib.parse import urlencode
 KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"
+NOTE_DIGEST_TAG = "regflow.note.sha256"  # of the description regflow last wrote
 VIEW_KEY = "regflow"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 
 # The runs table's columns, in order: the evaluation's headline (evaluate logs ``eval/*`` into
-# the training run) and the best validation Dice of the training.
+# the training run) and the latest validation Dice of the training.
 COLUMNS = ("eval/dice_mean", "eval/sdlogj", "eval/folding_pct", "eval/time_ms_per_pair",
            "eval/hd95_mean", "val/dice_mean")
 SORT_BY = "eval/dice_mean"
 
-DESCRIPTION = """\
-**regflow registration runs on `{dataset}`** (`regflow datasets` describes the data and its \
-licence).
-
-Each `regflow train` run holds its params, the loss terms per step (`train/...`), validation \
-during training (`val/...`) and, once `regflow evaluate` has run, the evaluation of the \
-`evaluate.split` pairs (`eval/...`); `regflow register` runs and `regflow tune` studies (one \
-nested run per trial) sit beside them.
-
-Metrics (means over pairs; `..._before`: the same pairs without registration):
-- `eval/dice_mean`: mean Dice over the labels after registration, 0 to 1, higher is better;
-  `eval/dice30`: its 30th percentile over pairs (Learn2Reg's robustness figure).
-- `eval/sdlogj`: standard deviation of log |Jacobian| of the field (Learn2Reg's SDlogJ), lower
-  is smoother.
-- `eval/folding_pct`: % of voxels where the field folds (Jacobian <= 0), lower is better.
-- `eval/hd95_mean` (mm): 95th-percentile surface distance; `eval/tre_mm`: distance between label
-  centroids (mm).
-- `eval/time_ms_per_pair`: milliseconds per registered pair, test-time refinement included.
-
-Compare runs: the saved view "{view}" (link `?viewStateShareKey={view}`) shows these columns,
-best Dice first. Tick runs and press "Compare" for their params and metrics side by side;
-the Chart view plots `val/dice_mean` over steps. Compare evaluations of the same split and
-pairs only (params `evaluate.split`, `loader.eval_pairs`).
-"""
+# Markdown; MLflow's UI breaks lines where the text does, so each paragraph or item is one line.
+DESCRIPTION = "\n".join((
+    "**regflow registration runs on `{dataset}`** (`regflow datasets` describes the data and "
+    "its licence).",
+    "",
+    "Each `regflow train` run holds its params, the loss terms per step (`train/...`), "
+    "validation during training (`val/...`) and, once `regflow evaluate` has run, the "
+    "evaluation of the `evaluate.split` pairs (`eval/...`). `regflow register` runs and "
+    "`regflow tune` studies (one nested run per trial) sit beside them.",
+    "",
+    "Metrics, means over pairs (`..._before`: the same pairs without registration):",
+    "- `eval/dice_mean`: Dice over the labels after registration, 0 to 1, higher is better; "
+    "`eval/dice30`: its 30th percentile over pairs (Learn2Reg's robustness figure).",
+    "- `eval/sdlogj`: standard deviation of log |Jacobian determinant| of the field "
+    "(Learn2Reg's SDlogJ), lower is smoother.",
+    "- `eval/folding_pct`: % of voxels where the field folds (Jacobian determinant <= 0), "
+    "lower is better.",
+    "- `eval/hd95_mean`: 95th-percentile surface distance (mm); `eval/tre_mm`: distance "
+    "between label centroids (mm).",
+    "- `eval/time_ms_per_pair`: milliseconds per registered pair, test-time refinement "
+    "included.",
+    "- `val/dice_mean`: Dice on the validation pairs at the latest validation.",
+    "",
+    "Compare runs: the saved view \"{view}\" (link `?viewStateShareKey={view}`, which "
+    "`regflow ui` prints) shows these columns, best Dice first. Tick runs and press "
+    "\"Compare\" for their params and metrics side by side; the chart view plots "
+    "`val/dice_mean` over steps. Compare evaluations of the same split and pairs only "
+    "(params `evaluate.split`, `loader.eval_pairs`).",
+))
 
 
 def description(experiment_name: str) -> str:
@@ -78,12 +86,19 @@ def runs_view() -> str:
                        "orderByKey": metric(SORT_BY), "orderByAsc": False})
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def experiment_tags(experiment_name: str, current: dict[str, str]) -> dict[str, str]:
     """The tags to set on an experiment whose tags are ``current``: the kind and the runs view
-    always, the description only where the experiment has none."""
+    always; the description where there is none or where it is one regflow wrote (its digest in
+    :data:`NOTE_DIGEST_TAG`) and nobody has edited since."""
     tags = {KIND_TAG: MODEL_TRAINING, VIEW_TAG: runs_view()}
-    if not current.get(NOTE_TAG, "").strip():
+    note = current.get(NOTE_TAG, "")
+    if not note.strip() or current.get(NOTE_DIGEST_TAG) == _digest(note):
         tags[NOTE_TAG] = description(experiment_name)
+        tags[NOTE_DIGEST_TAG] = _digest(tags[NOTE_TAG])
     return {key: value for key, value in tags.items() if current.get(key) != value}
 
 

@@ -24,6 +24,7 @@ OUTSIDE = {
 # The one file that may name its host's layout: the CI entry point runs on a machine that puts the
 # data mirror beside the clone, and says so.
 HOST_LAYOUT = {(".ci/run", "the folder beside the repository")}
+THIS_FILE = Path(__file__).resolve().relative_to(ROOT).as_posix()  # names what it looks for
 # Files that a command writes (not by hand); a link to one is valid before it first runs.
 GENERATED = {"docs/results.md": "python -m benchmarks.results"}
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
@@ -79,16 +80,16 @@ def test_no_tracked_file_points_outside_the_repository():
     problems = []
     for name in tracked_text_files():
         text = (ROOT / name).read_text(errors="replace")
-        problems += outside_pointers(name, text)
+        if name != THIS_FILE:
+            problems += outside_pointers(name, text)
         if name.endswith(".md"):
             problems += broken_links(name, text)
     assert problems == [], "\n".join(problems)
 
 
-# Built from parts, so that this file does not hold the pointers it tests.
 @pytest.mark.parametrize("line", [
-    "see ../" "shared/DESIGN.md", "mirror = REPO_ROOT.parent / \"shared\"" " / \"data\"",
-    "cd /" "work/main && make", "cp /" "home/alice/data .", "open /" "root/notes.txt",
+    "see ../shared/DESIGN.md", "mirror = REPO_ROOT.parent / \"shared\" / \"data\"",
+    "cd /work/main && make", "cp /home/alice/data .", "open /root/notes.txt",
 ])
 def test_pointers_outside_are_found(line):
     assert outside_pointers("x.py", line)

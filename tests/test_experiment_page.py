@@ -1,5 +1,6 @@
 """The MLflow UI page of a regflow experiment: tags set through a real SQLite store."""
 
+import hashlib
 import json
 import subprocess
 import urllib.request
@@ -8,7 +9,7 @@ import mlflow
 import pytest
 
 from regflow import experiment_page
-from regflow.experiment_page import KIND_TAG, NOTE_TAG, VIEW_TAG
+from regflow.experiment_page import KIND_TAG, NOTE_DIGEST_TAG, NOTE_TAG, VIEW_TAG
 from regflow.tracking import configure_mlflow
 from tests.scaleout.conftest import free_port, project_env, stop_process_group, wait_for_http
 from tests.synthetic import write_params
@@ -55,11 +56,19 @@ def test_existing_experiment_gets_the_tags_and_keeps_its_own_description(store):
 
 
 def test_tags_to_set_leave_out_what_is_already_there():
-    current = {KIND_TAG: "custom_model_development", VIEW_TAG: experiment_page.runs_view(),
-               NOTE_TAG: "kept"}
-    assert experiment_page.experiment_tags("regflow-x", current) == {}
+    written = experiment_page.experiment_tags("regflow-x", {})
+    assert set(written) == {KIND_TAG, VIEW_TAG, NOTE_TAG, NOTE_DIGEST_TAG}
+    assert experiment_page.experiment_tags("regflow-x", written) == {}
+    assert experiment_page.experiment_tags("regflow-x", {**written, NOTE_TAG: "edited"}) == {}
     assert set(experiment_page.experiment_tags("regflow-x", {NOTE_TAG: "  "})) == {
-        KIND_TAG, VIEW_TAG, NOTE_TAG}
+        KIND_TAG, VIEW_TAG, NOTE_TAG, NOTE_DIGEST_TAG}
+
+
+def test_a_description_regflow_wrote_follows_its_current_text():
+    old_text = "**regflow registration runs on `x`** (an older release's words)"
+    current = {NOTE_TAG: old_text, NOTE_DIGEST_TAG: hashlib.sha256(old_text.encode()).hexdigest()}
+    assert experiment_page.experiment_tags("regflow-x", current)[NOTE_TAG] == (
+        experiment_page.description("regflow-x"))
 
 
 def test_link_opens_the_training_view_with_the_runs_view():
