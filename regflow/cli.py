@@ -616,6 +616,34 @@ def serve(model_uri: str, host: str, port: int, workers: int, print_command: boo
     serve_model(model_uri, host, port, workers)
 
 
+@cli.command()
+@config_options()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+def ui(config: Config, host: str, port: int) -> None:
+    """MLflow's UI on the project's store: prints the link that opens the dataset's experiment
+    in the model-training view with regflow's runs view, then serves until stopped.
+
+    With $MLFLOW_TRACKING_URI=http(s)://... it prints the link at that server and exits.
+    """
+    import subprocess
+
+    from regflow import experiment_page, paths
+    from regflow.tracking import configure_mlflow, tracking_uri
+
+    store = tracking_uri()
+    experiment_id = configure_mlflow(paths.experiment_name(config.data.dataset))
+    remote = store.startswith(("http://", "https://"))
+    base = redact_value(store) if remote else f"http://{host}:{port}"
+    click.echo(experiment_page.experiment_link(base, experiment_id))
+    if remote:
+        return
+    try:
+        sys.exit(subprocess.call(experiment_page.ui_command(store, host, port)))
+    except KeyboardInterrupt:  # Ctrl-C reached mlflow ui too, which has ended
+        sys.exit(130)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="regflow")

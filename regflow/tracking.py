@@ -25,6 +25,7 @@ import torch.distributed as dist
 import yaml
 from mlflow.exceptions import MlflowException
 
+from regflow import experiment_page
 from regflow.config import Config, flatten
 from regflow.errors import RegflowError
 from regflow.redact import check_unambiguous, redact_value, redact_values
@@ -89,7 +90,8 @@ def configure_mlflow(experiment_name: str) -> str:
 
     Sets the quiet/offline environment defaults (telemetry off, no progress bars) unless the
     user set them. With the default SQLite store a new experiment keeps its artifacts in
-    ``<repo root>/mlartifacts/<experiment_name>``.
+    ``<repo root>/mlartifacts/<experiment_name>``. The experiment, new or not, gets the tags of
+    :mod:`regflow.experiment_page` (training view, description, runs view) it lacks.
 
     Args:
         experiment_name: one experiment per dataset/task, e.g. ``"msd-hippocampus"``.
@@ -109,7 +111,9 @@ def configure_mlflow(experiment_name: str) -> str:
     if experiment is None:
         location = (root / "mlartifacts" / experiment_name).as_uri() if default_store else None
         try:
-            return mlflow.create_experiment(experiment_name, artifact_location=location)
+            return mlflow.create_experiment(
+                experiment_name, artifact_location=location,
+                tags=experiment_page.experiment_tags(experiment_name, {}))
         except MlflowException:  # created meanwhile by a parallel worker
             experiment = mlflow.get_experiment_by_name(experiment_name)
             if experiment is None:
@@ -117,6 +121,9 @@ def configure_mlflow(experiment_name: str) -> str:
     if experiment.lifecycle_stage == "deleted":
         raise RegflowError(f"MLflow experiment {experiment_name!r} is deleted: restore it with "
                            f"`mlflow experiments restore -x {experiment.experiment_id}` or rename")
+    client = mlflow.MlflowClient()
+    for key, value in experiment_page.experiment_tags(experiment_name, experiment.tags).items():
+        client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 

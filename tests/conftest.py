@@ -10,15 +10,16 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def mirror() -> Path:
-    """The offline dataset mirror ($REGFLOW_DATA_MIRROR, else ../shared/data beside the repo)."""
-    path = Path(os.environ.get("REGFLOW_DATA_MIRROR", REPO_ROOT.parent / "shared" / "data"))
+    """The offline dataset mirror: the folder $REGFLOW_DATA_MIRROR names."""
+    if not os.environ.get("REGFLOW_DATA_MIRROR"):
+        pytest.fail("set REGFLOW_DATA_MIRROR to a local mirror of the datasets (README)")
+    path = Path(os.environ["REGFLOW_DATA_MIRROR"])
     if not (path / "Task04_Hippocampus").is_dir():
-        pytest.fail(f"data mirror not found at {path}: set REGFLOW_DATA_MIRROR")
+        pytest.fail(f"REGFLOW_DATA_MIRROR={path}: no Task04_Hippocampus folder there")
     return path
 
 

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from regflow import experiment_page
 from regflow.config import load_config
 from regflow.errors import RegflowError
 from regflow.inference import load_registrar
@@ -47,6 +48,10 @@ def test_train_evaluate_predict_on_tiny_data(tiny_project):
 
     run = mlflow.get_run(result.run_id)
     assert run.data.metrics["eval/dice_mean"] == metrics["dice_mean"]
+    # the MLflow UI's runs view of regflow's experiment shows metrics this run has
+    assert set(experiment_page.COLUMNS) <= set(run.data.metrics)
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.tags[experiment_page.KIND_TAG] == "custom_model_development"
     artifacts = {item.path for item in mlflow.MlflowClient().list_artifacts(result.run_id,
                                                                            "evaluation")}
     assert {"evaluation/metrics", "evaluation/plots", "evaluation/volumes"} <= artifacts

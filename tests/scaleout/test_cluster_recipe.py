@@ -1,4 +1,4 @@
-"""The README's multi-machine recipe, every command of it, on one machine.
+"""The multi-machine recipe of docs/operations.md, every command of it, on one machine.
 
 Two clones of a project stand for two machines ("head" and "worker"); they share a PostgreSQL
 server (the session cluster, reached through libpq's PG* variables), an MLflow tracking server on
