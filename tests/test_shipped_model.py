@@ -2,15 +2,14 @@
 reproduce the record's test figures on the processed split (slow: fetch, preprocess, 40 pairs)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from regflow.models import RegistrationModel
 from regflow.shipping import file_sha256, record_path, shipped_config
 from regflow.stages import evaluate_checkpoint, fetch_stage, preprocess_stage
-from tests.conftest import REPO_ROOT
-
-SHIPPED = REPO_ROOT / "models" / "shipped" / "hippocampus-long.pt"
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shipped" / "hippocampus-long.pt"
 DICE_TOLERANCE = 0.005
 
 
