@@ -9,6 +9,7 @@ import pytest
 from regflow.models import RegistrationModel
 from regflow.shipping import file_sha256, record_path, shipped_config
 from regflow.stages import evaluate_checkpoint, fetch_stage, preprocess_stage
+
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shipped" / "hippocampus-long.pt"
 DICE_TOLERANCE = 0.005
 
