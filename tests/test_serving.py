@@ -31,7 +31,7 @@ import yaml
 from click.testing import CliRunner
 from mlflow.pyfunc import scoring_server
 
-from benchmarks.serving_attacks import sform_b64, zero_column
+from benchmarks.serving_attacks import post_raw, sform_b64, zero_column
 from regflow import metrics
 from regflow.cli import cli
 from regflow.config import load_config
@@ -200,17 +200,6 @@ def server(champion, mlflow_store):
     with serve(f"models:/{champion['name']}@champion", champion["work"] / "serve.log",
                {"MLFLOW_TRACKING_URI": mlflow_store}) as (url, _):
         yield url
-
-
-def post_raw(url: str, body: bytes, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, bytes]:
-    """POST a JSON body to /invocations: (HTTP status, raw response body)."""
-    request = urllib.request.Request(f"{url}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
