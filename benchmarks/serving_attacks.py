@@ -214,7 +214,8 @@ def start_server(model: str, port: int, log: Path, workers: int = 1, pythonpath:
         environment["PYTHONPATH"] = pythonpath
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "regflow.cli", "serve", "--model", model, "--host",
+            # -P: the working folder (often a checkout) must not shadow PYTHONPATH's regflow
+            [sys.executable, "-P", "-m", "regflow.cli", "serve", "--model", model, "--host",
              "127.0.0.1", "--port", str(port), "--workers", str(workers)],
             env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
