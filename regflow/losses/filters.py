@@ -7,6 +7,7 @@ n * k multiplications per voxel instead of k^n.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +69,7 @@ def gaussian_smoothing_kernel(sigma: float) -> torch.Tensor:
     Returns:
         (2 * ceil(3 sigma) + 1,) float32 weights summing to 1; sigma 0 gives the identity [1].
     """
-    if sigma < 0:
-        raise ValueError(f"sigma {sigma}: must be >= 0")
-    radius = math.ceil(3 * sigma)
-    if radius == 0:
-        return torch.ones(1)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return kernel / kernel.sum()
+    return _normalised_window(sigma, 3, lambda scaled: torch.exp(-0.5 * scaled ** 2))
 
 
 def cauchy_smoothing_kernel(sigma: float) -> torch.Tensor:
@@ -85,13 +79,19 @@ def cauchy_smoothing_kernel(sigma: float) -> torch.Tensor:
     Returns:
         (2 * ceil(5 sigma) + 1,) float32 weights summing to 1; sigma 0 gives the identity [1].
     """
+    return _normalised_window(sigma, 5, lambda scaled: 1 / (1 + scaled ** 2))
+
+
+def _normalised_window(sigma: float, truncate: int,
+                       profile: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``profile(offset / sigma)`` over offsets within ``truncate`` sigma, summing to 1."""
     if sigma < 0:
         raise ValueError(f"sigma {sigma}: must be >= 0")
-    radius = math.ceil(5 * sigma)
+    radius = math.ceil(truncate * sigma)
     if radius == 0:
         return torch.ones(1)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = 1 / (1 + (offsets / sigma) ** 2)
+    kernel = profile(offsets / sigma)
     return kernel / kernel.sum()
 
 
