@@ -269,7 +269,7 @@ def burst(server: Server, body: bytes, clients: int, guard: float | None = None,
     return {"clients": clients, "statuses": statuses,
             "seconds": round(max(seconds for _, seconds, _ in answers), 3),
             "peak_rss_mb": round(rss.peak / 1e6), "guard_tripped": rss.tripped,
-            "message": message[:160]}
+            "message": message}
 
 
 def same_answer(server: Server, body: bytes, reference: dict) -> bool:

@@ -17,6 +17,7 @@ import signal
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from benchmarks.serving_attacks import (
@@ -166,9 +167,16 @@ def test_null_label_is_200_without_a_warped_label(server, valid, reference_answe
 
 
 def spawned_workers(pid: int) -> list:
-    """The live uvicorn worker processes under a server (multiprocessing spawn children)."""
-    return [child for child in workers_of(pid)
-            if child.is_running() and "spawn_main" in " ".join(child.cmdline())]
+    """The live uvicorn worker processes under a server (multiprocessing spawn children); a
+    killed worker not yet reaped (a zombie) or gone meanwhile is not one."""
+    live = []
+    for child in workers_of(pid):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                live.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return live
 
 
 def test_sigkill_of_one_of_two_workers_is_survived(tiny_model_uri, server_env, valid,
