@@ -81,6 +81,33 @@ def test_bodies_wait_for_memory_and_get_503_when_it_stays_taken():
     assert free == 2 * 2**20
 
 
+def test_a_body_refused_with_503_is_read_before_the_answer():
+    """A client that sends its whole body before reading (urllib, requests) gets the 503, not a
+    broken pipe: every chunk is received before the answer starts."""
+    async def scenario():
+        inner = BlockingApp()
+        admission = Admission(inner, Limits(max_memory=8 * 2**20, queue_timeout_s=0.1))
+        first = asyncio.create_task(call(admission, request(200_000)))
+        await asyncio.sleep(0.05)
+        events = []
+        chunks = [b"x" * 50_000] * 4
+
+        async def receive():
+            events.append("chunk")
+            body = chunks.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+        async def send(message):
+            events.append(message.get("status", "body"))
+
+        await admission(request(200_000), receive, send)
+        inner.release.set()
+        await first
+        return events
+
+    assert asyncio.run(scenario()) == ["chunk"] * 4 + [503, "body"]
+
+
 @pytest.mark.parametrize(("length", "status", "message"), [
     (None, 411, "the request body: no Content-Length; send it with its length"),
     (2**18 + 1, 413, "the request body: 0 MiB, over the 0 MiB a server worker accepts "

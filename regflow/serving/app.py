@@ -16,7 +16,8 @@ The endpoints are MLflow's own (``/invocations``, ``/ping``, ``/health``, ``/ver
 it), asks for its length (411 without ``Content-Length``), and reserves the memory parsing it takes
 (:data:`PARSE_FACTOR` bytes per byte: MLflow reads the body, parses the JSON and copies every
 base64 text into a numpy array of 4-byte characters) from the quarter of ``REGFLOW_MAX_MEMORY``
-that bodies may hold, so that concurrent uploads queue (503 after ``REGFLOW_QUEUE_TIMEOUT``);
+that bodies may hold, so that concurrent uploads queue (503 after ``REGFLOW_QUEUE_TIMEOUT``, the
+body read and dropped first like a refused one's);
 the model's own reservation (:mod:`regflow.serving.model`) is kept until the answer has been sent.
 """
 
@@ -85,6 +86,7 @@ class Admission:
             reservation = await self.bodies.reserve_async(PARSE_FACTOR * length,
                                                           "the request body")
         except RegflowError as exc:
+            await _drain(receive)
             await _answer(send, serving_error(exc))
             return
         held = [reservation]
