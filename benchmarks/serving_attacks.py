@@ -9,7 +9,9 @@ first one. For every burst it reports the HTTP statuses, the slowest answer and 
 memory of the server's whole process tree (sampled every 10 ms); a server whose tree passes
 ``--guard-gb`` is killed (and restarted) rather than let it take the machine. It then times valid
 requests at several ``refine_steps`` and SIGKILLs the server's supervisor, restarts it on the same
-port and asks it again. The tables go to stdout (Markdown), the figures to ``--json``.
+port and asks it again. The tables go to stdout (Markdown), the figures to ``--json``, and with
+``--record`` the rows to a results file that ``python -m benchmarks.results`` renders into
+docs/results.md (``--label`` names the served code: ``before``, ``after``).
 
 ``tests/reliability`` builds its hostile requests and measures memory with this module.
 """
@@ -39,6 +41,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import psutil
+
+from benchmarks import records
 
 PING_TIMEOUT_S = 180
 MIB_OF_ZEROS = gzip.compress(b"\0" * 2**20, compresslevel=9)  # about 1 KB
@@ -411,23 +415,58 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def table(results: dict[str, object]) -> str:
-    lines = ["| attack | body MB | 1 request: status, s, peak RSS MB | "
-             "N at once: statuses, slowest s, peak RSS MB | valid answer after |",
+    lines = ["| attack | body MB | 1 request | N at once | valid answer after |",
              "|---|---|---|---|---|"]
     for row in results["attacks"]:
         one, many = row["x1"], row[next(key for key in row if key.startswith("x") and
                                         key != "x1")]
-
-        def cell(outcome: dict) -> str:
-            statuses = "/".join("none" if status == 0 else str(status)
-                                for status in outcome["statuses"])
-            killed = " (guard: killed)" if outcome["guard_tripped"] else ""
-            return f"{statuses}, {outcome['seconds']}, {outcome['peak_rss_mb']}{killed}"
-
         after = "yes" if one["valid_after"] and many["valid_after"] else "no"
-        lines.append(f"| {row['attack']} | {row['body_mb']} | {cell(one)} | {cell(many)} | "
-                     f"{after} |")
+        lines.append(f"| {row['attack']} | {row['body_mb']} | {_outcome_cell(one)} | "
+                     f"{_outcome_cell(many)} | {after} |")
     return "\n".join(lines)
+
+
+def _outcome_cell(outcome: dict) -> str:
+    statuses = "/".join("none" if status == 0 else str(status) for status in outcome["statuses"])
+    killed = ", guard: killed" if outcome["guard_tripped"] else ""
+    return f"{statuses} in {outcome['seconds']:g} s, peak {outcome['peak_rss_mb']} MB{killed}"
+
+
+def record_rows(results: dict[str, object], served: str) -> list[dict[str, object]]:
+    """The run as rows of a results file (:mod:`benchmarks.records`), one per request kind,
+    each keyed by ``served`` (which code answered) and the request: the attacks (once and
+    ``--clients`` at once), the latency at each ``refine_steps``, the supervisor's SIGKILL and
+    restart, and the idle memory before and after."""
+    def row(request: str, once: str, at_once: str = "", body_mb: object = "",
+            valid_after: str = "") -> dict[str, object]:
+        return {"served": served, "request": request, "body_mb": body_mb, "once": once,
+                "at_once": at_once, "valid_answer_after": valid_after}
+
+    rows = [row("(idle, before and after the attacks)",
+                f"RSS {results['idle_rss_mb']} MB, then {results['idle_rss_mb_after']} MB")]
+    for attack in results["attacks"]:
+        many = next(key for key in attack if key.startswith("x") and key != "x1")
+        valid = attack["x1"]["valid_after"] and attack[many]["valid_after"]
+        rows.append(row(attack["attack"], _outcome_cell(attack["x1"]),
+                        f"{many[1:]}: {_outcome_cell(attack[many])}", attack["body_mb"],
+                        "yes" if valid else "no"))
+    for timing in results["latency"]:
+        server = timing["server_p50_ms"]
+        rows.append(row(f"valid pair, refine_steps {timing['refine_steps']}, in a row",
+                        f"{timing['status']}, p50 {timing['client_p50_ms']:g} ms at the client"
+                        + (f", {server:g} ms on the server" if server is not None else "")
+                        + f", {timing['server_cpu_ms_per_request']:g} ms CPU"))
+    for restart in results["restart"]:
+        orphans = (f"workers gone in {restart['orphans_gone_s']:g} s"
+                   if restart["orphans_gone_s"] is not None else
+                   f"{restart['orphans_after_20s']} workers left after 20 s"
+                   + (", answering /ping" if restart["orphan_answers_ping"] else ""))
+        after = (f"restart {restart['restart']}, HTTP {restart['status_after_restart']} "
+                 f"{restart['restart_to_answer_s']:g} s after it"
+                 if "status_after_restart" in restart else f"restart {restart['restart']}")
+        rows.append(row(f"SIGKILL of the {restart['victim']} (2 workers), restart on the port",
+                        f"{orphans}; {after}"))
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -451,7 +490,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
                         help="variables of the server (e.g. REGFLOW_QUEUE_TIMEOUT=600)")
     parser.add_argument("--log", default="serving_attacks.log")
+    parser.add_argument("--machine", default=f"{os.cpu_count()} cores",
+                        help="the machine note of --record's rows (e.g. 'idle')")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--record", metavar="FILE",
+                        help="put the rows in this results file (benchmarks/results/"
+                             "serving_attacks.json), replacing the rows of the same --label")
+    parser.add_argument("--label", default="this checkout",
+                        help="names the served code in --record's rows (e.g. 'before')")
     return parser.parse_args(argv)
 
 
@@ -461,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.record:
+        served = f"{args.label} ({records.git_commit(Path(args.regflow))})"
+        machine = records.provenance(records.git_commit(), args.machine)
+        records.upsert(args.record, [{**row, **machine} for row in record_rows(results, served)],
+                       key_fields=("served", "request"))
     return 0
 
 
