@@ -116,20 +116,23 @@ def _generic_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render(results: dict[str, dict[str, Any]]) -> str:
-    """docs/results.md for ``{file name: results file payload}`` (sorted by name)."""
+    """docs/results.md for ``{file name: results file payload}`` (sorted by name): files of
+    accuracy rows (``python -m benchmarks.accuracy --results FILE``) as accuracy tables, one per
+    split, the published reference under accuracy.json's test table; any other as a plain table."""
     sections = [HEADER]
     for name in sorted(results):
         rows = results[name]["rows"]
-        if name == ACCURACY_FILE:
+        title = Path(name).stem.replace("_", " ").capitalize()
+        if rows and all("dice_mean" in row and "split" in row for row in rows):
             for split in sorted({row["split"] for row in rows},
                                 key=lambda name: (name != "test", name)):
                 chosen = [row for row in rows if row["split"] == split]
-                sections.append(f"## Accuracy ({split} split)\n\n`python -m benchmarks."
-                                f"accuracy` (benchmarks/results/accuracy.json)\n\n"
-                                + "\n".join(accuracy_table(chosen, reference=split == "test"))
+                reference = name == ACCURACY_FILE and split == "test"
+                sections.append(f"## {title} ({split} split)\n\n`python -m benchmarks."
+                                f"accuracy` (benchmarks/results/{name})\n\n"
+                                + "\n".join(accuracy_table(chosen, reference=reference))
                                 + "\n\nRows:\n\n" + "\n".join(_row_notes(chosen)) + "\n")
         else:
-            title = Path(name).stem.replace("_", " ").capitalize()
             sections.append(f"## {title}\n\n(benchmarks/results/{name})\n\n"
                             + "\n".join(_generic_table(rows)) + "\n")
     return "\n".join(sections)

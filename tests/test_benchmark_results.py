@@ -54,6 +54,18 @@ def test_results_page_has_every_row_with_commit_digest_date_and_the_reference(pr
     assert "machine: 2 threads, idle" in page
 
 
+def test_another_file_of_accuracy_rows_is_an_accuracy_table_without_the_reference(project):
+    records.upsert(project / "results" / "amortised.json",
+                   [_row("amortised, bending 2.0", "1 pass, network", 0.771)])
+    page = results.render(results.read_results(project / "results"))
+    section = page[page.index("## Amortised (test split)"):]
+    assert "`python -m benchmarks.accuracy` (benchmarks/results/amortised.json)" in section
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 and table[-1].startswith("| amortised, bending 2.0 | 1 pass, "
+                                                        "network | 40 | 0.781 | 0.761 |")
+    assert page.count("Learn2Reg 2020 task 4, 3rd place") == 1
+
+
 def test_summary_has_five_lines_best_methods_first(project):
     lines = results.summary_lines(ROWS)
     assert len(lines) == 5
