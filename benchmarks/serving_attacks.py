@@ -218,10 +218,12 @@ def start_server(model: str, port: int, log: Path, workers: int = 1, pythonpath:
         environment["PYTHONPATH"] = pythonpath
     with log.open("ab") as out:
         process = subprocess.Popen(
-            # -P: the working folder (often a checkout) must not shadow PYTHONPATH's regflow
+            # run in the log's folder with -P: a working folder that is a checkout would shadow
+            # PYTHONPATH's regflow (python -m and uvicorn both put it first on sys.path)
             [sys.executable, "-P", "-m", "regflow.cli", "serve", "--model", model, "--host",
              "127.0.0.1", "--port", str(port), "--workers", str(workers)],
-            env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            env=environment, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=log.resolve().parent)
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     while not pinging(url):
