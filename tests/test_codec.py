@@ -218,6 +218,21 @@ def test_encoded_results_join_and_round_trip(volume):
     np.testing.assert_array_equal(label, (volume > 0)[None])
 
 
+def test_an_answer_ddf_is_stored_uncompressed_and_the_images_compressed():
+    """A DDF barely compresses, so its .nii.gz uses stored gzip blocks (the raw NIfTI bytes plus
+    gzip's framing); a smooth warped image is still compressed; both decode exactly."""
+    grid = np.indices((16, 24, 16)).sum(0).astype(np.float32)
+    ddf = np.random.default_rng(3).normal(size=(3, 16, 24, 16)).astype(np.float32)
+    encoded = encode_result({"ddf": ddf, "warped": grid, "affine": AFFINE}, "nii.gz")
+    ddf_file = base64.b64decode(encoded["ddf"])
+    raw = gzip.decompress(ddf_file)
+    assert len(raw) < len(ddf_file) < len(raw) + 1024
+    warped_file = base64.b64decode(encoded["warped"])
+    assert len(warped_file) < len(gzip.decompress(warped_file)) / 4
+    np.testing.assert_array_equal(decode_volume(encoded["ddf"], "ddf", channels=True)[0], ddf)
+    np.testing.assert_array_equal(decode_volume(encoded["warped"], "warped")[0], grid)
+
+
 def test_per_pair_encoding_and_no_ddf(volume):
     results = [{"warped_label": volume[None]}, {"warped_label": volume[None]}]
     response = join_results([encode_result(result, encoding) for result, encoding

@@ -55,6 +55,8 @@ def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], or
     step = np.asarray(spacing, dtype=np.float64) / voxel_spacing(affine, ndim)
     in_shape = np.asarray(array.shape[:ndim])
     out_shape = np.asarray(resampled_shape(array.shape, affine, spacing))
+    if np.all(step == 1) and np.array_equal(in_shape, out_shape):  # already on that grid
+        return array.copy(), np.array(affine, dtype=np.float64)
     offset = (in_shape - 1) / 2 - step * (out_shape - 1) / 2
     resampled = np.empty(tuple(out_shape) + array.shape[ndim:], dtype=array.dtype)
     channels = (resampled, array) if array.ndim > ndim else (resampled[..., None],

@@ -27,6 +27,21 @@ def test_resample_halves_shape_and_scales_affine(mirror: Path) -> None:
     assert out[2, 3, 4] == pytest.approx(index @ [1, 2, 3], abs=1e-4)
 
 
+def test_resampling_to_the_volumes_own_voxel_size_is_an_exact_copy() -> None:
+    from scipy.ndimage import affine_transform
+
+    array = np.random.default_rng(0).random((9, 12, 7), dtype=np.float32)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [4.0, -2.0, 7.5]
+    resampled, new_affine = resample(array, affine, (1.0, 1.0, 1.0), order=1)
+    interpolated = affine_transform(array, np.ones(3), np.zeros(3), order=1, mode="nearest")
+    np.testing.assert_array_equal(resampled, interpolated)
+    np.testing.assert_array_equal(new_affine, affine)
+    assert resampled is not array and resampled.dtype == np.float32
+    # a different voxel size is resampled
+    assert resample(array, affine, (1.0, 1.0, 0.5), order=1)[0].shape == (9, 12, 14)
+
+
 def test_crop_or_pad_centres_and_moves_origin() -> None:
     array = np.arange(4 * 6 * 3, dtype=np.float32).reshape(4, 6, 3)
     affine = np.diag([2.0, 3.0, 1.0, 1.0])
