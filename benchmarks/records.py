@@ -109,15 +109,19 @@ def read(path: str | Path) -> dict[str, Any]:
 
 
 def upsert(path: str | Path, rows: Sequence[dict[str, Any]],
-           key_fields: Sequence[str] = KEY_FIELDS) -> list[dict[str, Any]]:
+           key_fields: Sequence[str] = KEY_FIELDS,
+           columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Put ``rows`` into the results file at ``path`` (written atomically): a row whose
     ``key_fields`` match an existing one replaces it in place, the others are appended in order.
-    Floats are rounded to :data:`FLOAT_DIGITS` digits, NaN stored as null.
+    Floats are rounded to :data:`FLOAT_DIGITS` digits, NaN stored as null. ``columns`` is kept
+    in the file as the order its table shows them in (JSON keys are stored sorted).
 
     Returns:
         All the file's rows after the update.
     """
     payload = read(path)
+    if columns is not None:
+        payload["columns"] = list(columns)
     table = payload["rows"]
     for row in rows:
         row = _rounded(dict(row))

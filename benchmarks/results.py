@@ -100,10 +100,10 @@ def _row_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     return items
 
 
-def _generic_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Every key of the rows as a column, the provenance last (for results files without their
-    own renderer)."""
-    columns: list[str] = []
+def _generic_table(rows: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> list[str]:
+    """Every key of the rows as a column, those of ``order`` first (a results file's
+    ``columns``), the provenance last (for results files without their own renderer)."""
+    columns: list[str] = list(order)
     for row in rows:
         columns.extend(key for key in row if key not in columns)
     columns = ([key for key in columns if key not in PROVENANCE]
@@ -134,7 +134,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
                                 + "\n\nRows:\n\n" + "\n".join(_row_notes(chosen)) + "\n")
         else:
             sections.append(f"## {title}\n\n(benchmarks/results/{name})\n\n"
-                            + "\n".join(_generic_table(rows)) + "\n")
+                            + "\n".join(_generic_table(rows, results[name].get("columns", ())))
+                            + "\n")
     return "\n".join(sections)
 
 

@@ -434,6 +434,9 @@ def _outcome_cell(outcome: dict) -> str:
     return f"{statuses} in {outcome['seconds']:g} s, peak {outcome['peak_rss_mb']} MB{killed}"
 
 
+RECORD_COLUMNS = ("served", "request", "body_mb", "once", "at_once", "valid_answer_after")
+
+
 def record_rows(results: dict[str, object], served: str) -> list[dict[str, object]]:
     """The run as rows of a results file (:mod:`benchmarks.records`), one per request kind,
     each keyed by ``served`` (which code answered) and the request: the attacks (once and
@@ -441,8 +444,8 @@ def record_rows(results: dict[str, object], served: str) -> list[dict[str, objec
     restart, and the idle memory before and after."""
     def row(request: str, once: str, at_once: str = "", body_mb: object = "",
             valid_after: str = "") -> dict[str, object]:
-        return {"served": served, "request": request, "body_mb": body_mb, "once": once,
-                "at_once": at_once, "valid_answer_after": valid_after}
+        return dict(zip(RECORD_COLUMNS, (served, request, body_mb, once, at_once, valid_after),
+                        strict=True))
 
     rows = [row("(idle, before and after the attacks)",
                 f"RSS {results['idle_rss_mb']} MB, then {results['idle_rss_mb_after']} MB")]
@@ -513,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         served = f"{args.label} ({records.git_commit(Path(args.regflow))})"
         machine = records.provenance(records.git_commit(), args.machine)
         records.upsert(args.record, [{**row, **machine} for row in record_rows(results, served)],
-                       key_fields=("served", "request"))
+                       key_fields=("served", "request"), columns=RECORD_COLUMNS)
     return 0
 
 

@@ -66,6 +66,17 @@ def test_another_file_of_accuracy_rows_is_an_accuracy_table_without_the_referenc
     assert page.count("Learn2Reg 2020 task 4, 3rd place") == 1
 
 
+def test_a_plain_results_file_shows_its_columns_in_its_own_order(project):
+    rows = [{"zone": "b", "answer": "413 in 0.1 s", "date": "2026-12-07T20:00Z"},
+            {"zone": "a", "answer": "200 in 2 s", "extra": 1.5, "date": "2026-12-07T20:00Z"}]
+    records.upsert(project / "results" / "serving.json", rows, key_fields=("zone",),
+                   columns=("zone", "answer"))
+    page = results.render(results.read_results(project / "results"))
+    section = page[page.index("## Serving"):].splitlines()
+    assert "| zone | answer | extra | date |" in section
+    assert "| a | 200 in 2 s | 1.5000 | 2026-12-07T20:00Z |" in section
+
+
 def test_summary_has_five_lines_best_methods_first(project):
     lines = results.summary_lines(ROWS)
     assert len(lines) == 5
