@@ -448,6 +448,9 @@ class Registrar:
         raw_shape = tuple(fixed.array.shape[:ndim])
         raw_to_model = np.linalg.inv(fixed_frame.affine) @ fixed.affine
         to_moving = np.linalg.inv(moving.affine) @ moving_frame.affine @ start
+        if raw_shape == tuple(ddf.shape[2:]) and _is_identity(raw_to_model) and \
+                _is_identity(to_moving):  # raw grids already the model's (e.g. processed data)
+            return ddf.float().clone()
         linear = torch.from_numpy(to_moving[:ndim, :ndim])
         shift = torch.from_numpy(to_moving[:ndim, 3]).reshape(1, ndim, *[1] * ndim)
         model_ddf = ddf.double()
@@ -464,6 +467,11 @@ class Registrar:
             moved = torch.einsum("ij,bj...->bi...", linear, displaced) + shift
             result[:, :, rows] = (moved - local).float()
         return result
+
+
+def _is_identity(matrix: np.ndarray, tolerance: float = 1e-9) -> bool:
+    """Whether a (4, 4) voxel map is the identity (to rounding: it comes from inverses)."""
+    return bool(np.allclose(matrix, np.eye(4), rtol=0, atol=tolerance))
 
 
 def refine_settings(evaluate: EvaluateConfig | None, steps: int | None = None

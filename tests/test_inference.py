@@ -207,6 +207,18 @@ def test_the_raw_grid_work_in_small_slabs_gives_the_same_answer(monkeypatch):
     np.testing.assert_array_equal(sliced["warped_label"], whole["warped_label"])
 
 
+def test_volumes_on_the_models_grid_skip_the_raw_grid_work_with_the_same_answer(monkeypatch):
+    registrar = tiny_registrar()
+    on_grid = [raw_volume(seed, shape=(24, 28, 20)) for seed in (1, 2)]  # FRAME's shape, 1 mm
+    assert registrar.to_model_frame(on_grid[0]).affine.tolist() == on_grid[0].affine.tolist()
+    fast = registrar.register_volumes(*on_grid)
+    monkeypatch.setattr(inference, "_is_identity", lambda matrix: False)
+    slow = registrar.register_volumes(*on_grid)
+    np.testing.assert_allclose(fast["ddf"], slow["ddf"], atol=1e-6)
+    np.testing.assert_allclose(fast["warped"], slow["warped"], atol=1e-6)
+    assert np.abs(fast["ddf"]).max() > 1e-3  # a real field, not zeros
+
+
 def test_refinement_steps_per_call():
     registrar = Registrar(tiny_registrar().model, record_from_config(FRAME), LNCC_BENDING,
                           RefineConfig(steps=3, levels=1), torch.device("cpu"))
