@@ -403,7 +403,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             print(json.dumps(row), flush=True)
             results["attacks"].append(row)
         steps = [None if step == "default" else int(step) for step in args.steps]
-        results["latency"] = latencies(server, valid, steps, args.repeats)
+        timed = {key: value for key, value in valid.items()
+                 if key != "moving_label" or args.latency_label}
+        results["latency_inputs"] = "valid pair" if args.latency_label else \
+            "valid pair without its label"
+        results["latency"] = latencies(server, timed, steps, args.repeats)
         print(json.dumps(results["latency"]), flush=True)
         with PeakRss(server.process.pid) as idle:
             time.sleep(1)
@@ -455,9 +459,10 @@ def record_rows(results: dict[str, object], served: str) -> list[dict[str, objec
         rows.append(row(attack["attack"], _outcome_cell(attack["x1"]),
                         f"{many[1:]}: {_outcome_cell(attack[many])}", attack["body_mb"],
                         "yes" if valid else "no"))
+    inputs = results.get("latency_inputs", "valid pair")
     for timing in results["latency"]:
         server = timing["server_p50_ms"]
-        rows.append(row(f"valid pair, refine_steps {timing['refine_steps']}, in a row",
+        rows.append(row(f"{inputs}, refine_steps {timing['refine_steps']}, in a row",
                         f"{timing['status']}, p50 {timing['client_p50_ms']:g} ms at the client"
                         + (f", {server:g} ms on the server" if server is not None else "")
                         + f", {timing['server_cpu_ms_per_request']:g} ms CPU"))
@@ -490,6 +495,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", nargs="*", default=["default", "0", "25", "50", "100"],
                         help="refine_steps to time; 'default': requests without the field")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--latency-label", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the valid pair with its label (--no-latency-label: images only)")
     parser.add_argument("--victims", nargs="*", default=["parent"])
     parser.add_argument("--only", nargs="*", help="attacks whose name holds one of these")
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",

@@ -40,6 +40,12 @@ def test_rows_say_status_time_memory_and_the_guard_of_each_burst():
         "2 workers left after 20 s, answering /ping; restart failed")
 
 
+def test_latency_rows_say_when_the_pair_was_timed_without_its_label():
+    rows = record_rows({**RESULTS, "latency_inputs": "valid pair without its label"}, "after")
+    assert "valid pair without its label, refine_steps 0, in a row" in {
+        row["request"] for row in rows}
+
+
 def test_a_second_label_adds_rows_and_a_rerun_replaces_its_own(tmp_path):
     path = tmp_path / "serving_attacks.json"
     for served in ("before (a)", "after (b)", "after (b)"):
