@@ -47,7 +47,8 @@ SETTING_FIELDS = ("refine_steps",)
 RESPONSE_FIELDS = ("ddf", "warped", "warped_label")
 # gzip levels of answer fields in nii.gz: a DDF's float32 values barely compress (7 % at level 6,
 # which took 3/4 of the time to encode an answer and as long as the network on a 48x64x48 pair),
-# so its file is stored uncompressed in gzip's framing; the others use level 6
+# so its file is stored uncompressed in gzip's framing; the others use GZIP_LEVEL
+GZIP_LEVEL = 6
 ANSWER_COMPRESSION = {"ddf": 0}
 REPORT_FIELDS = ("refine_steps", "time_s")  # answered when a request asks for a setting
 MAX_HEADER_BYTES = 2**20  # a NIfTI header with its extensions, before the voxel data
@@ -75,7 +76,7 @@ def _wire_array(array: Any) -> np.ndarray:
 
 
 def encode_volume(array: Any, affine: Any = None, encoding: str = "nii.gz",
-                  compresslevel: int = 6) -> str:
+                  compresslevel: int = GZIP_LEVEL) -> str:
     """Encode a volume as the base64 text of a ``.nii.gz`` or ``.npy`` file.
 
     Args:
@@ -548,7 +549,7 @@ def encode_result(result: Mapping[str, Any], encoding: str) -> dict[str, str]:
         encoding: ``"nii.gz"`` or ``"npy"``.
     """
     return {field: encode_volume(result[field], result.get("affine"), encoding,
-                                 ANSWER_COMPRESSION.get(field, 6))
+                                 ANSWER_COMPRESSION.get(field, GZIP_LEVEL))
             for field in RESPONSE_FIELDS if result.get(field) is not None}
 
 
